@@ -1,0 +1,5 @@
+import sys
+
+from xentlib.cli import main
+
+sys.exit(main())
