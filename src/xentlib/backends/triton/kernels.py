@@ -1,0 +1,325 @@
+"""Triton kernels for xentlib's row-wise cross-entropy.
+
+Only ``@triton.jit`` functions live here: no device queries, no allocation, nothing runs at import.
+Launches (grid, block size, flags) are in ``ops.py``.
+
+Notation for one row (one ``(b, s)`` position of a ``(B, C, S)`` logits view, classes ``c`` at stride
+``stride_c``):
+
+    x_c   the logits as stored (any float dtype, read once per sweep, promoted to float32)
+    y_c   the logits after soft-capping: y = cap * tanh(x / cap), or y = x without a cap
+    lse   log(sum_c exp(y_c)),        p_c = exp(y_c - lse)
+    q_c   target weights: class index  q = (1 - eps) * w_t * onehot(t) + (eps / C) * w
+                          probability  q = w * ((1 - eps) * t + eps / C)
+    loss  l = sum_c q_c * (lse - y_c) + z * lse**2
+    grad  dl/dy_c = (sum(q) + 2 z lse) * p_c - q_c,   dl/dx_c = dl/dy_c * (1 - (y_c / cap)**2)
+
+Online log-sum-exp. The first sweep reads each block of the row once and keeps a running maximum ``m`` and
+``s = sum exp(y - ref)`` with ``ref = m`` (``ref = 0`` while every value seen is -inf, so that no
+``-inf - -inf`` appears). When a new block raises the maximum from ``ref_old`` to ``ref_new`` the old sum is
+rescaled by ``exp(ref_old - ref_new)``. At the end ``lse = ref + log(s)``.
+
+Weighted gaps. ``sum_c a_c * (lse - y_c)`` (a = smoothing weights or probability targets) is written as
+``A * (lse - ref) + G`` with ``A = sum a_c`` and ``G = sum a_c * (ref - y_c)``. Every term of ``G`` is >= 0
+because ``ref`` is the row maximum, so nothing cancels, unlike ``A * lse - sum a_c y_c`` which loses all
+digits when the logits are large. When ``ref`` grows, ``G += (ref_new - ref_old) * A_old``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(u):
+    # tanh without libdevice (so the CPU interpreter runs the same code as the GPU):
+    #   |u| <  0.25: odd Taylor series u - u^3/3 + 2u^5/15 - 17u^7/315 + 62u^9/2835; the first dropped term
+    #                (1382/155925) u^11 is < 1e-8 relative to u there.
+    #   |u| >= 0.25: sign(u) * (1 - e) / (1 + e) with e = exp(-2|u|) <= 0.61, so 1 - e >= 0.39 has no
+    #                cancellation; e -> 0 for large |u| gives exactly +-1.
+    a = tl.abs(u)
+    u2 = u * u
+    series = 0.13333333333333333 + u2 * (-0.05396825396825397 + u2 * 0.021869488536155203)
+    series = u * (1.0 + u2 * (-0.3333333333333333 + u2 * series))
+    e = tl.exp(-2.0 * a)
+    closed = (1.0 - e) / (1.0 + e)
+    closed = tl.where(u < 0, -closed, closed)
+    return tl.where(a < 0.25, series, closed)
+
+
+@triton.jit
+def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    # y = cap * tanh(x / cap); the identity without a cap.
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return x
+
+
+@triton.jit
+def _softcap_slope(y, softcap, HAS_SOFTCAP: tl.constexpr):
+    # Chain rule of the cap: d(cap * tanh(x / cap))/dx = 1 - tanh^2 = 1 - (y / cap)^2.
+    slope = tl.full(y.shape, 1.0, tl.float32)
+    if HAS_SOFTCAP:
+        r = y / softcap
+        slope = 1.0 - r * r
+    return slope
+
+
+@triton.jit
+def _load_block(row_ptr, stride_c, start, C, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    # One block of classes [start, start + BLOCK_C): raw logits x and capped logits y in float32,
+    # -inf on the padding past C (so they add exp(-inf) = 0 and never win a max).
+    offs = start + tl.arange(0, BLOCK_C)
+    mask = offs < C
+    x = tl.load(row_ptr + offs.to(tl.int64) * stride_c, mask=mask, other=float("-inf")).to(tl.float32)
+    y = tl.where(mask, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
+    return offs, mask, x, y
+
+
+@triton.jit
+def _shift_reference(m):
+    # The value exponentials are taken relative to: the running maximum, or 0 while it is still -inf.
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _merge_lse(m, s, y):
+    # (m, s) over the values seen so far, merged with one block y.
+    # s_new = s * exp(ref_old - ref_new) + sum exp(y - ref_new); e = exp(y - ref_new) is returned so the
+    # entropy sum reuses it (one exp per element).
+    ref_old = _shift_reference(m)
+    m_new = tl.maximum(m, tl.max(y, axis=0))
+    ref_new = _shift_reference(m_new)
+    e = tl.exp(y - ref_new)
+    s_new = s * tl.exp(ref_old - ref_new) + tl.sum(e, axis=0)
+    return m_new, s_new, ref_old, ref_new, e
+
+
+@triton.jit
+def _merge_weighted_gap(a_sum, gap, ref_old, ref_new, a, y, mask):
+    # A = sum a_c and G = sum a_c * (ref - y_c) (see the module docstring). Padding contributes 0
+    # explicitly: a * (ref - (-inf)) would be 0 * inf = NaN. A real -inf logit with a_c > 0 gives +inf,
+    # which is the exact value of that loss term; a_c = 0 there gives NaN, as torch's 0 * (-inf) does.
+    gap = gap + (ref_new - ref_old) * a_sum
+    gap = gap + tl.sum(tl.where(mask, a * (ref_new - y), 0.0), axis=0)
+    a_sum = a_sum + tl.sum(a, axis=0)
+    return a_sum, gap
+
+
+@triton.jit
+def _merge_argmax(best, best_idx, y, start):
+    # Argmax of the capped logits y (what the distribution sees; saturated ties go to the first class, as
+    # torch.argmax does): tl.argmax returns the first maximum of a block, and a later block replaces the
+    # running best only when strictly larger.
+    block_best = tl.max(y, axis=0)
+    block_idx = start + tl.argmax(y, axis=0)
+    take = block_best > best
+    return tl.where(take, block_best, best), tl.where(take, block_idx, best_idx)
+
+
+@triton.jit
+def _merge_entropy_sum(t, s_old, ref_old, ref_new, e, y):
+    # T = sum_c e_c * (y_c - ref) with e_c = exp(y_c - ref). When ref moves, e rescales by
+    # alpha = exp(ref_old - ref_new) and (y - ref_new) = (y - ref_old) + (ref_old - ref_new), so
+    # T_new = alpha * (T + (ref_old - ref_new) * s_old) + sum over the block. Entries with e = 0 add 0
+    # (avoids 0 * -inf on padding and -inf logits).
+    alpha = tl.exp(ref_old - ref_new)
+    block = tl.sum(tl.where(e == 0.0, 0.0, e * (y - ref_new)), axis=0)
+    return alpha * (t + (ref_old - ref_new) * s_old) + block
+
+
+@triton.jit
+def _finish_entropy(t, s):
+    # p_c = e_c / s and log p_c = (y_c - ref) - log s, so H = -sum p log p = log s - T / s.
+    return tl.log(s) - t / s
+
+
+@triton.jit
+def index_target_rows_kernel(
+    logits_ptr,
+    stride_lb,
+    stride_lc,
+    stride_ls,
+    grad_ptr,
+    stride_gb,
+    stride_gc,
+    stride_gs,
+    target_ptr,
+    valid_ptr,
+    target_weight_ptr,
+    class_weight_ptr,
+    grad_scale_ptr,
+    grad_scale_stride,
+    loss_ptr,
+    lse_ptr,
+    argmax_ptr,
+    entropy_ptr,
+    S,
+    C,
+    smoothing,
+    z_loss,
+    softcap,
+    SMOOTH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Class-index targets, one program per row. Per-row arrays (target, valid, target_weight, grad_scale
+    when not 0-d, outputs) are contiguous (B * S,); logits and grad have their own (b, c, s) strides.
+
+    Row loss with q = (1 - eps) w_t onehot(t) + (eps / C) w:
+        l = (1 - eps) w_t (lse - y_t) + (eps / C) sum_c w_c (lse - y_c) + z lse^2
+    The target term gathers y_t (never a dot product with a one-hot, so a -inf logit on another class keeps
+    the loss finite); the smoothing term is the weighted gap of the module docstring with a = w.
+    Gradient dl/dy = (1 - eps) w_t (p - onehot) + (eps / C) (W p - w) + 2 z lse p with W = sum w: the
+    target entry is w_t (p_t - 1) evaluated in float32, never 1 - p_t rounded to the logits dtype.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // S
+    s_pos = row % S
+    logits_row = logits_ptr + b * stride_lb + s_pos * stride_ls
+
+    valid = tl.load(valid_ptr + row) != 0
+    t = tl.load(target_ptr + row).to(tl.int64)
+    w_t = tl.load(target_weight_ptr + row).to(tl.float32)
+
+    m = float("-inf")
+    s = 0.0
+    w_sum = 0.0
+    w_gap = 0.0
+    best = float("-inf")
+    best_idx = 0
+    ent = 0.0
+    for start in range(0, C, BLOCK_C):
+        offs, mask, x, y = _load_block(logits_row, stride_lc, start, C, softcap, HAS_SOFTCAP, BLOCK_C)
+        s_old = s
+        m, s, ref_old, ref_new, e = _merge_lse(m, s, y)
+        if SMOOTH:
+            w = tl.load(class_weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            w_sum, w_gap = _merge_weighted_gap(w_sum, w_gap, ref_old, ref_new, w, y, mask)
+        if WANT_STATS:
+            best, best_idx = _merge_argmax(best, best_idx, y, start)
+            ent = _merge_entropy_sum(ent, s_old, ref_old, ref_new, e, y)
+    ref = _shift_reference(m)
+    lse = ref + tl.log(s)
+
+    x_t = tl.load(logits_row + t * stride_lc).to(tl.float32)
+    y_t = _capped(x_t, softcap, HAS_SOFTCAP)
+    hard = (1.0 - smoothing) * w_t
+    soft = smoothing / C
+    loss = hard * (lse - y_t) + z_loss * lse * lse
+    if SMOOTH:
+        loss += soft * (w_sum * (lse - ref) + w_gap)
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if WANT_STATS:
+        tl.store(argmax_ptr + row, best_idx.to(tl.int64))
+        tl.store(entropy_ptr + row, _finish_entropy(ent, s))
+
+    if WANT_GRAD:
+        grad_row = grad_ptr + b * stride_gb + s_pos * stride_gs
+        scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32)
+        inv_s = 1.0 / s
+        lse_coef = 2.0 * z_loss * lse
+        for start in range(0, C, BLOCK_C):
+            offs, mask, x, y = _load_block(logits_row, stride_lc, start, C, softcap, HAS_SOFTCAP, BLOCK_C)
+            p = tl.exp(y - ref) * inv_s
+            onehot = tl.where(offs == t, 1.0, 0.0)
+            dy = hard * (p - onehot) + lse_coef * p
+            if SMOOTH:
+                w = tl.load(class_weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                dy += soft * (w_sum * p - w)
+            dx = dy * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale
+            # where, not a product with valid: NaN logits in an ignored row must give exact zeros.
+            dx = tl.where(valid, dx, 0.0)
+            tl.store(grad_row + offs.to(tl.int64) * stride_gc, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def prob_target_rows_kernel(
+    logits_ptr,
+    stride_lb,
+    stride_lc,
+    stride_ls,
+    grad_ptr,
+    stride_gb,
+    stride_gc,
+    stride_gs,
+    target_ptr,
+    stride_tb,
+    stride_tc,
+    stride_ts,
+    valid_ptr,
+    class_weight_ptr,
+    grad_scale_ptr,
+    grad_scale_stride,
+    loss_ptr,
+    lse_ptr,
+    argmax_ptr,
+    entropy_ptr,
+    S,
+    C,
+    smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Probability targets, one program per row: q_c = w_c ((1 - eps) t_c + eps / C).
+
+    l = sum_c q_c (lse - y_c) + z lse^2 = Q (lse - ref) + G + z lse^2 (weighted gap with a = q), and
+    dl/dy = (Q + 2 z lse) p - q. The targets are read once per sweep, like the logits. As in torch, a -inf
+    logit gives NaN even where q_c = 0 (0 * inf).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // S
+    s_pos = row % S
+    logits_row = logits_ptr + b * stride_lb + s_pos * stride_ls
+    target_row = target_ptr + b * stride_tb + s_pos * stride_ts
+    valid = tl.load(valid_ptr + row) != 0
+    uniform = smoothing / C
+
+    m = float("-inf")
+    s = 0.0
+    q_sum = 0.0
+    q_gap = 0.0
+    best = float("-inf")
+    best_idx = 0
+    ent = 0.0
+    for start in range(0, C, BLOCK_C):
+        offs, mask, x, y = _load_block(logits_row, stride_lc, start, C, softcap, HAS_SOFTCAP, BLOCK_C)
+        s_old = s
+        m, s, ref_old, ref_new, e = _merge_lse(m, s, y)
+        t = tl.load(target_row + offs.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(class_weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = w * ((1.0 - smoothing) * t + uniform)
+        q_sum, q_gap = _merge_weighted_gap(q_sum, q_gap, ref_old, ref_new, q, y, mask)
+        if WANT_STATS:
+            best, best_idx = _merge_argmax(best, best_idx, y, start)
+            ent = _merge_entropy_sum(ent, s_old, ref_old, ref_new, e, y)
+    ref = _shift_reference(m)
+    lse = ref + tl.log(s)
+
+    loss = q_sum * (lse - ref) + q_gap + z_loss * lse * lse
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if WANT_STATS:
+        tl.store(argmax_ptr + row, best_idx.to(tl.int64))
+        tl.store(entropy_ptr + row, _finish_entropy(ent, s))
+
+    if WANT_GRAD:
+        grad_row = grad_ptr + b * stride_gb + s_pos * stride_gs
+        scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(tl.float32)
+        inv_s = 1.0 / s
+        p_coef = q_sum + 2.0 * z_loss * lse
+        for start in range(0, C, BLOCK_C):
+            offs, mask, x, y = _load_block(logits_row, stride_lc, start, C, softcap, HAS_SOFTCAP, BLOCK_C)
+            p = tl.exp(y - ref) * inv_s
+            t = tl.load(target_row + offs.to(tl.int64) * stride_tc, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(class_weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            q = w * ((1.0 - smoothing) * t + uniform)
+            dx = (p_coef * p - q) * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale
+            dx = tl.where(valid, dx, 0.0)
+            tl.store(grad_row + offs.to(tl.int64) * stride_gc, dx.to(grad_ptr.dtype.element_ty), mask=mask)
