@@ -1,0 +1,428 @@
+"""The rules of the cross-entropy family, in one place.
+
+Every public function validates its arguments here and receives a canonical description of the problem; the
+backends (`backends/torch_chunked.py`, `backends/triton/`) and the distributed and linear variants only compute
+per-row statistics and gradients from it. The checks run in the order torch 2.13 runs them and raise the same
+exception types; the messages start with torch's words and then say what was expected.
+See `/docs/numerics.md` for the maths and SEMANTICS.md (shared with the team) for every rule.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------------------------
+# Reductions and the legacy size_average / reduce arguments
+# --------------------------------------------------------------------------------------------------------------
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def legacy_reduction(size_average, reduce) -> str:
+    """torch's legacy rule: either flag given overrides `reduction`; a missing flag counts as True."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if size_average and reduce:
+        result = "mean"
+    elif reduce:
+        result = "sum"
+    else:
+        result = "none"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{result}' instead.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return result
+
+
+def resolve_reduction(size_average, reduce, reduction) -> str:
+    """The effective reduction: legacy flags first, then validation of the string (before any shape check)."""
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce)
+    return check_reduction(reduction)
+
+
+def check_reduction(reduction) -> str:
+    if isinstance(reduction, str) and reduction in REDUCTIONS:
+        return reduction
+    if isinstance(reduction, str) and reduction == "elementwise_mean":
+        warnings.warn(
+            "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+            UserWarning,
+            stacklevel=4,
+        )
+        return "mean"
+    raise ValueError(f"{reduction} is not a valid value for reduction (expected one of 'none', 'mean', 'sum')")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Python-level argument types (torch's argument parser raises TypeError)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_tensor(fn: str, name: str, position: int, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' (position {position}) must be Tensor, not {type(value).__name__}")
+
+
+def check_ignore_index(fn: str, value) -> int:
+    """An int (bool excluded) or a 0-d integer tensor; values beyond int64 overflow like torch."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}(): argument 'ignore_index' (position 5) must be int, not {type(value).__name__}")
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"Overflow when unpacking long long: ignore_index={value} does not fit in int64")
+    return value
+
+
+def check_label_smoothing(fn: str, value) -> float:
+    """torch validates only eps > 0: eps > 1 raises; eps < 0 and NaN silently mean 'no smoothing'."""
+    if isinstance(value, Tensor) and value.dim() == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}(): argument 'label_smoothing' (position 6) must be float, not {type(value).__name__}")
+    value = float(value)
+    if not value > 0.0:  # also NaN
+        return 0.0
+    if value > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value:g}")
+    return value
+
+
+def check_floating_input(op: str, tensor: Tensor) -> None:
+    if not (tensor.is_floating_point()):
+        raise NotImplementedError(
+            f'"{op}" not implemented for \'{dtype_name(tensor.dtype)}\' (expected a floating point input: '
+            f"float64, float32, float16 or bfloat16)"
+        )
+
+
+def check_not_requires_grad(fn: str, name: str, tensor: Tensor | None) -> None:
+    if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"The function '{fn}' is not differentiable with respect to argument '{name}'. "
+            f"This input cannot have requires_grad True."
+        )
+
+
+_DTYPE_NAMES = {
+    torch.float64: "Double",
+    torch.float32: "Float",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's C++ spelling of a dtype, as it appears in its error messages."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating type accumulates in float32 and is rounded once at the end."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def shape_list(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Extensions (keyword-only, default off)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_extensions(reduction: str, z_loss, softcap, normalizer) -> tuple[float, float | None]:
+    if not isinstance(z_loss, numbers.Real) or isinstance(z_loss, bool) or not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None:
+        if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not softcap > 0:
+            raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+        softcap = float(softcap)
+    if normalizer is not None:
+        if reduction != "sum":
+            raise ValueError(
+                f"normalizer is only valid with reduction='sum' (the sum is divided by it), got reduction='{reduction}'"
+            )
+        if isinstance(normalizer, Tensor):
+            if normalizer.dim() != 0:
+                raise ValueError(f"normalizer must be a number or a 0-d tensor, got shape {tuple(normalizer.shape)}")
+        elif not isinstance(normalizer, numbers.Real) or isinstance(normalizer, bool) or not normalizer > 0:
+            raise ValueError(f"normalizer must be a number > 0 or a 0-d tensor, got {normalizer!r}")
+    return float(z_loss), softcap
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The canonical cross-entropy problem
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrossEntropyProblem:
+    """A validated cross-entropy call, in the (B, C, S) layout every backend works on.
+
+    Rows are the (b, s) pairs; the class dimension is 1 with stride S, so N-d inputs need no transposed copy.
+    """
+
+    logits: Tensor  # (B, C, S) view of the caller's input
+    kind: str  # "index" or "prob"
+    target: Tensor  # index: (B, S) int64, ignored positions replaced by 0; prob: (B, C, S) floating
+    valid: Tensor  # (B, S) bool: False on ignored rows (all True for probability targets)
+    target_weight: Tensor | None  # index: (B, S) accumulation dtype, w[t] on valid rows, 0 on ignored; prob: None
+    class_weight: Tensor | None  # (C,) accumulation dtype, or None
+    smoothing: float  # eps in [0, 1]; 0 when off
+    z_loss: float  # 0 when off
+    softcap: float | None
+    reduction: str
+    denominator: Tensor  # 0-d accumulation dtype: what the summed row losses are divided by (1 for 'none'/'sum')
+    grad_scale: Tensor  # 0-d accumulation dtype: 1 / denominator ('none': 1; every row scaled by its grad later)
+    output_shape: tuple[int, ...]  # shape of the reduction='none' result
+    output_dtype: torch.dtype
+    acc_dtype: torch.dtype
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+
+def class_dim_of(input: Tensor) -> int:
+    return 0 if input.dim() == 1 else 1
+
+
+def as_rows(input: Tensor) -> Tensor:
+    """(C,) -> (1, C, 1); (N, C) -> (N, C, 1); (N, C, d1, ..., dk) -> (N, C, d1*...*dk). A view when possible."""
+    if input.dim() == 1:
+        return input.reshape(1, input.shape[0], 1)
+    batch, classes = input.shape[0], input.shape[1]
+    spatial = math.prod(input.shape[2:])
+    return input.reshape(batch, classes, spatial)
+
+
+def prepare_cross_entropy(
+    input,
+    target,
+    weight,
+    ignore_index,
+    reduction: str,
+    label_smoothing,
+    *,
+    z_loss=0.0,
+    softcap=None,
+    normalizer=None,
+) -> CrossEntropyProblem:
+    fn = "cross_entropy_loss"
+    check_tensor(fn, "input", 1, input)
+    check_tensor(fn, "target", 2, target)
+    check_tensor(fn, "weight", 3, weight, optional=True)
+    ignore_index = check_ignore_index(fn, ignore_index)
+    eps = check_label_smoothing(fn, label_smoothing)
+    z_loss, softcap = check_extensions(reduction, z_loss, softcap, normalizer)
+    if input.shape == target.shape:
+        return _prepare_probability_target(input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer)
+    check_floating_input("log_softmax", input)
+    problem = _prepare_class_index(
+        "nll_loss_forward", input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer
+    )
+    problem.smoothing = eps
+    return problem
+
+
+def prepare_nll_loss(input, target, weight, ignore_index, reduction: str) -> CrossEntropyProblem:
+    fn = "nll_loss_nd"
+    check_tensor(fn, "input", 1, input)
+    check_tensor(fn, "target", 2, target)
+    check_tensor(fn, "weight", 3, weight, optional=True)
+    ignore_index = check_ignore_index(fn, ignore_index)
+    problem = _prepare_class_index("nll_loss_forward", input, target, weight, ignore_index, reduction, 0.0, None, None)
+    check_floating_input("nll_loss_out_frame", input)
+    return problem
+
+
+def _prepare_probability_target(input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer):
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"Expected floating point type for target with class probabilities, got {dtype_name(target.dtype)} "
+            f"(a target with the same shape as the input is read as class probabilities; class indices need "
+            f"shape {tuple(input.shape[:1]) + tuple(input.shape[2:])})"
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"ignore_index is not supported for floating point target (got ignore_index={ignore_index}; "
+            f"probability targets accept only a negative ignore_index, which is ignored)"
+        )
+    if input.dim() == 0:
+        raise IndexError("Dimension specified as 1 but tensor has no dimensions (the input needs a class dimension)")
+    check_floating_input("log_softmax", input)
+    classes = input.shape[class_dim_of(input)]
+    if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
+        raise RuntimeError(
+            f"cross_entropy: weight tensor should be defined either for all {classes} classes or no classes but got "
+            f"weight tensor of shape: {shape_list(weight.shape)}"
+        )
+    dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
+    output_dtype = torch.promote_types(input.dtype, target.dtype)
+    if weight is not None:
+        output_dtype = torch.promote_types(output_dtype, weight.dtype)
+    acc = accumulation_dtype(*dtypes)
+    logits = as_rows(input)
+    rows = logits.shape[0] * logits.shape[2]
+    output_shape = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() > 1 else ()
+    denominator = _denominator(reduction, float(rows), normalizer, acc, input.device)
+    return CrossEntropyProblem(
+        logits=logits,
+        kind="prob",
+        target=as_rows(target),
+        valid=torch.ones(logits.shape[0], logits.shape[2], dtype=torch.bool, device=input.device),
+        target_weight=None,
+        class_weight=None if weight is None else weight.detach().to(acc),
+        smoothing=eps,
+        z_loss=z_loss,
+        softcap=softcap,
+        reduction=reduction,
+        denominator=denominator,
+        grad_scale=1.0 / denominator,
+        output_shape=output_shape,
+        output_dtype=output_dtype,
+        acc_dtype=acc,
+    )
+
+
+def _prepare_class_index(fn, input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer):
+    if input.dim() == 0:
+        raise ValueError("Expected 1 or more dimensions (got 0): the input needs a class dimension")
+    if input.dim() != 1:
+        target_batch = target.shape[0] if target.dim() > 0 else 0
+        if input.shape[0] != target_batch:
+            raise ValueError(
+                f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({target_batch})."
+            )
+    check_not_requires_grad(fn, "weight", weight)
+    _check_index_target_shape(input, target)
+    _check_index_target_dtype(input, target)
+    classes = input.shape[class_dim_of(input)]
+    if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
+        if input.dim() <= 2:
+            detail = f"all {classes} classes or no classes but got weight tensor of shape: {shape_list(weight.shape)}"
+        else:
+            detail = f"all or no classes (expected {classes} elements, got shape {shape_list(weight.shape)})"
+        raise RuntimeError(f"weight tensor should be defined either for {detail}")
+    if weight is not None and weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"expected scalar type {dtype_name(input.dtype)} but found {dtype_name(weight.dtype)} "
+            f"(the class weight must have the input's dtype)"
+        )
+    acc = accumulation_dtype(input.dtype)
+    logits = as_rows(input)
+    index = target.reshape(logits.shape[0], logits.shape[2]).long()
+    valid = index != ignore_index
+    _check_bounds(index, valid, classes, ignore_index)
+    safe_index = torch.where(valid, index, torch.zeros((), dtype=torch.long, device=index.device))
+    class_weight = None if weight is None else weight.detach().to(acc)
+    if class_weight is None:
+        target_weight = valid.to(acc)
+    else:
+        target_weight = torch.where(valid, class_weight[safe_index], torch.zeros((), dtype=acc, device=index.device))
+    output_shape = () if input.dim() == 1 else tuple(target.shape)
+    denominator = _denominator(reduction, target_weight.sum(), normalizer, acc, input.device)
+    return CrossEntropyProblem(
+        logits=logits,
+        kind="index",
+        target=safe_index,
+        valid=valid,
+        target_weight=target_weight,
+        class_weight=class_weight,
+        smoothing=0.0,
+        z_loss=z_loss,
+        softcap=softcap,
+        reduction=reduction,
+        denominator=denominator,
+        grad_scale=1.0 / denominator,
+        output_shape=output_shape,
+        output_dtype=input.dtype,
+        acc_dtype=acc,
+    )
+
+
+def _denominator(reduction, mean_count, normalizer, acc, device) -> Tensor:
+    if reduction == "mean":
+        value = mean_count
+    elif normalizer is not None:
+        value = normalizer
+    else:
+        value = 1.0
+    if isinstance(value, Tensor):
+        return value.detach().to(device=device, dtype=acc)
+    return torch.tensor(value, dtype=acc, device=device)
+
+
+def _check_index_target_shape(input: Tensor, target: Tensor) -> None:
+    if input.dim() == 1:
+        if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
+            raise ValueError(
+                f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}"
+                if target.dim() == 1
+                else f"For 1D input, the target must be 0-d or of size 1, but got shape {tuple(target.shape)}"
+            )
+    elif input.dim() == 2:
+        if target.dim() > 1:
+            raise RuntimeError(
+                f"0D or 1D target tensor expected, multi-target not supported (input {tuple(input.shape)} needs a "
+                f"target of shape ({input.shape[0]},), got {tuple(target.shape)})"
+            )
+    elif input.dim() == 4:
+        if target.dim() != 3:
+            raise RuntimeError(
+                f"only batches of spatial targets supported (3D tensors) but got targets of dimension: {target.dim()}"
+            )
+        if target.shape != input.shape[:1] + input.shape[2:]:
+            raise RuntimeError(
+                f"size mismatch (got input: {shape_list(input.shape)} , target: {shape_list(target.shape)}"
+            )
+    else:
+        expected = input.shape[:1] + input.shape[2:]
+        if target.shape != expected:
+            raise RuntimeError(f"Expected target size {shape_list(expected)}, got {shape_list(target.shape)}")
+
+
+def _check_index_target_dtype(input: Tensor, target: Tensor) -> None:
+    if target.dtype == torch.long:
+        return
+    if target.dtype == torch.uint8 and input.dim() <= 2:
+        return
+    if target.dtype == torch.uint8:
+        raise RuntimeError(
+            "expected scalar type Long but found Byte (uint8 class indices are accepted only for 1-D and 2-D inputs)"
+        )
+    raise RuntimeError(
+        f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)} "
+        f"(class indices must be int64, e.g. target.long())"
+    )
+
+
+def _check_bounds(index: Tensor, valid: Tensor, classes: int, ignore_index: int) -> None:
+    out_of_range = valid & ((index < 0) | (index >= classes))
+    if bool(out_of_range.any()):
+        bad = int(index[out_of_range][0])
+        raise IndexError(
+            f"Target {bad} is out of bounds. (expected class indices in [0, {classes - 1}] for {classes} classes, "
+            f"or ignore_index={ignore_index})"
+        )

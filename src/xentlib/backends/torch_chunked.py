@@ -1,0 +1,358 @@
+"""The pure-PyTorch backend: row chunks, gradient made in the forward pass, float32 accumulation, any device.
+
+`cross_entropy_rows` is the backend contract shared with the Triton backend: given a validated
+`CrossEntropyProblem` it returns per-row statistics and, when asked, writes d(loss)/d(logits) into `grad_out`
+(which may be the logits themselves, for the in-place gradient).
+
+How a chunk is processed (derivation in docs/numerics.md, "Row loss and gradient"): for rows z with capped
+logits y (y = z without softcap), m = max_c y_c and d = y - m,
+    s = sum_c exp(d_c),  lse = m + log s,  p = exp(d) / s
+    l = sum_c q_c (lse - y_c) + z_loss lse^2 = sum(q) log s - sum_c q_c d_c + z_loss lse^2
+    dl/dy = (sum(q) + 2 z_loss lse) p - q,     dl/dz = dl/dy (1 - (y / softcap)^2)
+Everything is computed from d, which is why a logit of 1e4 loses no precision. Each chunk is small enough to stay
+in the L2 cache, so the many cheap passes over it cost little next to the one read of the logits and the one write
+of the gradient; the chunk's float32 work buffer is allocated once and reused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from xentlib._semantics import CrossEntropyProblem
+
+# Elements per chunk: 256K float32 = 1 MiB, well inside a 2 MiB L2 cache, and big enough for torch's
+# intra-op parallelism (grain 32K elements) to keep two threads busy.
+CHUNK_ELEMENTS = 1 << 18
+
+
+@dataclass
+class RowResult:
+    loss: Tensor  # (B, S) accumulation dtype, per-row loss incl. class weight and z-loss, 0 on ignored rows
+    lse: Tensor  # (B, S) accumulation dtype
+    argmax: Tensor | None = None  # (B, S) int64, with stats
+    entropy: Tensor | None = None  # (B, S) accumulation dtype, with stats
+
+
+def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:
+    """Rows per chunk as (batch rows, spatial positions). `chunk_size` counts rows (b, s) when given."""
+    rows_wanted = chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // max(classes, 1))
+    if spatial == 1:
+        return max(1, min(batch, rows_wanted)), 1
+    spatial_block = max(1, min(spatial, rows_wanted))
+    batch_block = max(1, min(batch, rows_wanted // spatial_block)) if spatial_block == spatial else 1
+    return batch_block, spatial_block
+
+
+def iter_chunks(batch: int, spatial: int, block: tuple[int, int]):
+    batch_block, spatial_block = block
+    for b0 in range(0, batch, batch_block):
+        for s0 in range(0, spatial, spatial_block):
+            yield slice(b0, min(b0 + batch_block, batch)), slice(s0, min(s0 + spatial_block, spatial))
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_c a[r, c, s] * b[r, c, s] -> (R, 1, S) without a chunk-sized temporary in the common S = 1 case."""
+    if a.shape[2] == 1:
+        return torch.bmm(a.transpose(1, 2), b)  # (R, 1, C) @ (R, C, 1)
+    return (a * b).sum(1, keepdim=True)
+
+
+def class_dot(a: Tensor, w: Tensor) -> Tensor:
+    """sum_c a[r, c, s] * w[c] -> (R, 1, S)."""
+    return torch.einsum("rcs,c->rs", a, w).unsqueeze(1)
+
+
+def cross_entropy_rows(
+    problem: CrossEntropyProblem,
+    grad_out: Tensor | None,
+    want_stats: bool,
+    chunk_size: int | None = None,
+) -> RowResult:
+    x = problem.logits
+    batch, classes, spatial = x.shape
+    acc = problem.acc_dtype
+    result = RowResult(
+        loss=torch.zeros(batch, spatial, dtype=acc, device=x.device),
+        lse=torch.empty(batch, spatial, dtype=acc, device=x.device),
+        argmax=torch.empty(batch, spatial, dtype=torch.long, device=x.device) if want_stats else None,
+        entropy=torch.empty(batch, spatial, dtype=acc, device=x.device) if want_stats else None,
+    )
+    if x.numel() == 0:
+        if classes == 0 and batch * spatial > 0:  # no classes: log-sum-exp of nothing
+            result.lse.fill_(-math.inf)
+        return result
+    block = chunk_shape(batch, classes, spatial, chunk_size)
+    buffers = _ChunkBuffers(problem, block, grad_out)
+    for rows, cols in iter_chunks(batch, spatial, block):
+        _process_chunk(problem, rows, cols, grad_out, result, buffers)
+    return result
+
+
+class _ChunkBuffers:
+    """Work buffers allocated once per call and reused by every chunk (fresh memory is slow to write)."""
+
+    def __init__(self, problem: CrossEntropyProblem, block: tuple[int, int], grad_out: Tensor | None):
+        x = problem.logits
+        shape = (block[0], x.shape[1], block[1])
+        make = lambda: torch.empty(shape, dtype=problem.acc_dtype, device=x.device)  # noqa: E731
+        writes_in_place = grad_out is not None and grad_out.dtype == problem.acc_dtype
+        self.work = None if writes_in_place else make()
+        self.capped = make() if problem.softcap is not None else None
+        self.q = make() if problem.kind == "prob" else None
+
+    @staticmethod
+    def view(buffer: Tensor | None, like: Tensor) -> Tensor | None:
+        if buffer is None:
+            return None
+        r, c, s = like.shape
+        return buffer[:r, :c, :s]
+
+
+def _process_chunk(problem, rows, cols, grad_out, result, buffers):
+    acc = problem.acc_dtype
+    x = problem.logits[rows, :, cols]
+    valid = problem.valid[rows, cols].unsqueeze(1)  # (R, 1, S)
+    work = grad_out[rows, :, cols] if buffers.work is None else buffers.view(buffers.work, x)
+    cap = problem.softcap
+
+    # y = softcap * tanh(z / softcap), kept for the chain rule; d = y - max(y)
+    if cap is not None:
+        y = buffers.view(buffers.capped, x)
+        torch.div(x, cap, out=y)
+        y.tanh_().mul_(cap)
+        m = y.amax(1, keepdim=True)
+        torch.sub(y, m, out=work)
+    else:
+        m = x.amax(1, keepdim=True).to(acc)
+        if x.dtype == acc:
+            torch.sub(x, m, out=work)
+        else:
+            work.copy_(x)
+            work.sub_(m)
+    d = work
+    if result.argmax is not None:
+        result.argmax[rows, cols] = d.argmax(1)
+
+    # Target terms, read from d before it is exponentiated.
+    eps, classes = problem.smoothing, problem.num_classes
+    if problem.kind == "index":
+        target = problem.target[rows, cols].unsqueeze(1)  # (R, 1, S)
+        w_t = problem.target_weight[rows, cols].unsqueeze(1)
+        d_t = d.gather(1, target)
+        if eps > 0:
+            w = problem.class_weight
+            w_sum = float(classes) if w is None else w.sum()
+            wd_sum = d.sum(1, keepdim=True) if w is None else class_dot(d, w)
+    else:
+        q = buffers.view(buffers.q, x)
+        q.copy_(problem.target[rows, :, cols])
+        if eps > 0:
+            q.mul_(1.0 - eps).add_(eps / classes)
+        if problem.class_weight is not None:
+            q.mul_(problem.class_weight.view(1, -1, 1))
+        q_sum = q.sum(1, keepdim=True)
+        qd_sum = row_dot(q, d)
+
+    work.exp_()
+    s = work.sum(1, keepdim=True)
+    log_s = s.log()
+    lse = m + log_s
+    result.lse[rows, cols] = lse.squeeze(1)
+    if result.entropy is not None:
+        # H = -sum p log p = log s - sum_c e_c d_c / s with e = exp(d), d = log e (0 log 0 = 0)
+        result.entropy[rows, cols] = (log_s - torch.special.xlogy(work, work).sum(1, keepdim=True) / s).squeeze(1)
+
+    # Row loss. Without smoothing only the target logit is read (a -inf elsewhere stays harmless).
+    if problem.kind == "index":
+        loss = w_t * (log_s - d_t)
+        if eps > 0:  # torch's formula: (1 - eps) * nll + eps / C * sum_c w_c (lse - y_c)
+            loss = (1.0 - eps) * loss + (eps / classes) * (w_sum * log_s - wd_sum)
+            q_sum = (1.0 - eps) * w_t + (eps / classes) * w_sum
+        else:
+            q_sum = w_t
+    else:
+        loss = q_sum * log_s - qd_sum
+    if problem.z_loss:
+        loss = loss + problem.z_loss * lse * lse
+    result.loss[rows, cols] = torch.where(valid, loss, 0.0).squeeze(1)
+    if grad_out is None:
+        return
+
+    # Gradient: scale * ((sum q + 2 z lse) p - q); the target slot gets p_t * coef - scale (1-eps) w_t in acc dtype.
+    scale = problem.grad_scale
+    coef = q_sum + 2.0 * problem.z_loss * lse if problem.z_loss else q_sum
+    work.mul_(coef * scale / s)
+    if problem.kind == "index":
+        work.scatter_add_(1, target, -(1.0 - eps) * scale * w_t)
+        if eps > 0:
+            w = problem.class_weight
+            smooth = (eps / classes) * scale
+            work.sub_(smooth if w is None else smooth * w.view(1, -1, 1))
+    else:
+        work.addcmul_(q, -scale)
+    if cap is not None:  # dy/dz = 1 - tanh^2 = 1 - (y / softcap)^2
+        y.div_(cap).square_().neg_().add_(1.0)
+        work.mul_(y)
+    if not bool(valid.all()):
+        work.masked_fill_(~valid, 0.0)
+    if buffers.work is not None:
+        grad_out[rows, :, cols].copy_(work)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# log_softmax / softmax: one chunked pass, float32 accumulation for half types, gradient from the saved output
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rows_along(tensor: Tensor, dim: int) -> Tensor:
+    """View `tensor` as (before, size(dim), after) so that `dim` becomes dimension 1 without a transposed copy."""
+    shape = tensor.shape
+    return tensor.reshape(math.prod(shape[:dim]), shape[dim] if shape else 1, math.prod(shape[dim + 1 :]))
+
+
+def softmax_forward(input: Tensor, dim: int, log: bool) -> Tensor:
+    """log_softmax = d - log sum exp(d), softmax = exp(d) / sum exp(d), with d = x - max(x) along `dim`."""
+    out = torch.empty_like(input, memory_format=torch.contiguous_format)
+    if input.numel() == 0:
+        return out
+    x3, out3 = _rows_along(input, dim), _rows_along(out, dim)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    batch, classes, spatial = x3.shape
+    block = chunk_shape(batch, classes, spatial, None)
+    work_full = torch.empty((block[0], classes, block[1]), dtype=acc, device=input.device)
+    exp_full = torch.empty_like(work_full) if log else None
+    for rows, cols in iter_chunks(batch, spatial, block):
+        x = x3[rows, :, cols]
+        r, _, s = x.shape
+        work = work_full[:r, :, :s]
+        m = x.amax(1, keepdim=True).to(acc)
+        if x.dtype == acc:
+            torch.sub(x, m, out=work)
+        else:
+            work.copy_(x)
+            work.sub_(m)
+        if log:
+            e = exp_full[:r, :, :s]
+            torch.exp(work, out=e)
+            torch.sub(work, e.sum(1, keepdim=True).log_(), out=out3[rows, :, cols])
+        else:
+            work.exp_()
+            torch.div(work, work.sum(1, keepdim=True), out=out3[rows, :, cols])
+    return out
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """Backward from the saved output (plain torch ops, so double backward works):
+    log_softmax: dx = g - exp(out) * sum(g);   softmax: dx = out * (g - sum(g * out))."""
+
+    @staticmethod
+    def forward(ctx, input, dim, log):
+        out = softmax_forward(input, dim, log)
+        ctx.save_for_backward(out)
+        ctx.dim, ctx.log = dim, log
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        g, o = grad.to(acc), out.to(acc)
+        if ctx.log:
+            result = g - o.exp() * g.sum(ctx.dim, keepdim=True)
+        else:
+            result = o * (g - (g * o).sum(ctx.dim, keepdim=True))
+        return result.to(out.dtype), None, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Binary cross-entropy pair: one elementwise pass in the accumulation dtype, analytic gradients
+# --------------------------------------------------------------------------------------------------------------
+
+BCE_GRAD_EPS = 9.999999960041972e-13  # float32(1e-12), used by torch for every dtype
+
+
+def _reduce_elements(loss: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / loss.numel() if reduction == "mean" else total
+
+
+def _grad_elements(grad: Tensor, reduction: str, numel: int, acc: torch.dtype) -> Tensor:
+    grad = grad.to(acc)
+    return grad / numel if reduction == "mean" else grad
+
+
+class BinaryCrossEntropyFunction(torch.autograd.Function):
+    """l = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100));
+    dl/dx = w (x - y) / max(x (1 - x), eps);  dl/dy = w (log(1 - x) - log x)."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, reduction):
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        x, y = input.to(acc), target.to(acc)
+        log_x = torch.log(x).clamp_min_(-100.0)
+        log_1mx = torch.log1p(-x).clamp_min_(-100.0)
+        loss = -(y * log_x + (1.0 - y) * log_1mx)
+        if weight is not None:
+            loss = loss * weight.to(acc)
+        ctx.save_for_backward(input, target, weight)
+        ctx.reduction = reduction
+        return _reduce_elements(loss, reduction).to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, weight = ctx.saved_tensors
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        x, y = input.to(acc), target.to(acc)
+        g = _grad_elements(grad, ctx.reduction, input.numel(), acc)
+        if weight is not None:
+            g = g * weight.to(acc)
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (g * (x - y) / (x * (1.0 - x)).clamp_min(BCE_GRAD_EPS)).to(input.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_target = (g * (torch.log1p(-x) - torch.log(x))).to(target.dtype)
+        return grad_input, grad_target, None, None
+
+
+class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    """With softplus(-x) = log1p(exp(-|x|)) + max(-x, 0) (stable) and pos_weight p:
+    l = w ((1 - y) x + (1 + (p - 1) y) softplus(-x))
+    dl/dx = w ((p y + 1 - y) sigmoid(x) - p y);   dl/dy = w (-x + (p - 1) softplus(-x))."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, pos_weight, reduction, out_dtype):
+        acc = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
+        x, y = input.to(acc), target.to(acc)
+        softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)
+        if pos_weight is None:
+            loss = (1.0 - y) * x + softplus_neg
+        else:
+            loss = (1.0 - y) * x + (1.0 + (pos_weight.to(acc) - 1.0) * y) * softplus_neg
+        if weight is not None:
+            loss = loss * weight.to(acc)
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.reduction = reduction
+        return _reduce_elements(loss, reduction).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        acc = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
+        x, y = input.to(acc), target.to(acc)
+        g = _grad_elements(grad, ctx.reduction, input.numel(), acc)
+        if weight is not None:
+            g = g * weight.to(acc)
+        p = 1.0 if pos_weight is None else pos_weight.to(acc)
+        grad_input = grad_target = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (g * ((p * y + 1.0 - y) * torch.sigmoid(x) - p * y)).to(input.dtype)
+        if ctx.needs_input_grad[1]:
+            softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)
+            grad_target = (g * (-x + (p - 1.0) * softplus_neg)).to(target.dtype)
+        return grad_input, grad_target, None, None, None, None

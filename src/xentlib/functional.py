@@ -1,0 +1,319 @@
+"""The cross-entropy family with `torch.nn.functional`'s signatures, defaults, results, gradients and errors.
+
+Swap `torch.nn.functional` for `xentlib.functional` and nothing changes but speed and memory. Extensions are
+keyword-only and off by default: `z_loss`, `softcap`, `normalizer`, `return_stats`, `backend`, `chunk_size`,
+`inplace_backward`. The rules live in `xentlib._semantics`; the arithmetic in `xentlib.backends`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+
+from xentlib import _semantics as sem
+from xentlib.backends import torch_chunked
+from xentlib.backends.autograd import CrossEntropyStats, FusedCrossEntropy
+from xentlib.backends.dispatch import rows_function, select_backend
+
+__all__ = [
+    "CrossEntropyStats",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "log_softmax",
+    "nll_loss",
+    "softmax",
+]
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: float | Tensor | None = None,
+    return_stats: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
+):
+    r"""Cross-entropy between logits and class indices or class probabilities, as `torch.nn.functional`.
+
+    For a row with logits :math:`x`, log-probabilities :math:`\log p_c = x_c - \log\sum_k e^{x_k}` and class
+    index :math:`t`: :math:`\ell = -w_t \log p_t`; with probabilities :math:`q`:
+    :math:`\ell = -\sum_c w_c q_c \log p_c`. Label smoothing :math:`\varepsilon` mixes in the uniform
+    distribution, exactly as torch does. 'mean' divides by :math:`\sum w_{t_n}` over non-ignored rows (class
+    indices) or by the number of rows (probabilities).
+
+    Args:
+        input: logits of shape (C), (N, C) or (N, C, d1, ..., dk).
+        target: class indices (), (N) or (N, d1, ..., dk) (int64, or uint8 for inputs of at most 2 dims), or
+            class probabilities of the input's shape.
+        weight: per-class weight of shape (C), same dtype as the input for class indices.
+        size_average, reduce: deprecated, as in torch (they override `reduction`, with a warning).
+        ignore_index: a class-index target value that contributes neither loss nor gradient.
+        reduction: 'none' | 'mean' | 'sum'.
+        label_smoothing: in [0, 1]; torch's rule: values <= 0 or NaN mean no smoothing, > 1 raises.
+        z_loss: keyword-only; adds `z_loss * lse**2` per non-ignored row (unweighted).
+        softcap: keyword-only; logits become `softcap * tanh(logits / softcap)` before anything else.
+        normalizer: keyword-only, with reduction='sum': the sum is divided by it (a number or 0-d tensor), the
+            way to get the exact global token mean under gradient accumulation and data parallelism.
+        return_stats: keyword-only; also return `CrossEntropyStats(lse, loss, argmax, correct, entropy)` per row.
+        backend: 'auto' | 'torch' | 'triton' (see `xentlib.backends.explain_dispatch`).
+        chunk_size: rows per chunk for the PyTorch backend (default: about 1 MiB of float32 per chunk).
+        inplace_backward: write the gradient into the logits' memory (they are marked as modified): no extra
+            gradient-sized buffer at all. The logits' values are lost after the call.
+
+    Example::
+
+        >>> logits = torch.tensor([[0.0541, 0.1762, 0.9489], [-0.0288, -0.8072, 0.4909]])
+        >>> cross_entropy(logits, torch.tensor([0, 2]), reduction="none")
+        tensor([1.5210, 0.6247])
+    """
+    reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    problem = sem.prepare_cross_entropy(
+        input, target, weight, ignore_index, reduction, label_smoothing,
+        z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+    )  # fmt: skip
+    if inplace_backward:
+        _check_inplace(target, weight, return_stats)
+    name, _ = select_backend(input.device, backend)
+    rows_fn = rows_function(name)
+    if name == "torch" and chunk_size is not None:
+        rows_fn = functools.partial(torch_chunked.cross_entropy_rows, chunk_size=_check_chunk_size(chunk_size))
+    loss, lse, entropy, *aux = FusedCrossEntropy.apply(
+        input, target, weight, problem, rows_fn, return_stats, inplace_backward
+    )
+    if not return_stats:
+        return loss
+    row_loss, argmax = aux
+    return loss, CrossEntropyStats(
+        lse=lse,
+        loss=row_loss.to(problem.output_dtype),
+        argmax=argmax,
+        correct=_correct(problem, input, target, argmax),
+        entropy=entropy,
+    )
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    return chunk_size
+
+
+def _check_inplace(target: Tensor, weight: Tensor | None, return_stats: bool) -> None:
+    """In-place gradients overwrite the logits, so nothing else may need them later."""
+    if return_stats:
+        raise ValueError("inplace_backward=True cannot be combined with return_stats=True (stats need the logits)")
+    for name, tensor in (("target", target), ("weight", weight)):
+        if tensor is not None and tensor.requires_grad:
+            raise ValueError(f"inplace_backward=True cannot compute a gradient for the {name}; detach it")
+
+
+def _correct(problem: sem.CrossEntropyProblem, input: Tensor, target: Tensor, argmax: Tensor) -> Tensor:
+    if problem.kind == "prob":
+        return argmax == target.detach().argmax(sem.class_dim_of(input))
+    valid = problem.valid.reshape(problem.output_shape)
+    return (argmax == problem.target.reshape(problem.output_shape)) & valid
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Negative log-likelihood: :math:`\ell_n = -w_{t_n} x_{n, t_n}`, as `torch.nn.functional.nll_loss`.
+
+    The input holds log-probabilities (e.g. from `log_softmax`); it is not checked. 'mean' divides by the sum of
+    the selected weights of the non-ignored targets (NaN when that is 0, with zero gradients).
+
+    Example::
+
+        >>> log_p = log_softmax(torch.tensor([[2.0, 0.5, 0.3], [0.2, 2.0, 0.5]]), dim=1)
+        >>> nll_loss(log_p, torch.tensor([0, 1]))
+        tensor(0.3603)
+    """
+    reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    problem = sem.prepare_nll_loss(input, target, weight, ignore_index, reduction)
+    # A gather is the whole computation, so plain differentiable torch ops are the fused path here.
+    picked = sem.as_rows(input).gather(1, problem.target.unsqueeze(1)).squeeze(1)
+    rows = -(picked.to(problem.acc_dtype) * problem.target_weight)
+    rows = torch.where(problem.valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        return rows.reshape(problem.output_shape).to(input.dtype)
+    return (rows.sum() / problem.denominator).to(input.dtype)
+
+
+def _softmax_dim(name: str, input: Tensor, dim, stacklevel: int) -> int:
+    if dim is None:
+        warnings.warn(
+            f"Implicit dimension choice for {name} has been deprecated. Change the call to include dim=X as an "
+            "argument.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+        return 0 if input.dim() in (0, 1, 3) else 1
+    return dim
+
+
+def _normalize_dim(dim, ndim: int) -> int:
+    low, high = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not low <= dim <= high:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{low}, {high}], but got {dim})")
+    return dim % max(ndim, 1)
+
+
+def _softmax_common(name: str, input: Tensor, dim, stacklevel: int, dtype, log: bool) -> Tensor:
+    sem.check_tensor(name, "input", 1, input)
+    dim = _softmax_dim(name, input, dim, stacklevel + 1)
+    if dtype is not None:
+        input = input.to(dtype)
+    dim = _normalize_dim(dim, input.dim())
+    if not input.is_floating_point():
+        kernel = f"{name}_lastdim_kernel_impl" if dim == max(input.dim() - 1, 0) else f"{name}_kernel_impl"
+        sem.check_floating_input(kernel, input)
+    return torch_chunked.SoftmaxFunction.apply(input, dim, log)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None):
+    r""":math:`\log p_i = x_i - m - \log \sum_j e^{x_j - m}` with :math:`m = \max_j x_j` (stable).
+
+    Example::
+
+        >>> log_softmax(torch.tensor([1e4, 0.0, -1e4]), dim=0)
+        tensor([ 0.0000e+00, -1.0000e+04, -2.0000e+04])
+    """
+    return _softmax_common("log_softmax", input, dim, _stacklevel, dtype, log=True)
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None):
+    r""":math:`p_i = e^{x_i - m} / \sum_j e^{x_j - m}` with :math:`m = \max_j x_j` (stable).
+
+    Example::
+
+        >>> softmax(torch.tensor([1.0, 1.0]), dim=0)
+        tensor([0.5000, 0.5000])
+    """
+    return _softmax_common("softmax", input, dim, _stacklevel, dtype, log=False)
+
+
+def _check_broadcast(name: str, tensor: Tensor | None, shape: torch.Size) -> None:
+    """`tensor` must broadcast to `shape` without enlarging it (torch's TensorIterator rule)."""
+    if tensor is None:
+        return
+    try:
+        result = torch.broadcast_shapes(shape, tensor.shape)
+    except RuntimeError:
+        raise RuntimeError(
+            f"The size of {name} {sem.shape_list(tensor.shape)} must match the input size {sem.shape_list(shape)} "
+            f"at every non-singleton dimension (right-aligned broadcasting)"
+        ) from None
+    if result != shape:
+        raise RuntimeError(
+            f"output with shape {sem.shape_list(shape)} doesn't match the broadcast shape {sem.shape_list(result)} "
+            f"({name} of shape {sem.shape_list(tensor.shape)} may not enlarge the output)"
+        )
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r""":math:`\ell = -w\,[y \max(\log x, -100) + (1 - y) \max(\log(1 - x), -100)]` on probabilities x in [0, 1].
+
+    Example::
+
+        >>> binary_cross_entropy(torch.tensor([0.0, 0.5]), torch.tensor([1.0, 1.0]), reduction="none")
+        tensor([100.0000,   0.6931])
+    """
+    reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    fn = "binary_cross_entropy"
+    sem.check_tensor(fn, "input", 1, input)
+    sem.check_tensor(fn, "target", 2, target)
+    sem.check_tensor(fn, "weight", 3, weight, optional=True)
+    if target.shape != input.shape:
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}) is "
+            "deprecated. Please ensure they have the same size."
+        )
+    _check_broadcast("weight", weight, input.shape)
+    sem.check_floating_input(fn, input)
+    if target.dtype != input.dtype:
+        raise RuntimeError(
+            f"Found dtype {sem.dtype_name(target.dtype)} but expected {sem.dtype_name(input.dtype)} "
+            "(the target must have the input's dtype)"
+        )
+    sem.check_not_requires_grad(fn, "weight", weight)
+    if bool(((input < 0) | (input > 1) | input.isnan()).any()):
+        raise RuntimeError("all elements of input should be between 0 and 1 (binary_cross_entropy takes probabilities)")
+    if bool(((target < 0) | (target > 1) | target.isnan()).any()):
+        raise RuntimeError("all elements of target should be between 0 and 1")
+    return torch_chunked.BinaryCrossEntropyFunction.apply(input, target, weight, reduction)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    r""":math:`\ell = w\,[(1 - y)\,x + (1 + (p - 1)\,y)\,\mathrm{softplus}(-x)]`, p = `pos_weight` (stable).
+
+    The output has the target's dtype, as in torch.
+
+    Example::
+
+        >>> binary_cross_entropy_with_logits(torch.tensor([-1e4]), torch.tensor([1.0]))
+        tensor(10000.)
+    """
+    reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    fn = "binary_cross_entropy_with_logits"
+    sem.check_tensor(fn, "input", 1, input)
+    sem.check_tensor(fn, "target", 2, target)
+    sem.check_tensor(fn, "weight", 3, weight, optional=True)
+    sem.check_tensor(fn, "pos_weight", 7, pos_weight, optional=True)
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    sem.check_not_requires_grad(fn, "weight", weight)
+    sem.check_not_requires_grad(fn, "pos_weight", pos_weight)
+    sem.check_floating_input("log_sigmoid_cpu", input)
+    if target.dtype == torch.bool:
+        raise RuntimeError(
+            "Subtraction, the `-` operator, with two bool tensors is not supported. Use the `^` or `logical_xor()` "
+            "operator instead. (binary_cross_entropy_with_logits needs a floating point target)"
+        )
+    if not target.is_floating_point():
+        result = torch.promote_types(input.dtype, target.dtype)
+        raise RuntimeError(
+            f"result type {sem.dtype_name(result)} can't be cast to the desired output type "
+            f"{sem.dtype_name(target.dtype)} (the output takes the target's dtype: pass a floating point target)"
+        )
+    _check_broadcast("pos_weight", pos_weight, input.shape)
+    _check_broadcast("weight", weight, input.shape)
+    return torch_chunked.BinaryCrossEntropyWithLogitsFunction.apply(
+        input, target, weight, pos_weight, reduction, target.dtype
+    )

@@ -1,0 +1,114 @@
+"""`torch.nn` loss modules backed by `xentlib.functional`.
+
+Each class subclasses its torch counterpart, so construction, attributes (`reduction`, `ignore_index`,
+`label_smoothing`, `dim`), the `weight` / `pos_weight` buffers, `state_dict` keys, `repr` and `isinstance` checks
+are exactly torch's; a checkpoint saved with one loads into the other. Only `forward` changes. The extensions are
+keyword-only constructor arguments, off by default.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from xentlib import functional as F
+
+__all__ = [
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "LogSoftmax",
+    "NLLLoss",
+    "NLLLoss2d",
+    "Softmax",
+]
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """`torch.nn.CrossEntropyLoss` computed by xentlib; extensions as in `xentlib.functional.cross_entropy`."""
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss, self.softcap = z_loss, softcap
+        self.backend, self.chunk_size, self.inplace_backward = backend, chunk_size, inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor, *, normalizer=None) -> Tensor:
+        return F.cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            normalizer=normalizer,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            inplace_backward=self.inplace_backward,
+        )
+
+
+class NLLLoss(torch.nn.NLLLoss):
+    """`torch.nn.NLLLoss` computed by xentlib."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction)
+
+
+class NLLLoss2d(NLLLoss):
+    """Deprecated alias of `NLLLoss`, kept because torch keeps it (FutureWarning at construction)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        warnings.warn(
+            "`NLLLoss2d` has been deprecated. Please use `NLLLoss` instead as a drop-in replacement.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)
+
+
+class BCELoss(torch.nn.BCELoss):
+    """`torch.nn.BCELoss` computed by xentlib."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
+    """`torch.nn.BCEWithLogitsLoss` computed by xentlib."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(
+            input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction
+        )
+
+
+class LogSoftmax(torch.nn.LogSoftmax):
+    """`torch.nn.LogSoftmax` computed by xentlib."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.log_softmax(input, self.dim, _stacklevel=5)
+
+
+class Softmax(torch.nn.Softmax):
+    """`torch.nn.Softmax` computed by xentlib."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return F.softmax(input, self.dim, _stacklevel=5)
