@@ -76,6 +76,19 @@ def _load_block(row_ptr, stride_c, start, C, softcap, HAS_SOFTCAP: tl.constexpr,
 
 
 @triton.jit
+def _round_to(value, dtype: tl.constexpr):
+    # float32 -> the gradient's dtype, rounding to nearest even. For bfloat16 this is done on the bits
+    # (add 0x7FFF plus the lowest kept bit, drop the low 16 bits; NaN and inf keep their class), which is what
+    # the GPU's own conversion does, while Triton's CPU interpreter would truncate.
+    if dtype == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return value.to(dtype)
+
+
+@triton.jit
 def _shift_reference(m):
     # The value exponentials are taken relative to: the running maximum, or 0 while it is still -inf.
     return tl.where(m == float("-inf"), 0.0, m)
@@ -232,7 +245,9 @@ def index_target_rows_kernel(
             dx = dy * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale
             # where, not a product with valid: NaN logits in an ignored row must give exact zeros.
             dx = tl.where(valid, dx, 0.0)
-            tl.store(grad_row + offs.to(tl.int64) * stride_gc, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask
+            )
 
 
 @triton.jit
@@ -322,4 +337,6 @@ def prob_target_rows_kernel(
             q = w * ((1.0 - smoothing) * t + uniform)
             dx = (p_coef * p - q) * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale
             dx = tl.where(valid, dx, 0.0)
-            tl.store(grad_row + offs.to(tl.int64) * stride_gc, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask
+            )

@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 import triton
+
 from xentlib.backends.triton import kernels, require
 
 # Largest class block a program holds at once; rows with more classes loop over blocks.

@@ -1,0 +1,543 @@
+"""The Triton backend against a float64 torch composition, the NumPy reference and the torch backend.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set here, before
+the kernels are first imported (triton picks interpreter or compiler when it decorates a kernel). With CUDA
+the same tests run compiled on the GPU, plus the `gpu` ones (large vocabularies, 64-bit offsets).
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from xentlib._semantics import as_rows, prepare_cross_entropy  # noqa: E402
+from xentlib.backends import triton as triton_backend  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cpu" if INTERPRETED else "cuda"
+AVAILABLE, WHY = triton_backend.is_available(DEVICE)
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not AVAILABLE, reason=WHY),
+    # the interpreter evaluates both sides of tl.where in NumPy (e.g. 0 * inf on padding), which warns
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA without the interpreter"
+)
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# float64 truth: torch ops composed in float64 with autograd (shares no code with the kernels)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def float64_rows(x, target, *, weight=None, eps=0.0, z_loss=0.0, softcap=None):
+    """Per-row loss, lse, capped logits and the float64 leaf of an (N, C, ...) input; class indices when
+    target has one dimension less than x, else probabilities."""
+    leaf = (
+        x if x.requires_grad else x.detach().double().requires_grad_()
+    )  # a graph node: differentiate through it
+    y = leaf if softcap is None else softcap * torch.tanh(leaf / softcap)
+    log_p = torch.log_softmax(y, 1)
+    lse = torch.logsumexp(y, 1)
+    classes = x.shape[1]
+    w = torch.ones(classes, dtype=torch.float64) if weight is None else weight.detach().cpu().double()
+    w = w.view((1, classes) + (1,) * (x.dim() - 2))
+    if target.dim() == x.dim():
+        q = w * ((1 - eps) * target.double() + eps / classes)
+        loss = -(q * log_p).sum(1) + z_loss * lse**2
+        valid = torch.ones_like(loss, dtype=torch.bool)
+    else:
+        valid = target != IGNORE
+        index = torch.where(valid, target, 0).unsqueeze(1)
+        hard = -(w.expand_as(log_p).gather(1, index) * log_p.gather(1, index)).squeeze(1)
+        smooth = -(w * log_p).sum(1)
+        loss = torch.where(valid, (1 - eps) * hard + (eps / classes) * smooth + z_loss * lse**2, 0.0)
+    return leaf, loss, lse, y, valid
+
+
+def float64_grad(leaf, loss, scale):
+    """d(sum_rows scale * loss)/dx in float64."""
+    (grad,) = torch.autograd.grad((loss * scale).sum(), leaf)
+    return grad
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_inputs(shape, kind, dtype=torch.float32, seed=0):
+    """Logits of `shape` (N, C, ...) and targets: class indices with every third row ignored, or
+    probability rows (a softmax of random numbers)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    if kind == "index":
+        target = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=gen)
+        flat = target.view(-1)
+        flat[1::3] = IGNORE
+    else:
+        target = torch.softmax(torch.randn(shape, generator=gen), 1).to(dtype)
+    return x.to(DEVICE), target.to(DEVICE)
+
+
+def problem_for(x, target, options, reduction="mean"):
+    return prepare_cross_entropy(
+        x,
+        target,
+        options.get("weight"),
+        IGNORE,
+        reduction,
+        options.get("eps", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+    )
+
+
+def run_rows(problem, *, want_grad=True, want_stats=True, block_size=None):
+    grad = torch.empty_like(problem.logits) if want_grad else None
+    rows = triton_backend.cross_entropy_rows(problem, grad, want_stats, block_size=block_size)
+    return rows, grad
+
+
+def truth_for(x, target, options):
+    weight = options.get("weight")
+    return float64_rows(
+        x.cpu(),
+        target.cpu(),
+        weight=None if weight is None else weight.cpu(),
+        eps=options.get("eps", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+    )
+
+
+def assert_close(actual, expected, atol, rtol=1e-5):
+    torch.testing.assert_close(
+        actual.detach().cpu().double(), expected.detach().double(), atol=atol, rtol=rtol
+    )
+
+
+def weights(classes):
+    return (0.25 + torch.rand(classes, generator=torch.Generator().manual_seed(7))).to(DEVICE)
+
+
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smoothing": {"eps": 0.1},
+    "weight+smoothing": {"weight": True, "eps": 0.3},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 2.5},
+    "everything": {"weight": True, "eps": 0.2, "z_loss": 1e-3, "softcap": 4.0},
+}
+
+# (shape, block_size): one row; a multi-block row with a partial last block; (B, C, S) with class stride S
+SHAPES = {
+    "1x37": ((1, 37), None),
+    "9x129/32": ((9, 129), 32),
+    "2x37x3/16": ((2, 37, 3), 16),
+}
+
+
+def resolve(options, classes, dtype=torch.float32):
+    resolved = dict(options)
+    if resolved.get("weight"):
+        resolved["weight"] = weights(classes).to(dtype)
+    return resolved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cross_entropy_rows, float32, against float64
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Probability targets share the launch code and the gap/z-loss/softcap helpers with class indices: their
+# single-option cases are covered by 'everything', which keeps the interpreter run short.
+ROW_CASES = [("index", option) for option in OPTIONS] + [
+    ("prob", option) for option in ("plain", "smoothing", "weight+smoothing", "everything")
+]
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("kind, option_name", ROW_CASES)
+def test_rows_and_gradient_match_float64(kind, option_name, shape_name):
+    shape, block = SHAPES[shape_name]
+    x, target = make_inputs(shape, kind)
+    options = resolve(OPTIONS[option_name], shape[1])
+    problem = problem_for(x, target, options)
+    rows, grad = run_rows(problem, block_size=block)
+
+    leaf, loss, lse, y, _ = truth_for(x, target, options)
+    scale = problem.grad_scale.cpu().double()
+    row_shape = as_rows(loss.unsqueeze(1)).shape[::2]  # (B, S)
+    assert_close(rows.loss, loss.reshape(row_shape), atol=1e-5)
+    assert_close(rows.lse, lse.reshape(row_shape), atol=1e-5)
+    assert_close(grad, as_rows(float64_grad(leaf, loss, scale)), atol=2e-6)
+    assert torch.equal(rows.argmax.cpu(), y.argmax(1).reshape(row_shape))
+    p = torch.softmax(y, 1)
+    entropy = -(p * torch.log_softmax(y, 1)).sum(1)
+    assert_close(rows.entropy, entropy.reshape(row_shape), atol=1e-5)
+
+
+def test_rows_match_numpy_reference():
+    reference = pytest.importorskip("xentlib.reference")
+    x, target = make_inputs((6, 41), "index", seed=3)
+    options = {"weight": weights(41), "eps": 0.15, "z_loss": 1e-2, "softcap": 3.0}
+    problem = problem_for(x, target, options, reduction="sum")
+    rows, grad = run_rows(problem, block_size=16)
+    np_args = dict(weight=options["weight"].cpu().numpy(), ignore_index=IGNORE, label_smoothing=0.15)
+    np_args.update(z_loss=1e-2, softcap=3.0)
+    expected = reference.cross_entropy(x.cpu().numpy(), target.cpu().numpy(), reduction="none", **np_args)
+    expected_grad = reference.cross_entropy_backward(
+        1.0, x.cpu().numpy(), target.cpu().numpy(), reduction="sum", **np_args
+    )
+    assert_close(rows.loss.squeeze(1), torch.from_numpy(expected), atol=1e-5)
+    expected_grad = getattr(expected_grad, "input", expected_grad)
+    assert_close(grad.squeeze(2), torch.from_numpy(expected_grad), atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_rows_match_torch_backend(kind):
+    torch_chunked = pytest.importorskip("xentlib.backends.torch_chunked")
+    x, target = make_inputs((2, 53, 4), kind, seed=5)
+    options = resolve({"weight": True, "eps": 0.1, "z_loss": 1e-3, "softcap": 5.0}, 53)
+    problem = problem_for(x, target, options)
+    rows, grad = run_rows(problem, block_size=16)
+    expected_grad = torch.empty_like(problem.logits)
+    expected = torch_chunked.cross_entropy_rows(problem, expected_grad, True)
+    for field in ("loss", "lse", "entropy"):
+        assert_close(getattr(rows, field), getattr(expected, field).cpu(), atol=1e-5)
+    assert torch.equal(rows.argmax, expected.argmax)
+    assert_close(grad, expected_grad.cpu(), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# layouts, flags, in-place gradient, per-row scales, determinism
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_strided_logits_and_in_place_gradient():
+    base = 3 * torch.randn(29, 7, generator=torch.Generator().manual_seed(1))
+    x = base.t().to(DEVICE)  # (7, 29) with class stride 7: no copy is made
+    target = torch.tensor([0, 5, IGNORE, 28, 3, 3, 11], device=DEVICE)
+    problem = problem_for(x, target, {"eps": 0.05})
+    assert problem.logits.stride(1) == 7
+    leaf, loss, _, _, _ = truth_for(x, target, {"eps": 0.05})
+    expected_grad = float64_grad(leaf, loss, problem.grad_scale.cpu().double())
+
+    rows = triton_backend.cross_entropy_rows(problem, problem.logits, False)  # gradient over the logits
+    assert rows.argmax is None and rows.entropy is None
+    assert_close(rows.loss.squeeze(1), loss, atol=1e-5)
+    assert_close(x, expected_grad, atol=2e-6)
+
+
+def test_forward_only_leaves_logits_untouched_and_agrees():
+    x, target = make_inputs((5, 70), "index", seed=2)
+    before = x.clone()
+    problem = problem_for(x, target, {"eps": 0.2, "z_loss": 1e-2})
+    rows, _ = run_rows(problem, want_grad=False, want_stats=False, block_size=32)
+    with_grad, _ = run_rows(problem, want_grad=True, want_stats=False, block_size=32)
+    assert torch.equal(x, before)
+    assert torch.equal(rows.loss, with_grad.loss) and torch.equal(rows.lse, with_grad.lse)
+
+
+def test_per_row_grad_scale():
+    """A (B, S) grad_scale (the backward of reduction='none') scales each row's gradient."""
+    x, target = make_inputs((3, 19, 2), "index", seed=4)
+    problem = problem_for(x, target, {"weight": weights(19)}, reduction="none")
+    scale = torch.rand(3, 2, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    _, grad = run_rows(dataclasses.replace(problem, grad_scale=scale))
+    leaf, loss, _, _, _ = truth_for(x, target, {"weight": weights(19)})
+    assert_close(grad, as_rows(float64_grad(leaf, loss, scale.cpu().double())), atol=2e-6)
+
+
+def test_bit_identical_between_runs():
+    x, target = make_inputs((4, 200), "index", seed=6)
+    problem = problem_for(x, target, {"eps": 0.1})
+    first, grad_1 = run_rows(problem, block_size=64)
+    second, grad_2 = run_rows(problem, block_size=64)
+    assert torch.equal(first.loss, second.loss) and torch.equal(grad_1, grad_2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ignored rows, infinities, huge logits
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_ignored_rows_give_exact_zeros_even_with_nan_logits():
+    x, target = make_inputs((4, 10), "index", seed=8)
+    x[1] = float("nan")
+    target[1] = IGNORE
+    problem = problem_for(x, target, {"eps": 0.2, "z_loss": 1e-2, "softcap": 3.0})
+    rows, grad = run_rows(problem)
+    assert rows.loss[1].item() == 0.0 and torch.all(grad[1] == 0)
+    assert torch.isfinite(rows.loss).all() and torch.isfinite(grad).all()
+
+
+def test_all_ignored_mean_has_zero_gradient():
+    x, target = make_inputs((3, 10), "index", seed=8)
+    target.fill_(IGNORE)
+    problem = problem_for(x, target, {"weight": weights(10), "eps": 0.1})
+    assert torch.isinf(problem.grad_scale)  # 1 / 0
+    rows, grad = run_rows(problem)
+    assert torch.all(rows.loss == 0) and torch.all(grad == 0)
+
+
+def test_infinite_and_huge_logits():
+    inf = float("inf")
+    x = torch.tensor(
+        [
+            [1e4, 0.0, -1e4, 0.0],  # exact 20000 for t = 2
+            [2.0, -inf, 0.5, 1.0],  # -inf on another class: finite loss, zero gradient there
+            [-inf, 1.0, 0.0, 0.0],  # -inf on the target: +inf
+            [-inf, -inf, -inf, -inf],  # all -inf: NaN
+        ],
+        device=DEVICE,
+    )
+    target = torch.tensor([2, 0, 0, 1], device=DEVICE)
+    rows, grad = run_rows(problem_for(x, target, {}, reduction="sum"))
+    loss = rows.loss.squeeze(1).cpu()
+    assert loss[0].item() == 20000.0
+    assert torch.isfinite(loss[1]) and grad[1, 1].item() == 0.0
+    assert loss[2].item() == inf
+    assert torch.isnan(loss[3])
+    expected = torch.nn.functional.cross_entropy(x[:3].cpu().double(), target[:3].cpu(), reduction="none")
+    assert_close(loss[:3], expected, atol=1e-6)
+
+    smoothed, _ = run_rows(problem_for(x[1:2], target[1:2], {"eps": 0.1}, reduction="sum"))
+    assert smoothed.loss.item() == inf  # eps > 0 reads every logit, as in torch
+    prob_target = torch.tensor([[0.5, 0.0, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]], device=DEVICE)
+    prob, _ = run_rows(problem_for(x[1:2].expand(2, 4), prob_target, {}, reduction="sum"))
+    expected = torch.nn.functional.cross_entropy(
+        x[1:2].expand(2, 4).cpu(), prob_target.cpu(), reduction="none"
+    )
+    assert torch.isnan(expected[0]) and torch.isinf(expected[1])  # 0 * inf where q = 0; +inf where q > 0
+    torch.testing.assert_close(prob.loss.squeeze(1).cpu(), expected, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# low precision: our error against float64 is at most torch's own in the same dtype
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "kind, options", [("index", {}), ("index", {"weight": True, "eps": 0.1}), ("prob", {})]
+)
+def test_low_precision_at_least_as_accurate_as_torch(dtype, kind, options):
+    x, target = make_inputs((8, 300), kind, dtype=dtype, seed=11)
+    options = resolve(options, 300, dtype)
+    problem = problem_for(x, target, options)
+    rows, grad = run_rows(problem, block_size=128)
+    assert grad.dtype == dtype
+
+    leaf, loss, _, _, _ = truth_for(x, target, options)
+    expected_grad = float64_grad(leaf, loss, problem.grad_scale.cpu().double())
+    torch_x = x.cpu().detach().requires_grad_()
+    torch_args = dict(weight=None if "weight" not in options else options["weight"].cpu())
+    torch_loss = torch.nn.functional.cross_entropy(
+        torch_x, target.cpu(), reduction="none", label_smoothing=options.get("eps", 0.0), **torch_args
+    )
+    torch_mean = torch.nn.functional.cross_entropy(
+        torch_x, target.cpu(), label_smoothing=options.get("eps", 0.0), **torch_args
+    )
+    (torch_grad,) = torch.autograd.grad(torch_mean, torch_x)
+
+    def error(a, b):
+        return (a.cpu().double() - b).abs().max().item()
+
+    ours_loss = rows.loss.squeeze(1).to(dtype)  # the caller rounds once to the output dtype
+    assert error(ours_loss, loss) <= error(torch_loss, loss) + 1e-6
+    assert error(grad.squeeze(2), expected_grad) <= error(torch_grad, expected_grad) + 1e-7
+
+
+# ----------------------------------------------------------------------------------------------------------
+# linear_cross_entropy_chunked against torch's cross_entropy(x @ W.T + b)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def linear_case(kind, dtype=torch.float32, bias=True, rows=9, hidden=12, classes=37, seed=13):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype)
+    w = (torch.randn(classes, hidden, generator=gen) / hidden**0.5).to(dtype)
+    b = torch.randn(classes, generator=gen).to(dtype) if bias else None
+    if kind == "index":
+        target = torch.randint(0, classes, (rows,), generator=gen)
+        target[2] = IGNORE
+    else:
+        target = torch.softmax(torch.randn(rows, classes, generator=gen), 1).to(dtype)
+    return [t if t is None else t.to(DEVICE) for t in (x, w, b, target)]
+
+
+def linear_problem(x, w, target, options, reduction="mean"):
+    placeholder = x.new_empty(()).expand(x.shape[0], w.shape[0])  # logits are never read
+    return problem_for(placeholder, target, options, reduction)
+
+
+@pytest.mark.parametrize(
+    "kind, options, bias, chunk",
+    [
+        ("index", {}, True, 4),
+        ("index", {"weight": True, "eps": 0.1, "z_loss": 1e-3, "softcap": 3.0}, True, 4),
+        ("index", {"eps": 0.2}, False, 9),
+        ("prob", {"weight": True}, True, 2),
+    ],
+)
+def test_linear_chunked_matches_torch(kind, options, bias, chunk):
+    x, w, b, target = linear_case(kind, bias=bias)
+    options = resolve(options, w.shape[0])
+    problem = linear_problem(x, w, target, options)
+    out = triton_backend.linear_cross_entropy_chunked(
+        x,
+        w,
+        b,
+        problem,
+        needs_input_grad=(True, True, bias),
+        want_stats=True,
+        chunk_size=chunk,
+        block_size=16,
+    )
+
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    logits = leaves[0] @ leaves[1].T + (leaves[2] if bias else 0)
+    _, loss, lse, y, _ = float64_rows(logits, target.cpu(), **{**options, "weight": options.get("weight")})
+    scale = problem.grad_scale.cpu().double()
+    grads = torch.autograd.grad((loss * scale).sum(), leaves)
+    assert_close(out.rows.loss.squeeze(1), loss, atol=1e-5)
+    assert_close(out.rows.lse.squeeze(1), lse, atol=1e-5)
+    assert torch.equal(out.rows.argmax.squeeze(1).cpu(), y.argmax(1))
+    assert_close(out.grad_input, grads[0], atol=1e-5)
+    assert_close(out.grad_weight, grads[1], atol=1e-5)
+    if bias:
+        assert_close(out.grad_bias, grads[2], atol=1e-5)
+    else:
+        assert out.grad_bias is None
+
+    if kind == "index" and not options:  # plain case: also the literal torch expression
+        expected = torch.nn.functional.cross_entropy(x @ w.T + b, target, reduction="none")
+        assert_close(out.rows.loss.squeeze(1), expected.cpu(), atol=1e-5)
+
+
+def test_linear_chunked_only_requested_gradients_and_per_row_scale():
+    x, w, b, target = linear_case("index", rows=7)
+    problem = linear_problem(x, w, target, {}, reduction="none")
+    scale = torch.rand(7, 1, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    problem = dataclasses.replace(problem, grad_scale=scale)
+    out = triton_backend.linear_cross_entropy_chunked(
+        x, w, b, problem, needs_input_grad=(True, False, False), chunk_size=3
+    )
+    assert out.grad_weight is None and out.grad_bias is None and out.rows.argmax is None
+    leaf = x.detach().cpu().double().requires_grad_()
+    logits = leaf @ w.cpu().double().T + b.cpu().double()
+    _, loss, _, _, _ = float64_rows(logits, target.cpu())
+    (expected,) = torch.autograd.grad((loss * scale.cpu().double().squeeze(1)).sum(), leaf)
+    assert_close(out.grad_input, expected, atol=1e-5)
+
+
+def test_linear_chunked_bfloat16_close_to_float64():
+    x, w, b, target = linear_case("index", dtype=torch.bfloat16, rows=8, hidden=16, classes=45)
+    problem = linear_problem(x, w, target, {"eps": 0.1})
+    out = triton_backend.linear_cross_entropy_chunked(
+        x, w, b, problem, needs_input_grad=(True, True, True), chunk_size=3
+    )
+    assert out.grad_input.dtype == out.grad_weight.dtype == out.grad_bias.dtype == torch.bfloat16
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
+    _, loss, _, _, _ = float64_rows(leaves[0] @ leaves[1].T + leaves[2], target.cpu(), eps=0.1)
+    grads = torch.autograd.grad(loss.sum() * problem.grad_scale.cpu().double(), leaves)
+    # bf16 logits carry a relative error of 2^-8: the bounds are a few ulps of the values compared
+    assert_close(out.rows.loss.squeeze(1), loss, atol=0.05, rtol=0.02)
+    for ours, expected in zip((out.grad_input, out.grad_weight, out.grad_bias), grads, strict=True):
+        assert_close(ours, expected, atol=0.01, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# availability and import hygiene
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_is_available_reports_devices():
+    ok, reason = triton_backend.is_available(DEVICE)
+    assert ok and reason
+    ok, reason = triton_backend.is_available("meta")
+    assert not ok and "meta" in reason
+    with pytest.raises(RuntimeError, match="backend='triton' is not available"):
+        triton_backend.require("meta")
+
+
+def test_clear_error_without_triton(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
+    )
+    ok, reason = triton_backend.is_available("cuda")
+    assert not ok and "triton is not installed" in reason
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        triton_backend.require("cuda")
+
+
+def test_float64_logits_are_refused_with_a_clear_error():
+    x, target = make_inputs((2, 5), "index")
+    with pytest.raises(RuntimeError, match="float64"):
+        run_rows(problem_for(x.double(), target, {}))
+
+
+def test_importing_xentlib_and_the_backend_package_does_not_import_triton():
+    code = (
+        "import sys, xentlib, xentlib.backends.triton as b; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert 'xentlib.backends.triton.ops' not in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU only: realistic vocabularies and offsets past 2^31
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_large_vocabulary_matches_float64():
+    vocab = 131_072 + 3  # > 64K classes, odd, several class blocks per row
+    x, target = make_inputs((6, vocab), "index", dtype=torch.bfloat16, seed=21)
+    problem = problem_for(x, target, {"eps": 0.1, "z_loss": 1e-4, "softcap": 30.0})
+    rows, grad = run_rows(problem)
+    leaf, loss, _, _, _ = truth_for(x, target, {"eps": 0.1, "z_loss": 1e-4, "softcap": 30.0})
+    assert_close(rows.loss.squeeze(1), loss, atol=1e-3, rtol=1e-4)
+    expected = float64_grad(leaf, loss, problem.grad_scale.cpu().double())
+    assert_close(grad.squeeze(2), expected, atol=1e-6, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@gpu
+def test_gpu_offsets_beyond_2_pow_31_elements():
+    rows, vocab = 16_400, 131_072  # 2.15e9 bf16 logits (4.3 GB), gradient written in place
+    if torch.cuda.get_device_properties(0).total_memory < 12 * 2**30:
+        pytest.skip("needs 12 GiB of GPU memory")
+    x = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16)
+    target = torch.randint(0, vocab, (rows,), device="cuda")
+    tail = x[-4:].float().clone()
+    problem = problem_for(x, target, {}, reduction="sum")
+    result = triton_backend.cross_entropy_rows(problem, problem.logits, False)
+    expected = torch.nn.functional.cross_entropy(tail, target[-4:], reduction="none")
+    assert_close(result.loss.squeeze(1)[-4:], expected.cpu(), atol=1e-4)
+    p_tail = torch.softmax(tail, 1)
+    p_tail[torch.arange(4), target[-4:]] -= 1
+    assert_close(x[-4:].float(), p_tail.cpu(), atol=1e-2)
