@@ -1,0 +1,329 @@
+"""The implementations `xentlib bench` compares, and the inputs they run on.
+
+Each implementation turns a `Case` (inputs and loss options) into a `Step`: `forward()` returns a handle,
+`backward(handle)` fills the gradients of the case's leaves. torch is imported inside the functions only, so
+the CLI can list and validate implementation names without it. xentlib's functions are looked up when a step
+is built, so the suite also runs (without the xentlib rows) while `xentlib.functional` lacks a function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from benchmarks.config import DTYPES, Shape
+
+
+@dataclass
+class Case:
+    """Inputs of one (shape, dtype) configuration: ce has `logits`; linear has `x` and `weight`."""
+
+    shape: Shape
+    dtype_name: str
+    device: Any
+    targets: str  # "index" or "prob"
+    label_smoothing: float
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def leaves(self) -> list:
+        names = ("logits",) if self.shape.problem == "ce" else ("x", "weight")
+        return [self.tensors[name] for name in names]
+
+    @property
+    def target(self):
+        return self.tensors["target"]
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.shape.n * self.shape.v * self.tensors["target_like"].element_size()
+
+
+@dataclass
+class Step:
+    forward: Callable[[], Any]
+    backward: Callable[[Any], None]
+
+
+def loss_step(loss_fn: Callable[[], Any]) -> Step:
+    """The usual training step: forward returns a scalar loss, backward back-propagates it."""
+    return Step(forward=loss_fn, backward=lambda loss: loss.backward())
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    problem: str
+    role: str  # "xentlib", "baseline" (ratios are taken against these), "external" or "floor"
+    build: Callable[[Case], Step]
+    unavailable: Callable[[Case], str | None] = lambda case: None  # why it cannot run here, or None
+    mutates_input: bool = False  # writes its gradient into the logits: inputs are restored before each call
+    compiled: bool = False  # first call compiles: its time is reported as compile_s
+
+
+def make_case(shape: Shape, dtype_name: str, device, targets: str, label_smoothing: float, seed: int) -> Case:
+    """Random inputs with realistic logit ranges (about unit variance)."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    case = Case(shape, dtype_name, device, targets, label_smoothing)
+    n, v = shape.n, shape.v
+    if shape.problem == "ce":
+        case.tensors["logits"] = randn(n, v, scale=2.0).requires_grad_()
+    else:
+        case.tensors["x"] = randn(n, shape.d).requires_grad_()
+        case.tensors["weight"] = randn(v, shape.d, scale=2.0 / math.sqrt(shape.d)).requires_grad_()
+    if targets == "prob":
+        case.tensors["target"] = torch.softmax(randn(n, v, scale=2.0).float(), dim=1).to(dtype)
+    else:
+        case.tensors["target"] = torch.randint(0, v, (n,), generator=generator).to(device)
+    case.tensors["target_like"] = torch.empty(0, dtype=dtype)
+    return case
+
+
+# --------------------------------------------------------------------------------------------- lookups
+
+
+def xentlib_function(name: str):
+    """`xentlib.functional.<name>`, or None while it does not exist."""
+    try:
+        functional = importlib.import_module("xentlib.functional")
+    except ImportError:
+        return None
+    return getattr(functional, name, None)
+
+
+def _missing_xentlib(name: str) -> Callable[[Case], str | None]:
+    def unavailable(case: Case) -> str | None:
+        try:
+            functional = importlib.import_module("xentlib.functional")
+        except ImportError as error:
+            return f"xentlib.functional not importable ({error})"
+        return None if hasattr(functional, name) else f"xentlib.functional.{name} not available"
+
+    return unavailable
+
+
+def _module_attr(module: str, attr: str):
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _needs_gpu_and(module: str, attr: str, index_only: bool, no_smoothing: bool = False):
+    def unavailable(case: Case) -> str | None:
+        if getattr(case.device, "type", "cpu") != "cuda":
+            return "GPU only"
+        if index_only and case.targets != "index":
+            return "class-index targets only"
+        if no_smoothing and case.label_smoothing:
+            return "no label smoothing"
+        if _module_attr(module, attr) is None:
+            return f"{module} not importable"
+        return None
+
+    return unavailable
+
+
+def _torch_chunked_unavailable(case: Case) -> str | None:
+    import torch
+
+    if not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        return "torch.nn.functional.linear_cross_entropy missing in this torch"
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return "torch.nn.LinearCrossEntropyOptions missing (no chunked path in this torch)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- ce builders
+
+
+def _ce_kwargs(case: Case) -> dict:
+    return {"label_smoothing": case.label_smoothing} if case.label_smoothing else {}
+
+
+def build_xentlib_ce(case: Case, inplace: bool = False) -> Step:
+    cross_entropy = xentlib_function("cross_entropy")
+    kwargs = _ce_kwargs(case) | ({"inplace_backward": True} if inplace else {})
+    logits, target = case.tensors["logits"], case.target
+    return loss_step(lambda: cross_entropy(logits, target, **kwargs))
+
+
+def torch_ce(case: Case) -> Callable:
+    import torch.nn.functional as F
+
+    kwargs = _ce_kwargs(case)
+    return lambda logits, target: F.cross_entropy(logits, target, **kwargs)
+
+
+def build_torch_eager_ce(case: Case) -> Step:
+    fn, logits, target = torch_ce(case), case.tensors["logits"], case.target
+    return loss_step(lambda: fn(logits, target))
+
+
+def build_torch_compile_ce(case: Case) -> Step:
+    import torch
+
+    fn = torch.compile(torch_ce(case), dynamic=False)
+    logits, target = case.tensors["logits"], case.target
+    return loss_step(lambda: fn(logits, target))
+
+
+def build_liger_ce(case: Case) -> Step:
+    loss_class = _module_attr("liger_kernel.transformers.cross_entropy", "LigerCrossEntropyLoss")
+    loss_module = loss_class(label_smoothing=case.label_smoothing)
+    logits, target = case.tensors["logits"], case.target
+    return loss_step(lambda: loss_module(logits, target))
+
+
+# ------------------------------------------------------------------------------------- linear builders
+
+
+def build_xentlib_linear(case: Case) -> Step:
+    linear_cross_entropy = xentlib_function("linear_cross_entropy")
+    kwargs = _ce_kwargs(case)
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(lambda: linear_cross_entropy(x, weight, target, **kwargs))
+
+
+def torch_linear_ce(case: Case) -> Callable:
+    import torch.nn.functional as F
+
+    kwargs = _ce_kwargs(case)
+    return lambda x, weight, target: F.cross_entropy(x @ weight.T, target, **kwargs)
+
+
+def build_torch_eager_linear(case: Case) -> Step:
+    fn, x, weight, target = torch_linear_ce(case), case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(lambda: fn(x, weight, target))
+
+
+def build_torch_compile_linear(case: Case) -> Step:
+    import torch
+
+    fn = torch.compile(torch_linear_ce(case), dynamic=False)
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(lambda: fn(x, weight, target))
+
+
+def build_torch_chunked_linear(case: Case) -> Step:
+    """torch's own `F.linear_cross_entropy`, opted in to its chunked path by passing `options`.
+
+    `options=None` (the default) runs the reference path `cross_entropy(linear(x, W))`, the same as
+    torch-eager; a `LinearCrossEntropyOptions()` instance selects the chunked op with its automatic
+    chunking and accumulation policy.
+    """
+    import torch
+
+    options = torch.nn.LinearCrossEntropyOptions()
+    kwargs = _ce_kwargs(case)
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(
+        lambda: torch.nn.functional.linear_cross_entropy(x, weight, target, options=options, **kwargs)
+    )
+
+
+def build_liger_linear(case: Case) -> Step:
+    loss_class = _module_attr(
+        "liger_kernel.transformers.fused_linear_cross_entropy", "LigerFusedLinearCrossEntropyLoss"
+    )
+    loss_module = loss_class(label_smoothing=case.label_smoothing)
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(lambda: loss_module(weight, x, target))
+
+
+def build_cce_linear(case: Case) -> Step:
+    linear_cross_entropy = _module_attr("cut_cross_entropy", "linear_cross_entropy")
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(lambda: linear_cross_entropy(x, weight, target))
+
+
+def build_three_matmuls(case: Case) -> Step:
+    """The floor of any linear cross-entropy: forward logits = x @ W.T; backward dx = dZ @ W, dW = dZ.T @ x.
+
+    No loss is computed; dZ is a fixed random (N, V) tensor standing for the logits gradient.
+    """
+    import torch
+
+    x, weight = case.tensors["x"].detach(), case.tensors["weight"].detach()
+    grad_logits = torch.randn(case.shape.n, case.shape.v, device=x.device).to(x.dtype)
+
+    def forward():
+        return x @ weight.T
+
+    def backward(logits):
+        del logits  # as a real backward would, once the loss no longer needs them
+        case.tensors["x"].grad = grad_logits @ weight
+        case.tensors["weight"].grad = grad_logits.T @ x
+
+    return Step(forward=forward, backward=backward)
+
+
+def _index_targets_only(case: Case) -> str | None:
+    return None if case.targets == "index" else "class-index targets only"
+
+
+IMPLS: tuple[Impl, ...] = (
+    Impl("xentlib", "ce", "xentlib", build_xentlib_ce, _missing_xentlib("cross_entropy")),
+    Impl(
+        "xentlib-inplace",
+        "ce",
+        "xentlib",
+        lambda case: build_xentlib_ce(case, inplace=True),
+        _missing_xentlib("cross_entropy"),
+        mutates_input=True,
+    ),
+    Impl("torch-eager", "ce", "baseline", build_torch_eager_ce),
+    Impl("torch-compile", "ce", "baseline", build_torch_compile_ce, compiled=True),
+    Impl(
+        "liger",
+        "ce",
+        "external",
+        build_liger_ce,
+        _needs_gpu_and("liger_kernel.transformers.cross_entropy", "LigerCrossEntropyLoss", index_only=True),
+        mutates_input=True,  # writes the gradient into the logits during forward
+    ),
+    Impl("xentlib", "linear", "xentlib", build_xentlib_linear, _missing_xentlib("linear_cross_entropy")),
+    Impl("torch-eager", "linear", "baseline", build_torch_eager_linear),
+    Impl("torch-compile", "linear", "baseline", build_torch_compile_linear, compiled=True),
+    Impl("torch-chunked", "linear", "baseline", build_torch_chunked_linear, _torch_chunked_unavailable),
+    Impl(
+        "liger",
+        "linear",
+        "external",
+        build_liger_linear,
+        _needs_gpu_and(
+            "liger_kernel.transformers.fused_linear_cross_entropy",
+            "LigerFusedLinearCrossEntropyLoss",
+            index_only=True,
+        ),
+    ),
+    Impl(
+        "cce",
+        "linear",
+        "external",
+        build_cce_linear,
+        _needs_gpu_and("cut_cross_entropy", "linear_cross_entropy", index_only=True, no_smoothing=True),
+    ),
+    Impl("3-matmuls", "linear", "floor", build_three_matmuls),
+)
+
+IMPL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(impl.name for impl in IMPLS))
+BASELINES: tuple[str, ...] = tuple(dict.fromkeys(impl.name for impl in IMPLS if impl.role == "baseline"))
+
+
+def find_impl(name: str, problem: str) -> Impl | None:
+    return next((impl for impl in IMPLS if impl.name == name and impl.problem == problem), None)
+
+
+def impls_for(problem: str, selected: tuple[str, ...] | None) -> list[Impl]:
+    return [impl for impl in IMPLS if impl.problem == problem and (selected is None or impl.name in selected)]

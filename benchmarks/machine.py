@@ -1,0 +1,158 @@
+"""The machine: what it is (CPU, versions, environment) and what it can do at best (the limits results are
+compared against).
+
+Limits, each the best of a few runs of one large operation:
+- matmul GFLOP/s per dtype: one square matmul into a reused output, 2*n^3 FLOPs;
+- memory bandwidth: a large copy into a reused buffer and into freshly allocated memory (clone), counting
+  bytes read plus bytes written; on Linux fresh memory is zero-filled by the kernel on first touch, which is
+  why it is the slower one;
+- exp throughput: float32 exp into a reused buffer, in elements per second.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.config import DTYPES
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD of the checkout the benchmarks run from, with '+dirty' when files differ from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def transparent_hugepages() -> str:
+    try:
+        return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+def machine_info(device_name: str, threads: int) -> dict:
+    """Facts about this machine and software, one CSV column each; imports torch (and xentlib if present)."""
+    import torch
+
+    try:
+        import xentlib
+
+        xentlib_version = getattr(xentlib, "__version__", "unknown")
+    except ImportError:
+        xentlib_version = "not importable"
+    gpu = torch.cuda.get_device_name(0) if device_name == "cuda" else ""
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "xentlib": xentlib_version,
+        "git_commit": git_commit(),
+        "platform": platform.platform(),
+        "sys_thp": transparent_hugepages(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- limits
+
+
+def _best_seconds(fn, device, runs: int) -> float:
+    from benchmarks.measure import synchronize
+
+    fn()  # warm-up: first-touch page faults, kernel selection
+    best = float("inf")
+    for _ in range(runs):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(device, dtype_name: str, size: int, runs: int = 3) -> float:
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    seconds = _best_seconds(lambda: torch.matmul(a, b, out=out), device, runs)
+    return 2 * size**3 / seconds / 1e9
+
+
+def copy_bandwidth_gbs(device, elements: int, fresh: bool, runs: int = 5) -> float:
+    """GB/s of a float32 copy (bytes read + bytes written); `fresh` copies into newly allocated memory."""
+    import torch
+
+    source = torch.randn(elements, device=device)
+    target = torch.empty_like(source)
+    copy = (lambda: source.clone()) if fresh else (lambda: target.copy_(source))
+    seconds = _best_seconds(copy, device, runs)
+    return 2 * source.numel() * source.element_size() / seconds / 1e9
+
+
+def exp_gelems(device, elements: int, runs: int = 5) -> float:
+    import torch
+
+    source = torch.randn(elements, device=device)
+    target = torch.empty_like(source)
+    seconds = _best_seconds(lambda: torch.exp(source, out=target), device, runs)
+    return elements / seconds / 1e9
+
+
+def measure_limits(device, dtypes: tuple[str, ...]) -> dict:
+    on_gpu = getattr(device, "type", "cpu") == "cuda"
+    matmul_size = 8192 if on_gpu else 2048
+    elements = (256 if on_gpu else 32) * 2**20  # 1 GiB on GPU, 128 MiB on CPU (beyond every cache)
+    limits = {f"matmul_gflops_{name}": matmul_gflops(device, name, matmul_size) for name in dtypes}
+    limits["bw_reused_gbs"] = copy_bandwidth_gbs(device, elements, fresh=False)
+    limits["bw_fresh_gbs"] = copy_bandwidth_gbs(device, elements, fresh=True)
+    limits["exp_gelem_s"] = exp_gelems(device, elements)
+    return limits
+
+
+def limit_seconds(problem: str, n: int, d: int | None, v: int, dtype_name: str, element_size: int, limits):
+    """(what bounds it, seconds at that bound) for one forward+backward.
+
+    ce: the logits are read once and the gradient written once: 2*N*V*bytes at the reused-memory bandwidth.
+    linear: three matmuls of 2*N*D*V FLOPs each (logits, dX, dW) at the measured matmul rate.
+    """
+    if problem == "ce":
+        return "bandwidth", 2 * n * v * element_size / (limits["bw_reused_gbs"] * 1e9)
+    rate = limits.get(f"matmul_gflops_{dtype_name}")
+    return "matmul", (6 * n * d * v / (rate * 1e9)) if rate else float("nan")

@@ -1,0 +1,223 @@
+"""`xentlib bench` end to end: the real command in a subprocess on tiny shapes, its CSV, plots and errors."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SRC = REPO_ROOT / "src"
+TINY_SHAPES = "ce:256x4000,linear:128x64x4000"
+TINY_IMPLS = "xentlib,xentlib-inplace,torch-eager,torch-chunked,3-matmuls"
+PHASES = ("fwd", "bwd", "fwdbwd")
+
+
+def run_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "xentlib.cli", "bench", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def xentlib_has(name: str) -> bool:
+    try:
+        import xentlib.functional as functional
+    except ImportError:
+        return False
+    return hasattr(functional, name)
+
+
+def torch_has_chunked_linear_ce() -> bool:
+    import torch
+
+    return hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(
+        torch.nn, "LinearCrossEntropyOptions"
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = [
+        "--shapes",
+        TINY_SHAPES,
+        "--dtypes",
+        "fp32",
+        "--impls",
+        TINY_IMPLS,
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+    ]
+    done = run_bench(*args, "--out", str(out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return done, out, rows
+
+
+def expected_status(problem: str, impl: str) -> str:
+    if impl.startswith("xentlib"):
+        return (
+            "ok" if xentlib_has("cross_entropy" if problem == "ce" else "linear_cross_entropy") else "skipped"
+        )
+    if impl == "torch-chunked":
+        return "ok" if torch_has_chunked_linear_ce() else "skipped"
+    return "ok"
+
+
+def test_csv_has_one_row_per_configuration(tiny_run):
+    _, _, rows = tiny_run
+    got = {(row["problem"], row["impl"]): row["status"] for row in rows}
+    expected = {
+        ("ce", "xentlib"),
+        ("ce", "xentlib-inplace"),
+        ("ce", "torch-eager"),
+        ("linear", "xentlib"),
+        ("linear", "torch-eager"),
+        ("linear", "torch-chunked"),
+        ("linear", "3-matmuls"),
+    }
+    assert set(got) == expected
+    assert len(rows) == len(expected)
+    for (problem, impl), status in got.items():
+        assert status == expected_status(problem, impl), (problem, impl, status)
+
+
+def test_csv_records_machine_versions_and_environment(tiny_run):
+    _, _, rows = tiny_run
+    import torch
+
+    for row in rows:
+        assert row["torch"] == torch.__version__
+        assert row["threads"] == "2"
+        assert int(row["cores"]) >= 1
+        assert row["cpu_model"] and row["python"] and row["xentlib"] and row["git_commit"]
+        assert "thp_env" in row and row["device"] == "cpu"
+        for limit in (
+            "limit_matmul_gflops_fp32",
+            "limit_bw_reused_gbs",
+            "limit_bw_fresh_gbs",
+            "limit_exp_gelem_s",
+        ):
+            assert float(row[limit]) > 0, limit
+
+
+def test_times_are_positive_and_ordered(tiny_run):
+    _, _, rows = tiny_run
+    for row in (row for row in rows if row["status"] == "ok"):
+        for phase in PHASES:
+            low, median, high = (float(row[f"{phase}_{stat}_ms"]) for stat in ("min", "median", "max"))
+            assert 0 < low <= median <= high, (row["impl"], phase)
+            assert len(row[f"{phase}_samples_ms"].split(";")) == 2
+        fwd, bwd, total = (float(row[f"{phase}_median_ms"]) for phase in PHASES)
+        assert total <= fwd + bwd + 1e-6 or total == pytest.approx(fwd + bwd, rel=0.5)
+        assert float(row["frac_of_limit"]) > 0
+
+
+def test_ratios_against_baselines(tiny_run):
+    _, _, rows = tiny_run
+    eager = {row["problem"]: row for row in rows if row["impl"] == "torch-eager"}
+    for row in (row for row in rows if row["status"] == "ok"):
+        expected = float(eager[row["problem"]]["fwdbwd_median_ms"]) / float(row["fwdbwd_median_ms"])
+        assert float(row["speedup_vs_torch-eager"]) == pytest.approx(expected, rel=1e-4)
+    assert float(eager["ce"]["speedup_vs_torch-eager"]) == pytest.approx(1.0)
+
+
+def test_memory_of_torch_eager_is_a_few_logits(tiny_run):
+    """torch eager keeps about three logits-sized buffers (log-softmax, its gradient, the logits gradient)."""
+    _, _, rows = tiny_run
+    for row in (row for row in rows if row["status"] == "ok"):
+        assert int(row["peak_bytes"]) >= 0
+        assert float(row["peak_extra_vs_logits"]) == pytest.approx(
+            int(row["peak_extra_bytes"]) / int(row["logits_bytes"])
+        )
+    eager_ce = next(row for row in rows if row["problem"] == "ce" and row["impl"] == "torch-eager")
+    assert 1.5 <= float(eager_ce["peak_extra_vs_logits"]) <= 4.5
+
+
+def test_plots_and_table_are_written(tiny_run):
+    done, out, _ = tiny_run
+    for name in ("ce.png", "linear.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    assert (out / "machine.json").is_file()
+    assert "machine limits" in done.stdout
+    assert "[7/7]" in done.stdout  # one progress line per configuration
+    assert "torch-eager" in done.stdout and "fwd+bwd" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shapes", "ce:12x"], "bad shape 'ce:12x'"),
+        (["--shapes", "linear:8x16"], "linear takes 3 sizes"),
+        (["--shapes", "ce:0x10"], "every size must be >= 1"),
+        (["--dtypes", "fp64"], "unknown dtypes fp64"),
+        (["--impls", "nope"], "unknown impls nope"),
+        (["--preset", "tiny", "--shapes", "ce:8x8"], "not both"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(args, message, tmp_path, capsys):
+    from xentlib.cli import main
+
+    assert main(["bench", *args, "--out", str(tmp_path / "unused")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("xentlib bench: error: ") and message in lines[0]
+    assert not (tmp_path / "unused").exists()
+
+
+def test_bad_shapes_from_the_command_line_exit_non_zero_without_traceback(tmp_path):
+    done = run_bench("--shapes", "ce:2048x", "--out", str(tmp_path / "unused"), timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "xentlib bench: error: bad shape 'ce:2048x': expected ce:NxV or linear:NxDxV (e.g. ce:2048x32000)"
+    ]
+    assert not (tmp_path / "unused").exists()
+
+
+def test_help_documents_every_flag():
+    """Every option of the bench parser has a help text, and `--help` shows it."""
+    import argparse
+
+    from xentlib.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    bench_parser = parser._subparsers._group_actions[0].choices["bench"]
+    options = [action for action in bench_parser._actions if action.option_strings]
+    assert len(options) >= 17
+    done = run_bench("--help", timeout=120)
+    assert done.returncode == 0
+    for action in options:
+        assert action.help, action.option_strings
+        assert action.option_strings[-1] in done.stdout
+
+
+@pytest.mark.slow
+def test_torch_compile_reports_compile_time_apart(tmp_path):
+    args = [
+        "--shapes",
+        "ce:256x4000",
+        "--dtypes",
+        "fp32",
+        "--impls",
+        "torch-eager,torch-compile",
+        "--repeats",
+        "2",
+    ]
+    done = run_bench(*args, "--no-plots", "--out", str(tmp_path), timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "results.csv", newline="") as handle:
+        compiled = next(row for row in csv.DictReader(handle) if row["impl"] == "torch-compile")
+    assert compiled["status"] == "ok"
+    assert float(compiled["compile_s"]) > float(compiled["fwdbwd_max_ms"]) / 1e3 > 0
