@@ -149,10 +149,14 @@ def measure_limits(device, dtypes: tuple[str, ...]) -> dict:
 def limit_seconds(problem: str, n: int, d: int | None, v: int, dtype_name: str, element_size: int, limits):
     """(what bounds it, seconds at that bound) for one forward+backward.
 
-    ce: the logits are read once and the gradient written once: 2*N*V*bytes at the reused-memory bandwidth.
+    ce: the logits are read once and the gradient written once, 2*N*V*bytes at the reused-memory bandwidth,
+    and every logit goes through one exp, N*V at the exp rate; the slower of the two bounds the time (on a
+    small CPU they are close, on a GPU the bandwidth wins).
     linear: three matmuls of 2*N*D*V FLOPs each (logits, dX, dW) at the measured matmul rate.
     """
     if problem == "ce":
-        return "bandwidth", 2 * n * v * element_size / (limits["bw_reused_gbs"] * 1e9)
+        bandwidth_s = 2 * n * v * element_size / (limits["bw_reused_gbs"] * 1e9)
+        exp_s = n * v / (limits["exp_gelem_s"] * 1e9)
+        return ("bandwidth", bandwidth_s) if bandwidth_s >= exp_s else ("exp", exp_s)
     rate = limits.get(f"matmul_gflops_{dtype_name}")
     return "matmul", (6 * n * d * v / (rate * 1e9)) if rate else float("nan")

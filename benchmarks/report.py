@@ -149,8 +149,9 @@ def table_columns(rows: list[dict]) -> list[tuple[str, callable]]:
 TABLE_LEGEND = (
     "times: median [min-max] over the repeats; 'vs B' = time(B) / time(impl), above 1 is faster than B; "
     "peak extra = peak memory beyond the inputs (and the x/W gradients for linear), also in units of the "
-    "logits size N*V; 'of limit' = bound / time (ce: 2*N*V*bytes at reused-memory bandwidth, linear: 6*N*D*V "
-    "FLOPs at matmul rate); 'of floor' = time of three bare matmuls / time."
+    "logits size N*V; 'of limit' = bound / time (ce: the slower of 2*N*V*bytes at reused-memory "
+    "bandwidth and N*V exps at exp rate; linear: 6*N*D*V FLOPs at matmul rate); 'of floor' = time of "
+    "three bare matmuls / time."
 )
 
 

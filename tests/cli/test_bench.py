@@ -132,6 +132,34 @@ def test_ratios_against_baselines(tiny_run):
     assert float(eager["ce"]["speedup_vs_torch-eager"]) == pytest.approx(1.0)
 
 
+def assert_losses_agree_with_torch_eager(rows: list[dict]) -> None:
+    """Every implementation ran on the same inputs, so each reports torch eager's loss (the floor: none)."""
+    eager = {row["problem"]: float(row["loss"]) for row in rows if row["impl"] == "torch-eager"}
+    checked = 0
+    for row in (row for row in rows if row["status"] == "ok" and row["role"] != "floor"):
+        assert float(row["loss"]) == pytest.approx(eager[row["problem"]], rel=1e-4), row["impl"]
+        checked += 1
+    assert checked >= 2
+
+
+def test_every_implementation_computes_the_same_loss(tiny_run):
+    assert_losses_agree_with_torch_eager(tiny_run[2])
+
+
+def test_probability_targets_and_label_smoothing(tmp_path):
+    args = ["--shapes", "ce:128x1000", "--dtypes", "fp32", "--impls", "xentlib,torch-eager", "--repeats", "1"]
+    options = ["--targets", "prob", "--label-smoothing", "0.1", "--no-memory", "--no-plots"]
+    done = run_bench(*args, *options, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["targets"] for row in rows} == {"prob"}
+    assert {float(row["label_smoothing"]) for row in rows} == {0.1}
+    assert all(row["peak_extra_bytes"] == "" for row in rows)
+    assert not list(tmp_path.glob("*.png"))
+    assert_losses_agree_with_torch_eager(rows)
+
+
 def test_memory_of_torch_eager_is_a_few_logits(tiny_run):
     """torch eager keeps about three logits-sized buffers (log-softmax, its gradient, the logits gradient)."""
     _, _, rows = tiny_run
