@@ -68,6 +68,7 @@ class BenchConfig:
     repeats: int = 5
     targets: str = "index"
     label_smoothing: float = 0.0
+    xentlib_backend: str = "auto"
     memory: bool = True
     plots: bool = True
     out: Path = field(default_factory=lambda: Path("bench-results"))
@@ -149,6 +150,7 @@ def config_from_args(args, impl_names) -> BenchConfig:
         repeats=args.repeats,
         targets=args.targets,
         label_smoothing=args.label_smoothing,
+        xentlib_backend=args.xentlib_backend,
         memory=not args.no_memory,
         plots=not args.no_plots,
         out=Path(args.out),

@@ -27,6 +27,7 @@ class Case:
     targets: str  # "index" or "prob"
     label_smoothing: float
     tensors: dict[str, Any] = field(default_factory=dict)
+    xentlib_backend: str = "auto"  # the `backend=` given to xentlib's functions
 
     @property
     def leaves(self) -> list:
@@ -151,9 +152,14 @@ def _ce_kwargs(case: Case) -> dict:
     return {"label_smoothing": case.label_smoothing} if case.label_smoothing else {}
 
 
+def _xentlib_kwargs(case: Case) -> dict:
+    backend = {"backend": case.xentlib_backend} if case.xentlib_backend != "auto" else {}
+    return _ce_kwargs(case) | backend
+
+
 def build_xentlib_ce(case: Case, inplace: bool = False) -> Step:
     cross_entropy = xentlib_function("cross_entropy")
-    kwargs = _ce_kwargs(case) | ({"inplace_backward": True} if inplace else {})
+    kwargs = _xentlib_kwargs(case) | ({"inplace_backward": True} if inplace else {})
     logits, target = case.tensors["logits"], case.target
     return loss_step(lambda: cross_entropy(logits, target, **kwargs))
 
@@ -190,7 +196,7 @@ def build_liger_ce(case: Case) -> Step:
 
 def build_xentlib_linear(case: Case) -> Step:
     linear_cross_entropy = xentlib_function("linear_cross_entropy")
-    kwargs = _ce_kwargs(case)
+    kwargs = _xentlib_kwargs(case)
     x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
     return loss_step(lambda: linear_cross_entropy(x, weight, target, **kwargs))
 

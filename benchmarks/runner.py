@@ -99,6 +99,7 @@ def config_spec(config: BenchConfig, device_name: str, shape: Shape, dtype_name:
         "repeats": config.repeats,
         "targets": config.targets,
         "label_smoothing": config.label_smoothing,
+        "xentlib_backend": config.xentlib_backend,
         "memory": config.memory,
         "seed": config.seed,
     }
@@ -118,6 +119,7 @@ def base_row(
         "dtype": dtype_name,
         "targets": config.targets,
         "label_smoothing": config.label_smoothing,
+        "xentlib_backend": config.xentlib_backend,
         "impl": impl.name,
         "role": impl.role,
         "warmup": config.warmup,

@@ -40,6 +40,7 @@ def run_config(spec: dict) -> dict:
     device = _setup_torch(spec)
     shape = Shape(spec["problem"], n=spec["n"], v=spec["v"], d=spec.get("d"))
     case = make_case(shape, spec["dtype"], device, spec["targets"], spec["label_smoothing"], spec["seed"])
+    case.xentlib_backend = spec.get("xentlib_backend", "auto")
     impl = find_impl(spec["impl"], shape.problem)
     reason = impl.unavailable(case)
     if reason:

@@ -69,6 +69,12 @@ def register(subparsers) -> None:
     what.add_argument(
         "--label-smoothing", type=float, default=0.0, metavar="EPS", help="in [0, 1] (default: 0)"
     )
+    what.add_argument(
+        "--xentlib-backend",
+        choices=("auto", "torch", "triton"),
+        default="auto",
+        help="backend= for the xentlib rows (default: auto, Triton on GPU when available)",
+    )
     how = parser.add_argument_group("how to measure")
     how.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present"
