@@ -155,6 +155,9 @@ TABLE_LEGEND = (
 )
 
 
+TEXT_COLUMNS = ("THP", "shape", "dtype", "impl", "note")
+
+
 def print_table(rows: list[dict], echo=print) -> None:
     for problem in dict.fromkeys(row["problem"] for row in rows):
         selected = [row for row in rows if row["problem"] == problem]
@@ -173,9 +176,7 @@ def _print_rich_table(title: str, columns, rows: list[dict]) -> None:
 
     table = Table(title=title, title_justify="left")
     for header, _ in columns:
-        table.add_column(
-            header, justify="left" if header in ("shape", "dtype", "impl", "note", "THP") else "right"
-        )
+        table.add_column(header, justify="left" if header in TEXT_COLUMNS else "right")
     for row in rows:
         table.add_row(*(str(cell(row)) for _, cell in columns))
     console = Console() if sys.stdout.isatty() else Console(width=220, force_terminal=False)
@@ -185,6 +186,11 @@ def _print_rich_table(title: str, columns, rows: list[dict]) -> None:
 def _print_plain_table(title: str, columns, rows: list[dict], echo) -> None:
     cells = [[header for header, _ in columns]] + [[str(cell(row)) for _, cell in columns] for row in rows]
     widths = [max(len(line[index]) for line in cells) for index in range(len(columns))]
+    left = [header in TEXT_COLUMNS for header, _ in columns]
     echo(title)
     for line in cells:
-        echo("  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True)))
+        padded = (
+            text.ljust(width) if is_text else text.rjust(width)
+            for text, width, is_text in zip(line, widths, left, strict=True)
+        )
+        echo("  ".join(padded).rstrip())

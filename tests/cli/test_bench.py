@@ -249,3 +249,38 @@ def test_torch_compile_reports_compile_time_apart(tmp_path):
         compiled = next(row for row in csv.DictReader(handle) if row["impl"] == "torch-compile")
     assert compiled["status"] == "ok"
     assert float(compiled["compile_s"]) > float(compiled["fwdbwd_max_ms"]) / 1e3 > 0
+
+
+def test_plain_table_without_rich(monkeypatch, capsys):
+    """Without rich the table is plain text with the same columns and ratios."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    monkeypatch.setitem(sys.modules, "rich", None)
+    from benchmarks.report import add_ratios, print_table
+
+    def row(impl, fwdbwd_ms, extra_mib):
+        times = {
+            f"{phase}_{stat}_ms": fwdbwd_ms / 2
+            for phase in ("fwd", "bwd")
+            for stat in ("median", "min", "max")
+        }
+        totals = {f"fwdbwd_{stat}_ms": fwdbwd_ms for stat in ("median", "min", "max")}
+        memory = {"peak_extra_bytes": extra_mib * 2**20, "peak_extra_vs_logits": extra_mib / 4}
+        return {
+            "thp_env": "",
+            "problem": "ce",
+            "shape": "8x8",
+            "dtype": "fp32",
+            "impl": impl,
+            "status": "ok",
+        } | (times | totals | memory)
+
+    rows = [row("xentlib", 10.0, 4), row("torch-eager", 25.0, 12)]
+    rows.append({"thp_env": "", "problem": "ce", "shape": "8x8", "dtype": "fp32", "impl": "torch-compile"})
+    rows[-1] |= {"status": "error", "note": "compiler missing"}
+    add_ratios(rows)
+    print_table(rows)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ce:") and "vs eager" in lines[1] and "peak extra" in lines[1]
+    xentlib_line = next(line for line in lines if " xentlib " in line)
+    assert "2.50x" in xentlib_line and "4 MiB" in xentlib_line and "1.00x" in xentlib_line
+    assert "error: compiler missing" in next(line for line in lines if "torch-compile" in line)
