@@ -15,6 +15,7 @@ else:
         binary_cross_entropy,
         binary_cross_entropy_with_logits,
         cross_entropy,
+        linear_cross_entropy,
         log_softmax,
         nll_loss,
         softmax,

@@ -426,3 +426,72 @@ def _check_bounds(index: Tensor, valid: Tensor, classes: int, ignore_index: int)
             f"Target {bad} is out of bounds. (expected class indices in [0, {classes - 1}] for {classes} classes, "
             f"or ignore_index={ignore_index})"
         )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear_cross_entropy: the same problem, with logits = input @ weight.T + bias that are never materialized
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinearProblem:
+    """A validated linear_cross_entropy call. `rows` describes the (N, V) logits problem (its `logits` is a
+    zero-stride placeholder holding no memory); `input_rows[i]` is the row of `flat_input` that row i reads."""
+
+    rows: CrossEntropyProblem
+    flat_input: Tensor  # (M, D) view of the input
+    input_rows: Tensor | None  # (N,) int64 row ids into flat_input, or None for the identity (N == M)
+
+
+def prepare_linear_cross_entropy(
+    input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
+    *, shift=False, z_loss=0.0, softcap=None, normalizer=None,
+) -> LinearProblem:  # fmt: skip
+    fn = "linear_cross_entropy"
+    check_tensor(fn, "input", 1, input)
+    check_tensor(fn, "weight", 2, weight)
+    check_tensor(fn, "target", 3, target)
+    check_tensor(fn, "bias", 4, bias, optional=True)
+    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        raise RuntimeError(
+            f"linear_cross_entropy: input {tuple(input.shape)} and weight {tuple(weight.shape)} cannot be multiplied "
+            "(expected input (..., D) and weight (V, D))"
+        )
+    vocab, hidden = weight.shape
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise RuntimeError(f"linear_cross_entropy: bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    for name, other in (("weight", weight), ("bias", bias)):
+        if other is not None and other.dtype != input.dtype:
+            raise RuntimeError(
+                f"linear_cross_entropy: expected {name} to have the input's dtype {dtype_name(input.dtype)}, "
+                f"got {dtype_name(other.dtype)}"
+            )
+    check_floating_input("linear_cross_entropy", input)
+    lead = input.shape[:-1]
+    prob = target.shape == lead + (vocab,)
+    target_lead = target.shape[:-1] if prob else target.shape
+    if target_lead != lead:
+        raise ValueError(
+            f"linear_cross_entropy: target shape {tuple(target.shape)} does not match the input's leading shape "
+            f"{tuple(lead)} (expected class indices of shape {tuple(lead)} or probabilities of shape "
+            f"{tuple(lead) + (vocab,)})"
+        )
+    flat_input = input.reshape(-1, hidden)
+    input_rows = None
+    if shift:
+        if len(lead) < 1 or lead[-1] < 1:
+            raise ValueError("linear_cross_entropy: shift=True needs input of shape (..., T, D) with T >= 1")
+        # position t predicts target t + 1: rows (..., :-1) of the input against target (..., 1:)
+        positions = torch.arange(math.prod(lead), device=input.device).reshape(lead)
+        input_rows = positions[..., :-1].reshape(-1)
+        target = target[..., 1:, :] if prob else target[..., 1:]
+    rows_lead = target.shape[:-1] if prob else target.shape
+    count = math.prod(rows_lead)
+    placeholder = torch.empty((), dtype=input.dtype, device=input.device).expand(count, vocab)
+    flat_target = target.reshape(count, vocab) if prob else target.reshape(count)
+    problem = prepare_cross_entropy(
+        placeholder, flat_target, class_weight, ignore_index, reduction, label_smoothing,
+        z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+    )  # fmt: skip
+    problem.output_shape = tuple(rows_lead)
+    return LinearProblem(rows=problem, flat_input=flat_input, input_rows=input_rows)

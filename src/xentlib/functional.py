@@ -317,3 +317,8 @@ def binary_cross_entropy_with_logits(
     return torch_chunked.BinaryCrossEntropyWithLogitsFunction.apply(
         input, target, weight, pos_weight, reduction, target.dtype
     )
+
+
+from xentlib.linear import linear_cross_entropy  # noqa: E402  (re-exported: part of the functional API)
+
+__all__.append("linear_cross_entropy")

@@ -1,0 +1,255 @@
+"""linear_cross_entropy: `cross_entropy(input @ weight.T + bias, target)` without ever holding the (N, V) logits.
+
+One sweep over row chunks does the forward and the backward together (docs/numerics.md, "Chunked linear
+cross-entropy"). For a chunk of R rows X_c:
+    Z   = X_c W^T + b            (R, V)   the only chunk-sized buffer, reused by every chunk
+    dZ  = backend rows on Z      written over Z in place: grad_scale * ((sum q + 2 z lse) p - q) (softcap chain)
+    dX_c = dZ W                  (R, D)   each input row is written once
+    dW  += dZ^T X_c              (V, D)   accumulated in the weight gradient itself
+    db  += sum_r dZ              (V,)     float32
+Rows whose target is ignored are dropped before the matmul. The backward pass then only scales the saved
+gradients by grad_output. reduction='none' (a gradient per row) recomputes the sweep in backward with the row
+scales; the rare paths (gradients wrt probability targets or class weights, through the statistics, double
+backward) materialize the logits and use the composite of `backends.autograd`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from xentlib import _semantics as sem
+from xentlib.backends.autograd import CrossEntropyStats, composite_rows, reduce_rows
+from xentlib.backends.dispatch import rows_function, select_backend
+
+
+def default_chunk_rows(rows: int) -> int:
+    """An eighth of the rows (the chunk's logits stay at 1/8 of the full logits), at least 256 rows so the matmuls
+    stay efficient."""
+    return max(1, min(rows, max(256, -(-rows // 8))))
+
+
+@dataclass
+class _Sweep:
+    loss: Tensor  # (N,) per-row loss, accumulation dtype
+    lse: Tensor | None = None
+    argmax: Tensor | None = None
+    entropy: Tensor | None = None
+    grad_input: Tensor | None = None  # (M, D) like flat_input
+    grad_weight: Tensor | None = None
+    grad_bias: Tensor | None = None
+
+
+def _chunk_problem(problem: sem.CrossEntropyProblem, rows, logits: Tensor) -> sem.CrossEntropyProblem:
+    return dataclasses.replace(
+        problem,
+        logits=logits.view(logits.shape[0], logits.shape[1], 1),
+        target=problem.target[rows],
+        valid=problem.valid[rows],
+        target_weight=None if problem.target_weight is None else problem.target_weight[rows],
+    )
+
+
+def _sweep(lp: sem.LinearProblem, weight, bias, rows_fn, chunk: int, grads, want_stats: bool, row_scale=None):
+    """One pass over the row chunks: per-row losses (and stats), and the gradients flagged in `grads`."""
+    problem, x = lp.rows, lp.flat_input
+    count, vocab = problem.logits.shape[0], problem.logits.shape[1]
+    acc = problem.acc_dtype
+    want_input, want_weight, want_bias = grads
+    want_any = any(grads)
+    out = _Sweep(loss=torch.zeros(count, dtype=acc, device=x.device))
+    if want_stats:
+        out.lse = torch.zeros(count, dtype=acc, device=x.device)
+        out.entropy = torch.zeros(count, dtype=acc, device=x.device)
+        out.argmax = torch.zeros(count, dtype=torch.long, device=x.device)
+    out.grad_input = torch.zeros_like(x) if want_input else None
+    out.grad_weight = torch.zeros_like(weight) if want_weight else None
+    out.grad_bias = torch.zeros(vocab, dtype=acc, device=x.device) if want_bias else None
+    # Rows with an ignored target contribute nothing: skip them before the matmul (stats need every row).
+    active = None
+    if not want_stats and not bool(problem.valid.all()):
+        active = problem.valid.reshape(-1).nonzero().squeeze(1)
+    total = count if active is None else active.numel()
+    buffer = torch.empty(min(chunk, max(total, 1)), vocab, dtype=x.dtype, device=x.device)
+    for start in range(0, total, chunk):
+        stop = min(start + chunk, total)
+        rows = slice(start, stop) if active is None else active[start:stop]
+        if lp.input_rows is None:
+            in_rows = rows
+            x_c = x[rows]
+        else:
+            in_rows = lp.input_rows[rows]
+            x_c = x.index_select(0, in_rows)
+        logits = buffer[: stop - start]
+        torch.mm(x_c, weight.t(), out=logits)
+        if bias is not None:
+            logits.add_(bias)
+        sub = _chunk_problem(problem, rows, logits)
+        result = rows_fn(sub, sub.logits if want_any else None, want_stats)
+        out.loss[rows] = result.loss[:, 0]
+        if want_stats:
+            out.lse[rows] = result.lse[:, 0]
+            out.entropy[rows] = result.entropy[:, 0]
+            out.argmax[rows] = result.argmax[:, 0]
+        if not want_any:
+            continue
+        grad_logits = logits  # now holds dZ
+        if row_scale is not None:
+            grad_logits.mul_(row_scale[rows].to(grad_logits.dtype).unsqueeze(1))
+        if want_input:
+            out.grad_input[in_rows] = grad_logits @ weight
+        if want_weight:
+            out.grad_weight.addmm_(grad_logits.t(), x_c)
+        if want_bias:
+            out.grad_bias += grad_logits.sum(0, dtype=acc)
+    return out
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, target, class_weight, lp, rows_fn, chunk, want_stats):
+        problem = lp.rows
+        needs = tuple(ctx.needs_input_grad[:3])
+        rare = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        grads_now = any(needs) and problem.reduction != "none" and not rare
+        sweep = _sweep(lp, weight, bias, rows_fn, chunk, needs if grads_now else (False,) * 3, want_stats)
+        ctx.lp, ctx.rows_fn, ctx.chunk, ctx.input_shape = lp, rows_fn, chunk, input.shape
+        ctx.grads = (sweep.grad_input, sweep.grad_weight, sweep.grad_bias) if grads_now else None
+        ctx.save_for_backward(input, weight, bias, target, class_weight)
+        ctx.set_materialize_grads(False)
+        loss = reduce_rows(problem, sweep.loss).to(problem.output_dtype)
+        if not want_stats:
+            return loss
+        shape = problem.output_shape
+        row_loss, argmax = sweep.loss.reshape(shape).to(problem.output_dtype), sweep.argmax.reshape(shape)
+        ctx.mark_non_differentiable(row_loss, argmax)
+        return loss, sweep.lse.reshape(shape), sweep.entropy.reshape(shape), row_loss, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse=None, grad_entropy=None, *_):
+        input, weight, bias, target, class_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        none = (None,) * 4
+        saved, ctx.grads = ctx.grads, None
+        stats_flow = grad_lse is not None or grad_entropy is not None
+        if torch.is_grad_enabled() or needs[3] or needs[4] or stats_flow or (saved is None and grad_loss is None):
+            tensors = (input, weight, bias, target, class_weight)
+            return (*_composite_grads(ctx.lp, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
+        if saved is not None:
+            grads = [_scale(g, grad_loss) for g in saved]
+        else:  # reduction='none', or a second backward: sweep again with the row scales
+            row_scale = grad_loss.reshape(-1) if ctx.lp.rows.reduction == "none" else grad_loss.expand(
+                ctx.lp.rows.logits.shape[0]
+            )
+            sweep = _sweep(ctx.lp, weight, bias, ctx.rows_fn, ctx.chunk, needs[:3], False, row_scale)
+            grads = [sweep.grad_input, sweep.grad_weight, sweep.grad_bias]
+        grad_input, grad_weight, grad_bias = grads
+        if grad_input is not None:
+            grad_input = grad_input.view(ctx.input_shape)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, *none
+
+
+def _scale(grad: Tensor | None, grad_loss: Tensor) -> Tensor | None:
+    if grad is None or (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+        return grad
+    return grad.mul_(grad_loss.to(grad.dtype))
+
+
+def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse, grad_entropy):
+    """The rare paths: materialize the logits and differentiate `composite_rows` (differentiable itself)."""
+    problem = lp.rows
+    with torch.enable_grad():
+        leaves = [
+            t if (t is None or not need or t.requires_grad) else t.detach().requires_grad_()
+            for t, need in zip(tensors, needs)
+        ]
+        input, weight, bias, target, class_weight = leaves
+        x = input.reshape(lp.flat_input.shape)
+        if lp.input_rows is not None:
+            x = x.index_select(0, lp.input_rows)
+        logits = torch.nn.functional.linear(x, weight, bias).unsqueeze(2)
+        if problem.kind == "prob":
+            if lp.input_rows is not None:  # shift=True: positions 1.. of the target
+                target = target[..., 1:, :]
+            target = target.reshape(-1, target.shape[-1], 1)
+        loss_rows, lse, entropy = composite_rows(problem, logits, target, class_weight)
+        pairs = [(reduce_rows(problem, loss_rows), grad_loss), (lse, grad_lse), (entropy, grad_entropy)]
+        outputs, grads = zip(*[(o.reshape(problem.output_shape) if o.dim() else o, g) for o, g in pairs if g is not None])
+        sources = [leaf for leaf, need in zip(leaves, needs) if need]
+        found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=torch.is_grad_enabled(),
+                                         allow_unused=True))
+    return [next(found) if need else None for need in needs]
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    class_weight: Tensor | None = None,
+    shift: bool = False,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer: float | Tensor | None = None,
+    return_stats: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+):
+    r"""`cross_entropy(input @ weight.T + bias, target, ...)` computed in row chunks, never holding (N, V) logits.
+
+    Args:
+        input: (..., D) hidden states; the leading dimensions are flattened into rows.
+        weight: (V, D) output projection (e.g. an LM head); `bias`: optional (V,).
+        target: class indices of shape (...) or class probabilities of shape (..., V).
+        size_average, ignore_index, reduce, reduction, label_smoothing: as `cross_entropy`.
+        class_weight: keyword-only per-class weight (the `weight` of `cross_entropy`).
+        shift: keyword-only; predict `target[..., 1:]` from `input[..., :-1, :]` (next-token prediction) without
+            copying the input.
+        z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`.
+        chunk_size: rows per chunk (default: an eighth of the rows, at least 256).
+
+    reduction='none' returns the loss per row, of shape `target.shape` (shifted: `target[..., 1:].shape`).
+
+    Example::
+
+        >>> x, w = torch.randn(6, 4), torch.randn(10, 4)
+        >>> t = torch.tensor([1, 2, 3, -100, 5, 9])
+        >>> ref = torch.nn.functional.cross_entropy(x @ w.T, t)
+        >>> torch.allclose(linear_cross_entropy(x, w, t), ref)
+        True
+    """
+    reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    lp = sem.prepare_linear_cross_entropy(
+        input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
+        shift=shift, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+    )  # fmt: skip
+    name, _ = select_backend(input.device, backend)
+    count = lp.rows.logits.shape[0]
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    chunk = chunk_size or default_chunk_rows(count)
+    outputs = LinearCrossEntropyFunction.apply(
+        input, weight, bias, target, class_weight, lp, rows_function(name), chunk, return_stats
+    )
+    if not return_stats:
+        return outputs
+    loss, lse, entropy, row_loss, argmax = outputs
+    problem = lp.rows
+    if problem.kind == "prob":
+        probs = target[..., 1:, :] if shift else target
+        correct = argmax == probs.argmax(-1)
+    else:
+        shape = problem.output_shape
+        correct = (argmax == problem.target.reshape(shape)) & problem.valid.reshape(shape)
+    return loss, CrossEntropyStats(lse=lse, loss=row_loss, argmax=argmax, correct=correct, entropy=entropy)
