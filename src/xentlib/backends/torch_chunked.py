@@ -354,5 +354,5 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
             grad_input = (g * ((p * y + 1.0 - y) * torch.sigmoid(x) - p * y)).to(input.dtype)
         if ctx.needs_input_grad[1]:
             softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)
-            grad_target = (g * (-x + (p - 1.0) * softplus_neg)).to(target.dtype)
+            grad_target = (g * (-x if pos_weight is None else -x + (p - 1.0) * softplus_neg)).to(target.dtype)
         return grad_input, grad_target, None, None, None, None
