@@ -1,0 +1,279 @@
+"""cross_entropy, its analytic backward, and the per-row statistics.
+
+One formula covers every option. Per row n (one sample or one spatial position), over C classes:
+
+    y      = softcap * tanh(x / softcap)          (y = x without softcap)
+    lse    = log sum_c exp(y_c)                    (computed as m + log sum_c exp(y_c - m), m = max_c y_c)
+    log p  = y - lse,   p = softmax(y)
+    q      = target weights of the row:
+               class index t:   q = (1-eps) w[t] onehot(t) + (eps/C) w
+               probabilities t: q = w ((1-eps) t + eps/C)
+             (w = class weights, ones when none; eps = label smoothing; q = 0 on ignored rows)
+    l      = sum_c q_c (lse - y_c) + z * lse^2 = -sum_c q_c log p_c + z * lse^2
+
+    dl/dy  = (sum_c q_c + 2 z lse) p - q           (from d lse/dy = p and d(lse - y_c)/dy = p - onehot(c))
+    dl/dx  = dl/dy * (1 - (y/softcap)^2)            (d/dx of softcap*tanh(x/softcap))
+
+Reductions: 'none' -> l per row; 'sum' -> sum_n l_n (divided by `normalizer` when one is given);
+'mean' -> sum_n l_n / D with D = sum_{n counted} w[t_n] for class indices (the weighted count, shared by the
+smoothing and z-loss terms) and D = number of rows for probability targets.
+
+Torch's rules kept here: the target kind is decided by shape alone (target.shape == input.shape means
+probabilities); eps < 0 or NaN means no smoothing and eps > 1 is an error; without smoothing the target
+log-probability is gathered, never taken as a dot product with a one-hot, so a -inf logit on another class
+stays harmless. Ignored rows give loss 0 and a gradient of exactly 0 (selected with `where`, so NaN logits
+in an ignored row never leak).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from xentlib.reference._common import (
+    IndexTargets,
+    Layout,
+    as_float64,
+    check_reduction,
+    class_layout,
+    class_weights,
+    index_targets,
+    quiet,
+    reduce,
+    row_coefficients,
+)
+
+
+class CrossEntropyGrads(NamedTuple):
+    """Gradients of a cross-entropy loss. `target` and `weight` exist only for probability targets
+    (and `weight` only when class weights were given); otherwise they are None."""
+
+    input: np.ndarray
+    target: np.ndarray | None
+    weight: np.ndarray | None
+
+
+class CrossEntropyStats(NamedTuple):
+    """Per-row statistics, each of the reduction='none' output shape."""
+
+    lse: np.ndarray  # log sum_c exp(y_c) of the (soft-capped) logits
+    loss: np.ndarray  # the per-row value reduction='none' returns
+    argmax: np.ndarray  # int64: the predicted class (argmax of the raw logits)
+    correct: np.ndarray  # bool: argmax == target (False on ignored rows; target.argmax for probabilities)
+    entropy: np.ndarray  # -sum_c p_c log p_c of the predicted distribution (0 log 0 = 0)
+
+
+def smoothing_amount(label_smoothing) -> float:
+    """eps in [0, 1]: negative or NaN values mean no smoothing, values above 1 are an error."""
+    eps = float(label_smoothing)
+    if eps > 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps}")
+    return eps if eps > 0.0 else 0.0
+
+
+def soft_cap(x: np.ndarray, softcap) -> tuple[np.ndarray, np.ndarray | None]:
+    """(y, dy/dx) with y = softcap * tanh(x / softcap); (x, None) without a cap."""
+    if softcap is None:
+        return x, None
+    s = float(softcap)
+    if not s > 0.0:
+        raise ValueError(f"softcap must be a positive number, got {softcap}")
+    t = np.tanh(x / s)
+    return s * t, 1.0 - t * t  # d/dx s tanh(x/s) = 1 - tanh^2(x/s) = 1 - (y/s)^2
+
+
+def log_softmax_rows(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lse, log p) of each row of an (R, C) matrix, shifting by the row maximum first."""
+    with quiet():
+        m = y.max(axis=1, keepdims=True)  # m = max_c y_c
+        log_sum = np.log(np.exp(y - m).sum(axis=1, keepdims=True))  # log sum_c exp(y_c - m)
+        lse = (m + log_sum)[:, 0]  # lse = m + log sum_c exp(y_c - m)
+        log_p = (y - m) - log_sum  # log p_c = (y_c - m) - log sum exp(y - m): no cancellation at 1e4
+    return lse, log_p
+
+
+def entropy_rows(log_p: np.ndarray) -> np.ndarray:
+    """H = -sum_c p_c log p_c, with 0 log 0 = 0 at -inf log-probabilities (NaN rows stay NaN)."""
+    with quiet():
+        return -np.where(log_p == -np.inf, 0.0, np.exp(log_p) * log_p).sum(axis=1)
+
+
+class _Problem(NamedTuple):
+    """Everything the forward and the backward share, in the (R, C) row layout."""
+
+    layout: Layout
+    y: np.ndarray  # (R, C) logits after the soft cap
+    cap_slope: np.ndarray | None  # (R, C) dy/dx of the soft cap, None without one
+    lse: np.ndarray  # (R,) log sum_c exp(y_c)
+    log_p: np.ndarray  # (R, C) y - lse
+    counted: np.ndarray  # (R,) bool: rows that are not ignored
+    q: np.ndarray  # (R, C) target weights q (0 on ignored rows)
+    w: np.ndarray  # (C,) class weights
+    eps: float  # label smoothing
+    indices: IndexTargets | None  # class-index targets (None for probabilities)
+    probs: np.ndarray | None  # (R, C) probability targets as given (None for class indices)
+    mean_denominator: np.float64  # D of the 'mean' reduction
+
+
+def _prepare(input, target, weight, ignore_index, label_smoothing, softcap) -> _Problem:
+    x = as_float64(input)
+    layout = class_layout(x.shape)
+    num_rows, num_classes = layout.num_rows, layout.num_classes
+    w = class_weights(weight, num_classes)
+    eps = smoothing_amount(label_smoothing)
+    y, cap_slope = soft_cap(layout.to_rows(x), softcap)
+    lse, log_p = log_softmax_rows(y)
+    target = np.asarray(target)
+
+    if target.shape == x.shape:  # probability targets: same shape as the input
+        if ignore_index >= 0:
+            raise ValueError("ignore_index is not supported for probability targets (use a negative value)")
+        probs = layout.to_rows(as_float64(target))
+        q = w * ((1.0 - eps) * probs + eps / num_classes)  # q_c = w_c ((1-eps) t_c + eps/C)
+        counted = np.ones(num_rows, dtype=bool)  # no row is ignored
+        return _Problem(
+            layout, y, cap_slope, lse, log_p, counted, q, w, eps, None, probs, np.float64(num_rows)
+        )
+
+    indices = index_targets(target, layout, w, ignore_index)
+    q = np.zeros_like(y)
+    q[np.arange(num_rows), indices.index] = (1.0 - eps) * indices.w_t  # (1-eps) w[t] onehot(t)
+    q += (eps / num_classes) * w  # + (eps/C) w
+    q[~indices.counted] = 0.0  # ignored rows carry no target
+    denominator = indices.w_t.sum()  # sum_{n counted} w[t_n]
+    return _Problem(layout, y, cap_slope, lse, log_p, indices.counted, q, w, eps, indices, None, denominator)
+
+
+def _row_losses(pb: _Problem, z_loss: float) -> np.ndarray:
+    """l_n = -sum_c q_c log p_c + z lse^2 for counted rows, exactly 0 for ignored rows."""
+    num_classes = pb.layout.num_classes
+    with quiet():
+        if pb.indices is not None:
+            # -log p_{t_n}, gathered: a -inf logit on another class cannot turn this into 0 * inf.
+            nll = -pb.log_p[np.arange(pb.layout.num_rows), pb.indices.index]
+            data = (1.0 - pb.eps) * pb.indices.w_t * nll  # (1-eps) w[t] (-log p_t)
+            if pb.eps > 0.0:
+                smooth = -(pb.w * pb.log_p).sum(axis=1)  # sum_c w_c (-log p_c)
+                data = data + (pb.eps / num_classes) * smooth  # + (eps/C) sum_c w_c (-log p_c)
+        else:
+            data = -(pb.q * pb.log_p).sum(axis=1)  # -sum_c q_c log p_c
+        if z_loss:
+            data = data + z_loss * pb.lse**2  # z-loss: z lse^2, not class-weighted
+        return np.where(pb.counted, data, 0.0)
+
+
+def _divisor(pb: _Problem, reduction: str, normalizer):
+    """What the summed row losses are divided by: D for 'mean', the normalizer M or 1 for 'sum'."""
+    check_reduction(reduction)
+    if normalizer is not None:
+        if reduction != "sum":
+            raise ValueError(f"normalizer is only valid with reduction='sum', got reduction='{reduction}'")
+        return as_float64(normalizer).item()
+    return pb.mean_denominator if reduction == "mean" else 1.0
+
+
+def cross_entropy(
+    input,
+    target,
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer=None,
+):
+    """Cross-entropy of logits `input` (class dimension 1, or 0 for 1-D) against class indices or
+    probabilities; see the module docstring for every formula."""
+    pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
+    divisor = _divisor(pb, reduction, normalizer)
+    return reduce(_row_losses(pb, z_loss), reduction, divisor, pb.layout.row_shape)
+
+
+def cross_entropy_backward(
+    grad_output,
+    input,
+    target,
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer=None,
+) -> CrossEntropyGrads:
+    """Gradients of `cross_entropy(...)` given dL/d(output) = grad_output (same arguments)."""
+    pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
+    divisor = _divisor(pb, reduction, normalizer)
+    coef = row_coefficients(grad_output, reduction, divisor, pb.layout.row_shape)  # dL/dl_n
+    with quiet():
+        p = np.exp(pb.log_p)
+        scale = pb.q.sum(axis=1)  # sum_c q_c
+        if z_loss:
+            scale = scale + 2.0 * z_loss * pb.lse  # + 2 z lse
+        d_y = coef[:, None] * (scale[:, None] * p - pb.q)  # dL/dy = c_n ((sum q + 2 z lse) p - q)
+        d_y = np.where(pb.counted[:, None], d_y, 0.0)  # ignored rows: exactly 0
+        d_x = d_y if pb.cap_slope is None else d_y * pb.cap_slope  # chain rule through the soft cap
+        grad_input = pb.layout.from_rows(d_x)
+        if pb.probs is None:
+            return CrossEntropyGrads(grad_input, None, None)
+        # l = -sum_c w_c ((1-eps) t_c + eps/C) log p_c is linear in t and in w:
+        grad_target = -(1.0 - pb.eps) * pb.w * pb.log_p * coef[:, None]  # dl/dt_c = -(1-eps) w_c log p_c
+        # dl/dw_c = -((1-eps) t_c + eps/C) log p_c, summed over the rows
+        smoothed = (1.0 - pb.eps) * pb.probs + pb.eps / pb.layout.num_classes
+        grad_weight = None if weight is None else -(coef[:, None] * smoothed * pb.log_p).sum(axis=0)
+    return CrossEntropyGrads(grad_input, pb.layout.from_rows(grad_target), grad_weight)
+
+
+def cross_entropy_stats(
+    input,
+    target,
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    normalizer=None,
+) -> CrossEntropyStats:
+    """Per-row lse, loss, argmax, correct and entropy for the same arguments as `cross_entropy`.
+
+    `reduction` and `normalizer` do not change per-row values; they are accepted so that one set of
+    options can be passed to both functions.
+    """
+    pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
+    layout = pb.layout
+    argmax = np.argmax(layout.to_rows(as_float64(input)), axis=1).astype(np.int64)
+    if pb.indices is not None:
+        correct = (argmax == pb.indices.index) & pb.counted  # index is 0 on ignored rows, hence the mask
+    else:
+        correct = argmax == np.argmax(pb.probs, axis=1)
+    per_row = (pb.lse, _row_losses(pb, z_loss), argmax, correct, entropy_rows(pb.log_p))
+    return CrossEntropyStats(*(a.reshape(layout.row_shape) for a in per_row))
+
+
+def cross_entropy_stats_backward(grad_lse, grad_entropy, input, softcap: float | None = None) -> np.ndarray:
+    """dL/dx for L depending on the statistics lse and entropy (either gradient may be None).
+
+    d lse / d y_j = p_j
+    d H / d y_j   = -p_j (log p_j + H)      (H = -sum_c p_c log p_c, using d log p_c/d y_j = [c=j] - p_j)
+    """
+    x = as_float64(input)
+    layout = class_layout(x.shape)
+    y, cap_slope = soft_cap(layout.to_rows(x), softcap)
+    lse, log_p = log_softmax_rows(y)
+
+    def per_row(g):
+        return np.zeros(layout.num_rows) if g is None else as_float64(g).reshape(layout.num_rows)
+
+    with quiet():
+        p = np.exp(log_p)
+        entropy = entropy_rows(log_p)
+        d_entropy = -np.where(log_p == -np.inf, 0.0, p * (log_p + entropy[:, None]))  # -p_j (log p_j + H)
+        d_y = per_row(grad_lse)[:, None] * p + per_row(grad_entropy)[:, None] * d_entropy
+        d_x = d_y if cap_slope is None else d_y * cap_slope
+    return layout.from_rows(d_x)

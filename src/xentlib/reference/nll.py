@@ -1,0 +1,62 @@
+"""nll_loss: pick the (log-)probability of the target class, weight it, reduce.
+
+    l_n = -w[t_n] * x[n, t_n]               (0 where t_n == ignore_index)
+    'sum'  -> sum_n l_n
+    'mean' -> sum_n l_n / sum_{n counted} w[t_n]      (the *weighted* count; 0/0 = NaN if nothing counts)
+
+The input is read as log-probabilities but any values are allowed. Shapes: (C,) with target () or (1,);
+(N, C) with (N,); (N, C, d1..dk) with (N, d1..dk); the class dimension is 1 (0 for a 1-D input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xentlib.reference._common import (
+    as_float64,
+    check_reduction,
+    class_layout,
+    class_weights,
+    index_targets,
+    quiet,
+    reduce,
+    row_coefficients,
+)
+
+
+def _setup(input, target, weight, ignore_index, reduction):
+    """Shared by forward and backward: (layout, rows (R, C), targets, divisor of the reduction)."""
+    check_reduction(reduction)
+    x = as_float64(input)
+    layout = class_layout(x.shape)
+    targets = index_targets(target, layout, class_weights(weight, layout.num_classes), ignore_index)
+    divisor = targets.w_t.sum() if reduction == "mean" else 1.0  # mean: sum_{n counted} w[t_n]
+    return layout, layout.to_rows(x), targets, divisor
+
+
+def nll_loss(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"):
+    """Negative log-likelihood loss; see the module docstring for the formula."""
+    layout, rows, targets, divisor = _setup(input, target, weight, ignore_index, reduction)
+    picked = rows[np.arange(layout.num_rows), targets.index]  # x[n, t_n] by gathering, never a one-hot dot
+    with quiet():
+        losses = np.where(targets.counted, -targets.w_t * picked, 0.0)  # l_n = -w[t_n] x[n, t_n]; ignored: +0
+    return reduce(losses, reduction, divisor, layout.row_shape)
+
+
+def nll_loss_backward(
+    grad_output, input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"
+) -> np.ndarray:
+    """dL/dx: only the target slot of a counted row depends on x, with dl_n/dx[n, t_n] = -w[t_n].
+
+    So dL/dx[n, t_n] = -w[t_n] * c_n with c_n = grad_output[n] ('none'), grad_output ('sum') or
+    grad_output / sum w[t] ('mean'); every other entry, and every ignored row, is exactly 0. A 'mean'
+    whose counted weights sum to 0 gives -0 * inf = NaN at the target slots (as torch); all rows ignored
+    gives zeros.
+    """
+    layout, rows, targets, divisor = _setup(input, target, weight, ignore_index, reduction)
+    coef = row_coefficients(grad_output, reduction, divisor, layout.row_shape)
+    grad_rows = np.zeros_like(rows)
+    n = np.arange(layout.num_rows)[targets.counted]
+    with quiet():
+        grad_rows[n, targets.index[targets.counted]] = -targets.w_t[targets.counted] * coef[targets.counted]
+    return layout.from_rows(grad_rows)
