@@ -1,0 +1,382 @@
+"""xentlib.integrations.transformers against transformers itself, on tiny random models built offline.
+
+The specification is the unpatched model with transformers' own `ForCausalLMLoss`: the drop-in loss, the
+patched forward (loss from hidden states, no logits), optimizer steps and the Trainer with gradient
+accumulation must all reproduce it.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
+
+from xentlib import functional  # noqa: E402
+from xentlib.integrations.transformers import (  # noqa: E402
+    PatchHandle,
+    for_causal_lm_loss,
+    is_patched,
+    linear_causal_lm_loss,
+    patch,
+    unpatch,
+)
+
+pytestmark = pytest.mark.hf
+
+VOCAB = 160
+SEQ = 12
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+# family -> (config class, model class, what is special about its head)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 1.5}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+}
+
+
+def _composed_linear_cross_entropy(
+    input, weight, target, bias=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+    label_smoothing=0.0, *, shift=False, **options,
+):  # fmt: skip
+    """linear_cross_entropy as its definition, used only while xentlib.linear has not landed."""
+    if shift:
+        input, target = input[..., :-1, :], target[..., 1:]
+    logits = torch.nn.functional.linear(input, weight, bias)
+    return functional.cross_entropy(
+        logits.reshape(-1, weight.shape[0]), target.reshape(-1), None, size_average, ignore_index, reduce,
+        reduction, label_smoothing, **options,
+    )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _linear_cross_entropy(monkeypatch):
+    if not hasattr(functional, "linear_cross_entropy"):
+        monkeypatch.setattr(functional, "linear_cross_entropy", _composed_linear_cross_entropy, raising=False)
+
+
+def make_model(family: str, dtype=torch.float32, seed: int = 0):
+    config_name, model_name, special = FAMILIES[family]
+    config = getattr(transformers, config_name)(**TINY, **special)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).to(dtype)
+    return model.train()
+
+
+def make_batch(batch: int = 3, seq: int = SEQ, seed: int = 1):
+    """Token ids and labels with a different number of ignored (-100) positions per row."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
+    labels = input_ids.clone()
+    for row in range(batch):
+        labels[row, : 2 * row + 1] = -100
+    return input_ids, labels
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    output = model(**inputs)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return output, grads
+
+
+def assert_same_grads(actual: dict, expected: dict, **tolerances):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=name, **tolerances)
+
+
+def assert_same_parameters(actual_model, expected_model):
+    actual = dict(actual_model.named_parameters())
+    for name, expected in expected_model.named_parameters():
+        torch.testing.assert_close(actual[name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def largest_change(model, initial) -> float:
+    pairs = zip(model.parameters(), initial.parameters(), strict=True)
+    return max((after - before).abs().max().item() for after, before in pairs)
+
+
+def exact_causal_lm_loss(
+    logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs
+):
+    """ForCausalLMLoss without its `.float()` (which rounds float64 logits down): the float64 truth."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    flat_logits, flat_labels = logits.reshape(-1, vocab_size), shift_labels.reshape(-1)
+    loss = torch.nn.functional.cross_entropy(
+        flat_logits, flat_labels, ignore_index=ignore_index, reduction=reduction
+    )
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Importing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_importing_xentlib_and_the_integration_does_not_import_transformers():
+    code = (
+        "import sys, xentlib, xentlib.integrations.transformers\n"
+        "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (a) for_causal_lm_loss, the drop-in for ForCausalLMLoss
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_items", [None, "tensor", "int"])
+@pytest.mark.parametrize("given_shift_labels", [False, True])
+@pytest.mark.parametrize("ignore_index", [-100, 7])
+def test_for_causal_lm_loss_equals_transformers(dtype, num_items, given_shift_labels, ignore_index):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, SEQ, VOCAB)).to(dtype)
+    labels = torch.randint(0, VOCAB, (3, SEQ))
+    labels[0, :4] = ignore_index
+    labels[2, 5] = ignore_index
+    kwargs = {"ignore_index": ignore_index, "unused_model_kwarg": 1}
+    if num_items == "tensor":
+        kwargs["num_items_in_batch"] = torch.tensor(23)
+    elif num_items == "int":
+        kwargs["num_items_in_batch"] = 23
+    if given_shift_labels:  # e.g. from a padding-free collator: already aligned, no shift inside
+        kwargs["shift_labels"] = torch.randint(0, VOCAB, (3, SEQ))
+        kwargs["shift_labels"][1, 3:6] = ignore_index
+
+    ours_input = logits.clone().requires_grad_()
+    theirs_input = logits.clone().requires_grad_()
+    ours = for_causal_lm_loss(ours_input, labels, VOCAB, **kwargs)
+    theirs = ForCausalLMLoss(theirs_input, labels, VOCAB, **kwargs)
+    ours.backward()
+    theirs.backward()
+
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours_input.grad, theirs_input.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_for_causal_lm_loss_as_model_loss_function():
+    input_ids, labels = make_batch()
+    inputs = {"input_ids": input_ids, "labels": labels, "num_items_in_batch": 17}
+    model = make_model("llama")
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    model.loss_function = for_causal_lm_loss
+    actual, actual_grads = loss_and_grads(model, **inputs)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 9])
+def test_linear_causal_lm_loss_equals_the_loss_of_its_logits(num_items_in_batch):
+    """Bias, logit scale and soft-capping applied to the hidden-state form equal them applied to logits."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, SEQ, 16, dtype=torch.float64)
+    weight = torch.randn(VOCAB, 16, dtype=torch.float64)
+    bias = torch.randn(VOCAB, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (2, SEQ))
+    labels[1, :5] = -100
+    scale, cap = 0.25, 2.0
+    logits = cap * torch.tanh(scale * (hidden @ weight.T + bias) / cap)
+    expected = exact_causal_lm_loss(logits, labels, VOCAB, num_items_in_batch)
+    actual = linear_causal_lm_loss(
+        hidden, weight, labels, bias, num_items_in_batch, logit_scale=scale, softcap=cap
+    )
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (b) patch: the loss from hidden states equals the model's own
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("loss_inputs", ["labels", "num_items_in_batch", "shift_labels"])
+def test_patched_training_loss_and_gradients_equal_unpatched(family, loss_inputs):
+    input_ids, labels = make_batch()
+    inputs = {"input_ids": input_ids, "labels": labels}
+    if loss_inputs == "num_items_in_batch":
+        inputs["num_items_in_batch"] = torch.tensor(40)
+    elif loss_inputs == "shift_labels":
+        inputs["shift_labels"] = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].flip(0)
+    model = make_model(family)
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    with patch(model):
+        actual, actual_grads = loss_and_grads(model, **inputs)
+    assert actual.logits is None  # never materialised in training
+    assert expected.logits.shape == (*input_ids.shape, VOCAB)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_patched_float64_is_exact(family):
+    """In float64 (against the loss without transformers' float32 cast) the fused path agrees to rounding."""
+    input_ids, labels = make_batch()
+    inputs = {"input_ids": input_ids, "labels": labels, "num_items_in_batch": 30}
+    model = make_model(family, dtype=torch.float64)
+    model.loss_function = exact_causal_lm_loss
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    with patch(model):
+        actual, actual_grads = loss_and_grads(model, **inputs)
+    assert actual.loss.dtype == torch.float64
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-12, atol=1e-12)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("logits_to_keep", [5, torch.tensor([0, 3, 4, 8, 11])])
+def test_patched_honours_logits_to_keep(logits_to_keep):
+    input_ids, labels = make_batch()
+    kept_labels = labels[:, -5:] if isinstance(logits_to_keep, int) else labels[:, logits_to_keep]
+    inputs = {"input_ids": input_ids, "labels": kept_labels, "logits_to_keep": logits_to_keep}
+    model = make_model("llama")
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    with patch(model):
+        actual, actual_grads = loss_and_grads(model, **inputs)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_patched_returns_logits_when_asked_or_not_training():
+    input_ids, labels = make_batch()
+    model = make_model("qwen2")
+    reference = copy.deepcopy(model).eval()
+    expected = reference(input_ids=input_ids, labels=labels)
+    patch(model)
+
+    model.eval()
+    evaluated = model(input_ids=input_ids, labels=labels)
+    torch.testing.assert_close(evaluated.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(evaluated.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    fused_in_eval = model(input_ids=input_ids, labels=labels, return_logits=False)
+    assert fused_in_eval.logits is None
+    torch.testing.assert_close(fused_in_eval.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    generated = model.generate(input_ids[:1], max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, reference.generate(input_ids[:1], max_new_tokens=3, do_sample=False))
+
+    model.train()
+    assert torch.equal(model(input_ids=input_ids).logits, expected.logits)  # training, no labels
+    asked = model(input_ids=input_ids, labels=labels, return_logits=True)
+    torch.testing.assert_close(asked.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(asked.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    as_tuple = model(input_ids, labels=labels, return_dict=False)  # positional ids, tuple output
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], expected.loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=input_ids, return_logits=False)
+
+
+def test_unpatch_restores_the_original():
+    model = make_model("llama")
+    other = make_model("llama")
+    custom_loss = lambda *args, **kwargs: ForCausalLMLoss(*args, **kwargs)  # noqa: E731
+    other.loss_function = custom_loss
+    class_forward = type(model).forward
+    default_loss_function = model.loss_function
+
+    handle = patch(model)
+    assert isinstance(handle, PatchHandle) and is_patched(model) and not is_patched(other)
+    assert model.loss_function is for_causal_lm_loss and other.loss_function is custom_loss
+    assert type(model).forward is class_forward  # the class is untouched
+    assert "logits_to_keep" in __import__("inspect").signature(model.forward).parameters
+    clone = copy.deepcopy(model)  # a copy is patched on its own parameters
+    assert is_patched(clone) and clone.forward.__self__ is clone
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model)
+
+    assert unpatch(model) is model
+    assert not is_patched(model) and "forward" not in model.__dict__
+    assert model.forward.__func__ is class_forward
+    assert model.loss_function is default_loss_function
+    with pytest.raises(ValueError, match="not patched"):
+        unpatch(model)
+
+    with patch(other) as patched:
+        assert patched is other and is_patched(other)
+    assert not is_patched(other) and other.loss_function is custom_loss
+
+
+def test_patch_rejects_a_model_without_a_linear_head():
+    with pytest.raises(TypeError, match="base model"):
+        patch(torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_optimizer_steps_give_the_same_parameters(family):
+    batches = [make_batch(seed=seed) for seed in range(3)]
+    unpatched = make_model(family)
+    patched = copy.deepcopy(unpatched)
+    patch(patched)
+    for model in (unpatched, patched):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for input_ids, labels in batches:
+            optimizer.zero_grad()
+            model(input_ids=input_ids, labels=labels).loss.backward()
+            optimizer.step()
+    assert largest_change(unpatched, make_model(family)) > 1e-3  # the steps did something
+    assert_same_parameters(patched, unpatched)
+
+
+def _train_with_trainer(model, tmp_path, batch_size: int, accumulation: int, dataset):
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / f"run-{batch_size}x{accumulation}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        train_sampling_strategy="sequential",
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    transformers.Trainer(model=model, args=arguments, train_dataset=dataset).train()
+    return model
+
+
+def test_trainer_gradient_accumulation_with_patch_gives_the_full_batch_result(tmp_path):
+    """Micro-batches of 2 with 2 accumulation steps must equal batches of 4: the Trainer passes the token
+    count of the whole accumulated batch as num_items_in_batch, and the patched forward honours it."""
+    input_ids, labels = make_batch(batch=8, seed=5)
+    for row in range(8):  # unequal token counts per micro-batch: a per-micro-batch mean would differ
+        labels[row, : (row * 5) % SEQ] = -100
+    dataset = [{"input_ids": i, "labels": t} for i, t in zip(input_ids, labels, strict=True)]
+
+    initial = make_model("llama")
+    full_batch = _train_with_trainer(copy.deepcopy(initial), tmp_path, 4, 1, dataset)
+    accumulated = copy.deepcopy(initial)
+    with patch(accumulated):
+        _train_with_trainer(accumulated, tmp_path, 2, 2, dataset)
+
+    assert largest_change(full_batch, initial) > 1e-3
+    assert_same_parameters(accumulated, full_batch)
