@@ -47,7 +47,7 @@ def composite_rows(problem: CrossEntropyProblem, logits: Tensor, target: Tensor,
     if problem.softcap is not None:
         y = problem.softcap * torch.tanh(y / problem.softcap)
     lse = torch.logsumexp(y, dim=1)
-    log_p = y - lse.unsqueeze(1)
+    log_p = torch.log_softmax(y, dim=1)  # not y - lse: a +inf or NaN logit makes the row NaN, as in torch
     eps, classes = problem.smoothing, problem.num_classes
     w = None if weight is None else weight.to(acc).view(1, -1, 1)
     if problem.kind == "index":
