@@ -144,6 +144,7 @@ def _composite_grads(ctx, input, target, weight, wrt, grad_loss, grad_lse, grad_
         )
     problem = ctx.problem
     tensors = (input, target, weight)
+    create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():
         leaves = [t if not flag else (t if t.requires_grad else t.detach().requires_grad_()) for t, flag in
                   zip(tensors, wrt)]
@@ -155,7 +156,7 @@ def _composite_grads(ctx, input, target, weight, wrt, grad_loss, grad_lse, grad_
                  (entropy.reshape(problem.output_shape), grad_entropy)]
         outputs, grads = zip(*[(out, g) for out, g in pairs if g is not None])
         sources = [leaf for leaf, flag in zip(leaves, wrt) if flag]
-        result = torch.autograd.grad(outputs, sources, grads, create_graph=torch.is_grad_enabled(),
+        result = torch.autograd.grad(outputs, sources, grads, create_graph=create_graph,
                                      allow_unused=True)
     found = iter(result)
     grads = [next(found) if flag else None for flag in wrt]
