@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.config import BenchConfig, Shape
+from benchmarks.config import BenchConfig, BenchConfigError, Shape
 from benchmarks.impls import Case, Impl, impls_for
 from benchmarks.machine import REPO_ROOT, limit_seconds, machine_info
 from benchmarks.report import add_ratios, format_progress, print_limits, print_table, write_csv
@@ -31,8 +31,6 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        from benchmarks.config import BenchConfigError
-
         raise BenchConfigError("--device cuda: no CUDA device is available to this torch")
     return requested
 
@@ -145,12 +143,41 @@ def add_limit(row: dict, limits: dict) -> None:
         row["frac_of_limit"] = row["limit_ms"] / row["fwdbwd_median_ms"]
 
 
+def measure_configs(config: BenchConfig, device_name: str, info: dict, thp, plan, rows: list, echo) -> dict:
+    """Limits, then every planned configuration under one THP setting; rows are appended (and saved) as
+    they come, so an interrupted run keeps what it measured. Returns the limits."""
+    env = worker_env(thp)
+    limits_spec = {
+        "kind": "limits",
+        "device": device_name,
+        "threads": config.threads,
+        "dtypes": config.dtypes,
+    }
+    limits = run_worker(limits_spec, env, config.timeout)
+    print_limits(limits, env.get("THP_MEM_ALLOC_ENABLE", ""), echo)
+    for index, (shape, dtype_name, impl) in enumerate(plan, start=1):
+        row = base_row(info, thp, config, shape, dtype_name, impl)
+        row |= {f"limit_{key}": value for key, value in limits.items()}
+        try:
+            row |= run_worker(config_spec(config, device_name, shape, dtype_name, impl), env, config.timeout)
+        except WorkerError as error:
+            row |= {"status": "error", "note": str(error)}
+        add_limit(row, limits)
+        rows.append(row)
+        add_ratios(rows)
+        write_csv(rows, config.out / "results.csv")
+        echo(format_progress(index, len(plan), row))
+    return limits
+
+
 def run(config: BenchConfig, echo=print) -> int:
     """Runs the benchmark described by `config`; returns the CLI exit code (1 when no configuration ran)."""
     device_name = resolve_device(config.device)
     config.out.mkdir(parents=True, exist_ok=True)
     info = machine_info(device_name, config.threads) | {"device": device_name}
     plan = planned_configs(config, device_name)
+    if not plan:
+        raise BenchConfigError(f"nothing to run on {device_name}: no selected implementation applies here")
     echo(
         f"xentlib bench: {len(plan)} configurations on {device_name} ({info['cpu_model']}, "
         f"{info['threads']} threads), torch {info['torch']}, xentlib {info['xentlib']} @ {info['git_commit']}"
@@ -161,37 +188,16 @@ def run(config: BenchConfig, echo=print) -> int:
     rows, all_limits = [], {}
     started = time.perf_counter()
     for thp in THP_VALUES[config.thp]:
-        env = worker_env(thp)
-        thp_label = env.get("THP_MEM_ALLOC_ENABLE", "")
-        limits_spec = {
-            "kind": "limits",
-            "device": device_name,
-            "threads": config.threads,
-            "dtypes": config.dtypes,
-        }
-        limits = run_worker(limits_spec, env, config.timeout)
-        all_limits[thp_label] = limits
-        print_limits(limits, thp_label, echo)
-        for index, (shape, dtype_name, impl) in enumerate(plan, start=1):
-            row = base_row(info, thp, config, shape, dtype_name, impl) | {
-                f"limit_{key}": value for key, value in limits.items()
-            }
-            try:
-                row |= run_worker(
-                    config_spec(config, device_name, shape, dtype_name, impl), env, config.timeout
-                )
-            except WorkerError as error:
-                row |= {"status": "error", "note": str(error)}
-            add_limit(row, limits)
-            rows.append(row)
-            echo(format_progress(index, len(plan), row))
-    add_ratios(rows)
-    csv_path = write_csv(rows, config.out / "results.csv")
-    (config.out / "machine.json").write_text(
-        json.dumps({"machine": info, "limits": all_limits}, indent=2) + "\n"
-    )
+        try:
+            limits = measure_configs(config, device_name, info, thp, plan, rows, echo)
+        except WorkerError as error:
+            print(f"xentlib bench: measuring the machine limits failed: {error}", file=sys.stderr)
+            return 1
+        all_limits[thp if thp is not None else os.environ.get("THP_MEM_ALLOC_ENABLE", "")] = limits
+    machine_path = config.out / "machine.json"
+    machine_path.write_text(json.dumps({"machine": info, "limits": all_limits}, indent=2) + "\n")
     print_table(rows, echo)
-    written = [csv_path, config.out / "machine.json"]
+    written = [config.out / "results.csv", machine_path]
     if config.plots:
         from benchmarks.plots import plot_results
 
