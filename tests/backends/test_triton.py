@@ -500,10 +500,15 @@ def test_clear_error_without_triton(monkeypatch):
         triton_backend.require("cuda")
 
 
-def test_float64_logits_are_refused_with_a_clear_error():
+def test_float64_is_refused_with_a_clear_error():
     x, target = make_inputs((2, 5), "index")
+    problem = problem_for(x.double(), target, {})
+    assert not triton_backend.supports_problem(problem)[0]
     with pytest.raises(RuntimeError, match="float64"):
-        run_rows(problem_for(x.double(), target, {}))
+        run_rows(problem)
+    prob_target = torch.softmax(x, 1).double()  # float32 logits, float64 target: float64 arithmetic asked
+    assert not triton_backend.supports_problem(problem_for(x, prob_target, {}))[0]
+    assert triton_backend.supports_problem(problem_for(x.bfloat16(), target, {}))[0]
 
 
 def test_importing_xentlib_and_the_backend_package_does_not_import_triton():

@@ -22,7 +22,7 @@ _LAZY_OPS = {
     "default_chunk_size",
 }
 
-__all__ = ["is_available", "require", *sorted(_LAZY_OPS)]
+__all__ = ["is_available", "require", "supports_problem", *sorted(_LAZY_OPS)]
 
 
 def _interpreter_on() -> bool:
@@ -65,6 +65,23 @@ def require(device=None) -> None:
     ok, reason = is_available(device)
     if not ok:
         raise RuntimeError(f"backend='triton' is not available: {reason}")
+
+
+def supports_problem(problem) -> tuple[bool, str]:
+    """Whether the kernels take this ``CrossEntropyProblem``: they compute in float32, so float32/float16/
+    bfloat16 logits with a float32 accumulation dtype (a float64 input, target or weight asks for float64
+    arithmetic, which the PyTorch backend provides)."""
+    import torch
+
+    dtype = problem.logits.dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False, f"the Triton kernels take float32/float16/bfloat16 logits, not {dtype}"
+    if getattr(problem, "acc_dtype", torch.float32) == torch.float64:
+        return (
+            False,
+            "the Triton kernels accumulate in float32; float64 targets or weights need backend='torch'",
+        )
+    return True, "float32 accumulation"
 
 
 def __getattr__(name: str):

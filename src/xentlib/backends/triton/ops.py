@@ -20,14 +20,13 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from xentlib.backends.triton import kernels, require
+from xentlib.backends.triton import kernels, require, supports_problem
 
 # Largest class block a program holds at once; rows with more classes loop over blocks.
 MAX_BLOCK_C = 4096
 # Logits elements held by one chunk of linear_cross_entropy_chunked by default (2**26: 128 MiB in bf16).
 DEFAULT_CHUNK_ELEMENTS = 2**26
 MIN_CHUNK_ROWS = 256
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _row_result_type():
@@ -78,11 +77,9 @@ def cross_entropy_rows(
     """
     logits = problem.logits
     require(logits.device)
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(
-            f"backend='triton' computes in float32 and takes float32/float16/bfloat16 logits, "
-            f"got {logits.dtype} (use backend='torch' for float64)"
-        )
+    supported, reason = supports_problem(problem)
+    if not supported:
+        raise RuntimeError(f"backend='triton' cannot run this call: {reason} (use backend='torch')")
     batch, num_classes, positions = logits.shape
     device = logits.device
     rows = batch * positions
