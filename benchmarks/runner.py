@@ -158,6 +158,12 @@ def measure_configs(config: BenchConfig, device_name: str, info: dict, thp, plan
     for index, (shape, dtype_name, impl) in enumerate(plan, start=1):
         row = base_row(info, thp, config, shape, dtype_name, impl)
         row |= {f"limit_{key}": value for key, value in limits.items()}
+        if sys.stdout.isatty():  # shows what runs now; the result line below overwrites it
+            print(
+                format_progress(index, len(plan), row | {"status": "running", "note": "..."}),
+                end="\r",
+                flush=True,
+            )
         try:
             row |= run_worker(config_spec(config, device_name, shape, dtype_name, impl), env, config.timeout)
         except WorkerError as error:
