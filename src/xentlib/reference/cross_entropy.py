@@ -59,7 +59,7 @@ class CrossEntropyStats(NamedTuple):
 
     lse: np.ndarray  # log sum_c exp(y_c) of the (soft-capped) logits
     loss: np.ndarray  # the per-row value reduction='none' returns
-    argmax: np.ndarray  # int64: the predicted class (argmax of the raw logits)
+    argmax: np.ndarray  # int64: the predicted class (argmax of the capped logits, first one on ties)
     correct: np.ndarray  # bool: argmax == target (False on ignored rows; target.argmax for probabilities)
     entropy: np.ndarray  # -sum_c p_c log p_c of the predicted distribution (0 log 0 = 0)
 
@@ -247,7 +247,7 @@ def cross_entropy_stats(
     """
     pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
     layout = pb.layout
-    argmax = np.argmax(layout.to_rows(as_float64(input)), axis=1).astype(np.int64)
+    argmax = np.argmax(pb.y, axis=1).astype(np.int64)  # first maximum of the (capped) logits
     if pb.indices is not None:
         correct = (argmax == pb.indices.index) & pb.counted  # index is 0 on ignored rows, hence the mask
     else:
