@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 
 from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
 
-from xentlib import functional  # noqa: E402
 from xentlib.integrations.transformers import (  # noqa: E402
     PatchHandle,
     for_causal_lm_loss,
@@ -49,26 +48,6 @@ FAMILIES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
 }
-
-
-def _composed_linear_cross_entropy(
-    input, weight, target, bias=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
-    label_smoothing=0.0, *, shift=False, **options,
-):  # fmt: skip
-    """linear_cross_entropy as its definition, used only while xentlib.linear has not landed."""
-    if shift:
-        input, target = input[..., :-1, :], target[..., 1:]
-    logits = torch.nn.functional.linear(input, weight, bias)
-    return functional.cross_entropy(
-        logits.reshape(-1, weight.shape[0]), target.reshape(-1), None, size_average, ignore_index, reduce,
-        reduction, label_smoothing, **options,
-    )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _linear_cross_entropy(monkeypatch):
-    if not hasattr(functional, "linear_cross_entropy"):
-        monkeypatch.setattr(functional, "linear_cross_entropy", _composed_linear_cross_entropy, raising=False)
 
 
 def make_model(family: str, dtype=torch.float32, seed: int = 0):
@@ -317,9 +296,50 @@ def test_unpatch_restores_the_original():
     assert not is_patched(other) and other.loss_function is custom_loss
 
 
-def test_patch_rejects_a_model_without_a_linear_head():
+def test_patch_rejects_what_the_fused_loss_cannot_honour():
     with pytest.raises(TypeError, match="base model"):
         patch(torch.nn.Linear(2, 2))
+    model = make_model("llama")
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    with pytest.raises(TypeError, match="hooks"):
+        patch(model)
+    assert not is_patched(model)
+
+
+def test_config_attributes_the_forward_does_not_use_are_ignored():
+    """A config may carry a head attribute its own forward ignores (e.g. MPT's `logit_scale`)."""
+    input_ids, labels = make_batch()
+    model = make_model("llama")
+    model.config.logit_scale = 0.5  # LlamaForCausalLM.forward does not use it
+    expected, expected_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    with patch(model):
+        actual, actual_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_patched_training_never_creates_a_logits_sized_tensor():
+    """Every tensor any aten op produces in the patched forward and backward lives in less memory than the
+    logits would (storage size: a zero-stride placeholder of logits shape holds one element)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestStorage(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+            return out
+
+    input_ids, labels = make_batch(batch=4)
+    model = make_model("llama")
+    patch(model, chunk_size=8)
+    with LargestStorage() as recorder:
+        model(input_ids=input_ids, labels=labels).loss.backward()
+    predicted_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    assert recorder.largest < predicted_tokens * VOCAB * 4  # float32 logits
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -164,14 +164,26 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
-def _output_head(model: torch.nn.Module) -> torch.nn.Module:
-    """The output embedding (`lm_head`): a module with a 2-D `weight` (vocab, D) and an optional `bias`."""
+def _output_head(model: torch.nn.Module) -> torch.nn.Linear:
+    """The output embedding (`lm_head`), which must be a plain `nn.Linear`: the fused loss uses its weight
+    and bias directly, so anything its forward would add (an adapter, a hook, a new forward) would be lost."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    if not isinstance(head, torch.nn.Linear):
         raise TypeError(
-            f"{type(model).__name__} has no linear output head (`get_output_embeddings()` / `lm_head`)"
+            f"{type(model).__name__} has no nn.Linear output head (`get_output_embeddings()` / `lm_head`), "
+            f"found {type(head).__name__}"
+        )
+    modified = (
+        type(head).forward is not torch.nn.Linear.forward
+        or "forward" in head.__dict__
+        or head._forward_hooks
+        or head._forward_pre_hooks
+    )
+    if modified:
+        raise TypeError(
+            f"the output head of {type(model).__name__} has a custom forward or hooks; xentlib's fused loss "
+            "would bypass them"
         )
     return head
 
@@ -190,18 +202,32 @@ def _text_config(model: torch.nn.Module):
     return get_text_config() if callable(get_text_config) else config
 
 
+def _forward_source(model: torch.nn.Module) -> str | None:
+    try:
+        return inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+
+
 def _head_maths(model: torch.nn.Module) -> _HeadMaths:
+    """Read the head maths from the config, counting an attribute only when the model's forward uses it
+    (some configs carry e.g. `logit_scale` that their forward ignores)."""
     config = _text_config(model)
+    source = _forward_source(model)
+
+    def declared(name: str) -> float | None:
+        value = getattr(config, name, None)
+        if value is None or (source is not None and name not in source):
+            return None
+        return float(value)
+
     scale = 1.0
     for multiplier in ("logit_scale", "output_multiplier"):  # logits * value
-        value = getattr(config, multiplier, None)
-        if value is not None:
-            scale *= float(value)
-    divisor = getattr(config, "logits_scaling", None)  # logits / value
-    if divisor is not None:
-        scale /= float(divisor)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return _HeadMaths(logit_scale=scale, softcap=None if softcap is None else float(softcap))
+        value = declared(multiplier)
+        scale = scale if value is None else scale * value
+    divisor = declared("logits_scaling")  # logits / value
+    scale = scale if divisor is None else scale / divisor
+    return _HeadMaths(logit_scale=scale, softcap=declared("final_logit_softcapping"))
 
 
 def _keep_positions(hidden_states: Tensor, logits_to_keep) -> Tensor:
