@@ -34,7 +34,35 @@ import torch.distributed as dist
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
-from xentlib.backends.torch_chunked import class_dot, row_dot
+
+# Elements per chunk of the local work: 256K float32 = 1 MiB, cache-sized (as in the PyTorch backend).
+CHUNK_ELEMENTS = 1 << 18
+
+
+def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:
+    """Rows per chunk as (batch rows, spatial positions); `chunk_size` counts rows (b, s) when given."""
+    wanted = chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // max(classes, 1))
+    if spatial == 1:
+        return max(1, min(batch, wanted)), 1
+    spatial_block = max(1, min(spatial, wanted))
+    batch_block = max(1, min(batch, wanted // spatial_block)) if spatial_block == spatial else 1
+    return batch_block, spatial_block
+
+
+def iter_chunks(batch: int, spatial: int, block: tuple[int, int]):
+    for b0 in range(0, batch, block[0]):
+        for s0 in range(0, spatial, block[1]):
+            yield slice(b0, min(b0 + block[0], batch)), slice(s0, min(s0 + block[1], spatial))
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_c a[r, c, s] * b[r, c, s] -> (R, 1, S)."""
+    return (a * b).sum(1, keepdim=True)
+
+
+def class_dot(a: Tensor, w: Tensor) -> Tensor:
+    """sum_c a[r, c, s] * w[c] -> (R, 1, S)."""
+    return torch.einsum("rcs,c->rs", a, w).unsqueeze(1)
 
 
 @dataclass

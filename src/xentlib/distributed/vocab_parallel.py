@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xentlib.backends.torch_chunked import chunk_shape, iter_chunks
 from xentlib.distributed._prepare import check_positive_chunk, prepare_shard, resolve_group
 from xentlib.distributed._shard import (
     ShardProblem,
     all_reduce_max,
     all_reduce_partials,
+    chunk_shape,
     finish_rows,
+    iter_chunks,
     local_partials,
     local_row_max,
     mean_denominator,
