@@ -105,9 +105,9 @@ def problem_for(x, target, options, reduction="mean"):
     )
 
 
-def run_rows(problem, *, want_grad=True, want_stats=True, block_size=None):
+def run_rows(problem, *, want_grad=True, want_stats=True, **launch):
     grad = torch.empty_like(problem.logits) if want_grad else None
-    rows = triton_backend.cross_entropy_rows(problem, grad, want_stats, block_size=block_size)
+    rows = triton_backend.cross_entropy_rows(problem, grad, want_stats, **launch)
     return rows, grad
 
 
@@ -170,14 +170,12 @@ ROW_CASES = [("index", option) for option in OPTIONS] + [
 ]
 
 
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("kind, option_name", ROW_CASES)
-def test_rows_and_gradient_match_float64(kind, option_name, shape_name):
-    shape, block = SHAPES[shape_name]
+def check_against_float64(kind, shape, option_name, **launch):
+    """Every RowResult field and the gradient of one launch against the float64 composition."""
     x, target = make_inputs(shape, kind)
     options = resolve(OPTIONS[option_name], shape[1])
     problem = problem_for(x, target, options)
-    rows, grad = run_rows(problem, block_size=block)
+    rows, grad = run_rows(problem, **launch)
 
     leaf, loss, lse, y, _ = truth_for(x, target, options)
     scale = problem.grad_scale.cpu().double()
@@ -189,6 +187,24 @@ def test_rows_and_gradient_match_float64(kind, option_name, shape_name):
     p = torch.softmax(y, 1)
     entropy = -(p * torch.log_softmax(y, 1)).sum(1)
     assert_close(rows.entropy, entropy.reshape(row_shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("kind, option_name", ROW_CASES)
+def test_row_kernel_matches_float64(kind, option_name, shape_name):
+    shape, block = SHAPES[shape_name]
+    check_against_float64(kind, shape, option_name, block_size=block, strategy="row")
+
+
+# The tile kernel (class indices, few classes, several rows per program): one class; (B, C, S) with S > C;
+# 200 rows in tiles of 64 with a partial last tile.
+TILE_SHAPES = {"3x1": (3, 1), "2x5x7": (2, 5, 7), "4x37x50": (4, 37, 50)}
+
+
+@pytest.mark.parametrize("shape_name", list(TILE_SHAPES))
+@pytest.mark.parametrize("option_name", list(OPTIONS))
+def test_tile_kernel_matches_float64(option_name, shape_name):
+    check_against_float64("index", TILE_SHAPES[shape_name], option_name, strategy="tile")
 
 
 def test_rows_match_numpy_reference():
@@ -271,12 +287,15 @@ def test_bit_identical_between_runs():
     assert torch.equal(first.loss, second.loss) and torch.equal(grad_1, grad_2)
 
 
-def test_argmax_ties_go_to_the_first_class_across_blocks():
+@pytest.mark.parametrize(
+    "launch", [{"strategy": "row", "block_size": 16}, {"strategy": "tile"}], ids=["row", "tile"]
+)
+def test_argmax_ties_go_to_the_first_class(launch):
     x = torch.zeros(2, 40)
     x[0, [35, 3]] = 5.0  # exact tie, in different class blocks of 16
     x[1, 20], x[1, 5] = 60.0, 50.0  # distinct logits that the cap saturates to the same 1.0
     x, target = x.to(DEVICE), torch.tensor([0, 0], device=DEVICE)
-    rows, _ = run_rows(problem_for(x, target, {"softcap": 1.0}), want_grad=False, block_size=16)
+    rows, _ = run_rows(problem_for(x, target, {"softcap": 1.0}), want_grad=False, **launch)
     capped = torch.tanh(x.cpu())
     assert capped[1, 20] == capped[1, 5]
     assert rows.argmax.squeeze(1).tolist() == capped.argmax(1).tolist() == [3, 5]
@@ -287,26 +306,34 @@ def test_argmax_ties_go_to_the_first_class_across_blocks():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_ignored_rows_give_exact_zeros_even_with_nan_logits():
+STRATEGIES = [{"strategy": "row"}, {"strategy": "tile"}]
+
+
+@pytest.mark.parametrize("launch", STRATEGIES, ids=["row", "tile"])
+def test_ignored_rows_give_exact_zeros_even_with_nan_logits(launch):
     x, target = make_inputs((4, 10), "index", seed=8)
     x[1] = float("nan")
     target[1] = IGNORE
     problem = problem_for(x, target, {"eps": 0.2, "z_loss": 1e-2, "softcap": 3.0})
-    rows, grad = run_rows(problem)
+    rows, grad = run_rows(problem, **launch)
     assert rows.loss[1].item() == 0.0 and torch.all(grad[1] == 0)
     assert torch.isfinite(rows.loss).all() and torch.isfinite(grad).all()
 
 
-def test_all_ignored_mean_has_zero_gradient():
+@pytest.mark.parametrize("launch", STRATEGIES, ids=["row", "tile"])
+def test_all_ignored_mean_has_zero_gradient(launch):
     x, target = make_inputs((3, 10), "index", seed=8)
     target.fill_(IGNORE)
     problem = problem_for(x, target, {"weight": weights(10), "eps": 0.1})
     assert torch.isinf(problem.grad_scale)  # 1 / 0
-    rows, grad = run_rows(problem)
+    rows, grad = run_rows(problem, **launch)
     assert torch.all(rows.loss == 0) and torch.all(grad == 0)
 
 
-def test_infinite_and_huge_logits():
+@pytest.mark.parametrize(
+    "launch", [{"strategy": "row", "block_size": 2}, {"strategy": "tile"}], ids=["row", "tile"]
+)
+def test_infinite_and_huge_logits(launch):
     inf = float("inf")
     x = torch.tensor(
         [
@@ -314,20 +341,26 @@ def test_infinite_and_huge_logits():
             [2.0, -inf, 0.5, 1.0],  # -inf on another class: finite loss, zero gradient there
             [-inf, 1.0, 0.0, 0.0],  # -inf on the target: +inf
             [-inf, -inf, -inf, -inf],  # all -inf: NaN
+            [-1000.0, -1001.0, -inf, -1003.0],  # very negative logits: exp(0 - max) would overflow
         ],
         device=DEVICE,
     )
-    target = torch.tensor([2, 0, 0, 1], device=DEVICE)
-    rows, grad = run_rows(problem_for(x, target, {}, reduction="sum"))
+    target = torch.tensor([2, 0, 0, 1, 1], device=DEVICE)
+    rows, grad = run_rows(problem_for(x, target, {}, reduction="sum"), **launch)
     loss = rows.loss.squeeze(1).cpu()
     assert loss[0].item() == 20000.0
     assert torch.isfinite(loss[1]) and grad[1, 1].item() == 0.0
     assert loss[2].item() == inf
     assert torch.isnan(loss[3])
-    expected = torch.nn.functional.cross_entropy(x[:3].cpu().double(), target[:3].cpu(), reduction="none")
-    assert_close(loss[:3], expected, atol=1e-6)
+    finite = [0, 1, 2, 4]
+    expected = torch.nn.functional.cross_entropy(
+        x[finite].cpu().double(), target[finite].cpu(), reduction="none"
+    )
+    assert_close(loss[finite], expected, atol=1e-6)
+    expected_grad = torch.softmax(x[4].cpu().double(), 0) - torch.nn.functional.one_hot(target[4].cpu(), 4)
+    assert_close(grad[4].squeeze(1), expected_grad, atol=1e-6)
 
-    smoothed, _ = run_rows(problem_for(x[1:2], target[1:2], {"eps": 0.1}, reduction="sum"))
+    smoothed, _ = run_rows(problem_for(x[1:2], target[1:2], {"eps": 0.1}, reduction="sum"), **launch)
     assert smoothed.loss.item() == inf  # eps > 0 reads every logit, as in torch
     prob_target = torch.tensor([[0.5, 0.0, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]], device=DEVICE)
     prob, _ = run_rows(problem_for(x[1:2].expand(2, 4), prob_target, {}, reduction="sum"))
@@ -343,15 +376,25 @@ def test_infinite_and_huge_logits():
 # ----------------------------------------------------------------------------------------------------------
 
 
+ROW_LAUNCH = {"strategy": "row", "block_size": 128}
+TILE_LAUNCH = {"strategy": "tile"}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "kind, options", [("index", {}), ("index", {"weight": True, "eps": 0.1}), ("prob", {})]
+    "kind, options, classes, launch",
+    [
+        ("index", {}, 300, ROW_LAUNCH),
+        ("index", {"weight": True, "eps": 0.1}, 300, ROW_LAUNCH),
+        ("prob", {}, 300, ROW_LAUNCH),
+        ("index", {"weight": True, "eps": 0.1}, 100, TILE_LAUNCH),
+    ],
 )
-def test_low_precision_at_least_as_accurate_as_torch(dtype, kind, options):
-    x, target = make_inputs((8, 300), kind, dtype=dtype, seed=11)
-    options = resolve(options, 300, dtype)
+def test_low_precision_at_least_as_accurate_as_torch(dtype, kind, options, classes, launch):
+    x, target = make_inputs((8, classes), kind, dtype=dtype, seed=11)
+    options = resolve(options, classes, dtype)
     problem = problem_for(x, target, options)
-    rows, grad = run_rows(problem, block_size=128)
+    rows, grad = run_rows(problem, **launch)
     assert grad.dtype == dtype
 
     leaf, loss, _, _, _ = truth_for(x, target, options)
@@ -564,7 +607,8 @@ def signature(fn, consts, logits_type):
 
 flags = dict(HAS_SOFTCAP=True, WANT_GRAD=True, WANT_STATS=True, BLOCK_C=4096)
 cases = [(kernels.index_target_rows_kernel, dict(flags, SMOOTH=True), "*bf16"),
-         (kernels.prob_target_rows_kernel, flags, "*fp32")]
+         (kernels.prob_target_rows_kernel, flags, "*fp32"),
+         (kernels.index_target_tile_kernel, dict(flags, SMOOTH=True, BLOCK_C=64, BLOCK_R=64), "*fp16")]
 for fn, consts, logits_type in cases:
     source = ASTSource(fn, signature(fn, consts, logits_type), consts)
     compiled = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})

@@ -99,9 +99,11 @@ def _merge_lse(m, s, y):
     # (m, s) over the values seen so far, merged with one block y.
     # s_new = s * exp(ref_old - ref_new) + sum exp(y - ref_new); e = exp(y - ref_new) is returned so the
     # entropy sum reuses it (one exp per element).
-    ref_old = _shift_reference(m)
+    # While nothing finite has been seen (m = -inf) the sums are 0 (or +inf for a gap), so the old reference
+    # is taken equal to the new one: no rescaling, and no exp(0 - ref_new) that overflows below -88.
     m_new = tl.maximum(m, tl.max(y, axis=0))
     ref_new = _shift_reference(m_new)
+    ref_old = tl.where(m == float("-inf"), ref_new, m)
     e = tl.exp(y - ref_new)
     s_new = s * tl.exp(ref_old - ref_new) + tl.sum(e, axis=0)
     return m_new, s_new, ref_old, ref_new, e
@@ -340,3 +342,97 @@ def prob_target_rows_kernel(
             tl.store(
                 grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask
             )
+
+
+@triton.jit
+def index_target_tile_kernel(
+    logits_ptr,
+    stride_lb,
+    stride_lc,
+    stride_ls,
+    grad_ptr,
+    stride_gb,
+    stride_gc,
+    stride_gs,
+    target_ptr,
+    valid_ptr,
+    target_weight_ptr,
+    class_weight_ptr,
+    grad_scale_ptr,
+    grad_scale_stride,
+    loss_ptr,
+    lse_ptr,
+    argmax_ptr,
+    entropy_ptr,
+    R,
+    S,
+    C,
+    smoothing,
+    z_loss,
+    softcap,
+    SMOOTH: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    WANT_GRAD: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Class-index targets with few classes (C <= BLOCK_C): a program takes a [BLOCK_C, BLOCK_R] tile of
+    BLOCK_R whole rows (rows r = b * S + s, of R in all). Consecutive rows are consecutive positions s, so a
+    (B, C, S) input is read along its contiguous axis instead of one strided row at a time, and every element
+    is read once and written once (the first sweep of index_target_rows_kernel is a single block here, and
+    e = exp(y - ref) from it gives p = e / s for the gradient). Same maths, same helpers, per column.
+    """
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = r < R
+    b = r // S
+    s_pos = r % S
+    c = tl.arange(0, BLOCK_C)
+    mask = (c < C)[:, None] & row_ok[None, :]
+    c64 = c.to(tl.int64)[:, None]
+    x = tl.load(
+        logits_ptr + b * stride_lb + s_pos * stride_ls + c64 * stride_lc, mask=mask, other=float("-inf")
+    )
+    x = x.to(tl.float32)
+    y = tl.where(mask, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
+
+    valid = tl.load(valid_ptr + r, mask=row_ok, other=0) != 0
+    t = tl.load(target_ptr + r, mask=row_ok, other=0)
+    w_t = tl.load(target_weight_ptr + r, mask=row_ok, other=0.0).to(tl.float32)
+    zero = tl.zeros([BLOCK_R], tl.float32)
+    m, s, ref_old, ref, e = _merge_lse(zero + float("-inf"), zero, y)
+    lse = ref + tl.log(s)
+    is_target = c[:, None] == t[None, :]
+    y_t = tl.sum(tl.where(is_target, y, 0.0), axis=0)  # a gather: other entries contribute an exact 0
+
+    hard = (1.0 - smoothing) * w_t
+    soft = smoothing / C
+    loss = hard * (lse - y_t) + z_loss * lse * lse
+    w = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
+    w_sum = zero
+    if SMOOTH:
+        w = tl.load(class_weight_ptr + c, mask=c < C, other=0.0).to(tl.float32)[:, None] + w
+        w = tl.where(mask, w, 0.0)
+        w_sum, w_gap = _merge_weighted_gap(zero, zero, ref_old, ref, w, y, mask)
+        loss += soft * (w_sum * (lse - ref) + w_gap)
+    tl.store(loss_ptr + r, tl.where(valid, loss, 0.0), mask=row_ok)
+    tl.store(lse_ptr + r, lse, mask=row_ok)
+    if WANT_STATS:
+        best, best_idx = _merge_argmax(zero + float("-inf"), tl.zeros([BLOCK_R], tl.int32), y, 0)
+        tl.store(argmax_ptr + r, best_idx.to(tl.int64), mask=row_ok)
+        tl.store(
+            entropy_ptr + r,
+            _finish_entropy(_merge_entropy_sum(zero, zero, ref_old, ref, e, y), s),
+            mask=row_ok,
+        )
+
+    if WANT_GRAD:
+        scale = tl.load(grad_scale_ptr + r * grad_scale_stride, mask=row_ok, other=0.0).to(tl.float32)
+        p = e / s[None, :]
+        dy = hard[None, :] * (p - tl.where(is_target, 1.0, 0.0)) + (2.0 * z_loss * lse)[None, :] * p
+        if SMOOTH:
+            dy += soft * (w_sum[None, :] * p - w)
+        dx = dy * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale[None, :]
+        dx = tl.where(valid[None, :], dx, 0.0)
+        dx = _round_to(dx, grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + b * stride_gb + s_pos * stride_gs + c64 * stride_gc, dx, mask=mask)

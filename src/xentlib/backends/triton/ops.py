@@ -27,6 +27,10 @@ MAX_BLOCK_C = 4096
 # Logits elements held by one chunk of linear_cross_entropy_chunked by default (2**26: 128 MiB in bf16).
 DEFAULT_CHUNK_ELEMENTS = 2**26
 MIN_CHUNK_ROWS = 256
+# Class-index problems with at most this many classes use the tile kernel (several rows per program, read
+# along the contiguous axis); a tile holds about TILE_ELEMENTS logits.
+TILE_MAX_CLASSES = 128
+TILE_ELEMENTS = 4096
 
 
 def _row_result_type():
@@ -65,15 +69,21 @@ def _class_weight_operand(problem, num_classes: int, device: torch.device) -> to
 
 
 def cross_entropy_rows(
-    problem, grad_out: torch.Tensor | None, want_stats: bool, *, block_size: int | None = None
+    problem,
+    grad_out: torch.Tensor | None,
+    want_stats: bool,
+    *,
+    block_size: int | None = None,
+    strategy: str | None = None,
 ):
     """Per-row cross-entropy of ``problem`` (a ``CrossEntropyProblem``), one Triton program per row.
 
     Returns a ``RowResult`` (loss, lse: (B, S) float32; argmax int64 and entropy float32 when
     ``want_stats``). When ``grad_out`` (``(B, C, S)``, any strides, may be ``problem.logits``) is given, it
     is filled with ``grad_scale * d(row loss)/d(logits)``, exact zeros on ignored rows. ``grad_scale`` may
-    be 0-d or (B, S). ``block_size`` overrides the class block (a power of two; tests use it to force
-    several blocks per row).
+    be 0-d or (B, S). ``block_size`` overrides the class block of the row kernel (a power of two; tests use
+    it to force several blocks per row). ``strategy``: "row" (one program per row, any C) or "tile" (class
+    indices with C <= TILE_MAX_CLASSES: several whole rows per program); by default "tile" when it applies.
     """
     logits = problem.logits
     require(logits.device)
@@ -123,15 +133,25 @@ def cross_entropy_rows(
         target_weight = problem.target_weight
         if target_weight is None:
             target_weight = problem.valid
-        kernels.index_target_rows_kernel[(rows,)](
-            *common_head,
+        index_args = dict(
             target_ptr=_per_row(problem.target, torch.int64),
             valid_ptr=valid,
             target_weight_ptr=_per_row(target_weight, torch.float32),
             class_weight_ptr=_class_weight_operand(problem, num_classes, device) if smooth else scale,
             SMOOTH=smooth,
-            **common_tail,
         )
+        if strategy is None:
+            strategy = "tile" if block_size is None and num_classes <= TILE_MAX_CLASSES else "row"
+        if strategy == "tile":
+            block_c = triton.next_power_of_2(num_classes)
+            block_r = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(rows)))
+            grid = (triton.cdiv(rows, block_r),)
+            tail = dict(
+                common_tail, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=_num_warps(block_c * block_r)
+            )
+            kernels.index_target_tile_kernel[grid](*common_head, R=rows, **index_args, **tail)
+        else:
+            kernels.index_target_rows_kernel[(rows,)](*common_head, **index_args, **common_tail)
     elif problem.kind == "prob":
         target = problem.target
         kernels.prob_target_rows_kernel[(rows,)](
