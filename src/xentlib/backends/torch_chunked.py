@@ -4,19 +4,21 @@
 `CrossEntropyProblem` it returns per-row statistics and, when asked, writes d(loss)/d(logits) into `grad_out`
 (which may be the logits themselves, for the in-place gradient).
 
-How a chunk is processed (derivation in docs/numerics.md, "Row loss and gradient"): for rows z with capped
-logits y (y = z without softcap), m = max_c y_c and d = y - m,
-    s = sum_c exp(d_c),  lse = m + log s,  p = exp(d) / s
-    l = sum_c q_c (lse - y_c) + z_loss lse^2 = sum(q) log s - sum_c q_c d_c + z_loss lse^2
-    dl/dy = (sum(q) + 2 z_loss lse) p - q,     dl/dz = dl/dy (1 - (y / softcap)^2)
-Everything is computed from d, which is why a logit of 1e4 loses no precision. Each chunk is small enough to stay
-in the cache, so the many cheap passes over it cost little next to the one read of the logits and the one write
-of the gradient; the chunk's float32 work buffer is allocated once and reused.
+How a chunk is processed (derivation in docs/numerics.md, "Row loss and gradient"): with y the (capped) logits,
+    log p = log_softmax(y)                         torch's stable, vectorized row kernel
+    l     = -sum_c q_c log p_c + z_loss lse^2       class index without smoothing: -w_t log p_t (a gather)
+    dl/dy = (sum(q) + 2 z_loss lse) p - q           p = exp(log p), written over log p
+    dl/dz = dl/dy (1 - (y / softcap)^2)             with softcap
+lse (needed for z-loss and statistics) is y_a - log p_a at the row's arg-max a. A chunk (about 8 MiB) stays in the
+cache, so the few passes over it cost little next to the one read of the logits and the one write of the
+gradient; its float32 work buffers are allocated once per call and reused.
 """
-
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +34,44 @@ CHUNK_ELEMENTS = 1 << 21
 @dataclass
 class RowResult:
     loss: Tensor  # (B, S) accumulation dtype, per-row loss incl. class weight and z-loss, 0 on ignored rows
-    lse: Tensor  # (B, S) accumulation dtype
+    lse: Tensor | None  # (B, S) accumulation dtype, when z-loss or stats need it
     argmax: Tensor | None = None  # (B, S) int64, with stats
     entropy: Tensor | None = None  # (B, S) accumulation dtype, with stats
+
+
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+def fresh_buffer_like(tensor: Tensor) -> Tensor:
+    """An uninitialized tensor like `tensor` (contiguous) whose pages are backed by 2 MiB huge pages when the OS
+    allows it: on CPU the first write into freshly allocated memory costs more than the arithmetic (one page
+    fault per 4 KiB), and a gradient-sized buffer is exactly such memory."""
+    buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    nbytes = buffer.numel() * buffer.element_size()
+    if buffer.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE:
+        _advise_huge_pages(buffer.data_ptr(), nbytes)
+    return buffer
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    libc = _libc()
+    if libc is None:
+        return
+    start = (address + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    length = (address + nbytes - start) & ~(_HUGE_PAGE - 1)
+    if length > 0:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # a hint: errors ignored
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:
@@ -54,18 +91,6 @@ def iter_chunks(batch: int, spatial: int, block: tuple[int, int]):
             yield slice(b0, min(b0 + batch_block, batch)), slice(s0, min(s0 + spatial_block, spatial))
 
 
-def row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_c a[r, c, s] * b[r, c, s] -> (R, 1, S) without a chunk-sized temporary in the common S = 1 case."""
-    if a.shape[2] == 1:
-        return torch.bmm(a.transpose(1, 2), b)  # (R, 1, C) @ (R, C, 1)
-    return (a * b).sum(1, keepdim=True)
-
-
-def class_dot(a: Tensor, w: Tensor) -> Tensor:
-    """sum_c a[r, c, s] * w[c] -> (R, 1, S)."""
-    return torch.einsum("rcs,c->rs", a, w).unsqueeze(1)
-
-
 def cross_entropy_rows(
     problem: CrossEntropyProblem,
     grad_out: Tensor | None,
@@ -77,12 +102,12 @@ def cross_entropy_rows(
     acc = problem.acc_dtype
     result = RowResult(
         loss=torch.zeros(batch, spatial, dtype=acc, device=x.device),
-        lse=torch.empty(batch, spatial, dtype=acc, device=x.device),
+        lse=torch.empty(batch, spatial, dtype=acc, device=x.device) if want_stats or problem.z_loss else None,
         argmax=torch.empty(batch, spatial, dtype=torch.long, device=x.device) if want_stats else None,
         entropy=torch.empty(batch, spatial, dtype=acc, device=x.device) if want_stats else None,
     )
     if x.numel() == 0:
-        if classes == 0 and batch * spatial > 0:  # no classes: log-sum-exp of nothing
+        if result.lse is not None and classes == 0 and batch * spatial > 0:  # log-sum-exp of nothing
             result.lse.fill_(-math.inf)
         return result
     block = chunk_shape(batch, classes, spatial, chunk_size)
@@ -102,6 +127,7 @@ class _ChunkBuffers:
         writes_in_place = grad_out is not None and grad_out.dtype == problem.acc_dtype
         self.work = None if writes_in_place else make()
         self.capped = make() if problem.softcap is not None else None
+        self.converted = make() if problem.softcap is None and x.dtype != problem.acc_dtype else None
         self.q = make() if problem.kind == "prob" else None
 
     @staticmethod
@@ -113,94 +139,105 @@ class _ChunkBuffers:
 
 
 def _process_chunk(problem, rows, cols, grad_out, result, buffers):
+    """One chunk: log_softmax, loss terms, then the gradient written over the log-probabilities.
+
+    With S = 1 the chunk is handled as a 2-D (R, C) view, which takes torch's vectorized last-dimension kernels.
+    """
     acc = problem.acc_dtype
     x = problem.logits[rows, :, cols]
-    valid = problem.valid[rows, cols].unsqueeze(1)  # (R, 1, S)
-    work = grad_out[rows, :, cols] if buffers.work is None else buffers.view(buffers.work, x)
+    spatial = x.shape[2]
+    flat = (lambda t: t[:, :, 0]) if spatial == 1 else (lambda t: t)  # noqa: E731
+    row = (lambda t: t.unsqueeze(1)) if spatial > 1 else (lambda t: t)  # (R, S) -> per-row shape  # noqa: E731
+    grad_slice = None if grad_out is None else flat(grad_out[rows, :, cols])
+    work = grad_slice if buffers.work is None else flat(buffers.view(buffers.work, x))
     cap = problem.softcap
 
-    # y = softcap * tanh(z / softcap), kept for the chain rule; d = y - max(y)
+    # y: the logits the softmax sees (capped, and in the accumulation dtype)
     if cap is not None:
-        y = buffers.view(buffers.capped, x)
-        torch.div(x, cap, out=y)
+        y = flat(buffers.view(buffers.capped, x))
+        torch.div(flat(x), cap, out=y)
         y.tanh_().mul_(cap)
-        m = y.amax(1, keepdim=True)
-        torch.sub(y, m, out=work)
+    elif x.dtype != acc:
+        y = flat(buffers.view(buffers.converted, x))
+        y.copy_(flat(x))
     else:
-        m = x.amax(1, keepdim=True).to(acc)
-        if x.dtype == acc:
-            torch.sub(x, m, out=work)
-        else:
-            work.copy_(x)
-            work.sub_(m)
-    d = work
-    if result.argmax is not None:
-        result.argmax[rows, cols] = d.argmax(1)
+        y = flat(x)
+    want_lse = problem.z_loss != 0 or result.argmax is not None
+    if want_lse:  # lse = y_a - log p_a at the arg-max a, where log p_a = -log sum exp(y - y_a) is exact
+        best = y.argmax(1, keepdim=True)
+        y_best = y.gather(1, best)
+    log_p = torch.log_softmax(y, 1, out=work)  # y may alias work (in-place gradient): safe row-wise
+    if want_lse:
+        lse = y_best - log_p.gather(1, best)
+        result.lse[rows, cols] = lse.reshape(-1, spatial)
+        if result.argmax is not None:
+            result.argmax[rows, cols] = best.reshape(-1, spatial)
 
-    # Target terms, read from d before it is exponentiated.
+    # Loss terms from log p, before it is exponentiated. Without smoothing only the target is read.
     eps, classes = problem.smoothing, problem.num_classes
+    valid = row(problem.valid[rows, cols])
     if problem.kind == "index":
-        target = problem.target[rows, cols].unsqueeze(1)  # (R, 1, S)
-        w_t = problem.target_weight[rows, cols].unsqueeze(1)
-        d_t = d.gather(1, target)
-        if eps > 0:
+        target = row(problem.target[rows, cols])
+        w_t = row(problem.target_weight[rows, cols])
+        loss = -w_t * log_p.gather(1, target)
+        q_sum = w_t
+        if eps > 0:  # torch's formula: (1 - eps) nll + eps / C sum_c w_c (-log p_c)
             w = problem.class_weight
             w_sum = float(classes) if w is None else w.sum()
-            wd_sum = d.sum(1, keepdim=True) if w is None else class_dot(d, w)
+            smooth = -(log_p.sum(1, keepdim=True) if w is None else _class_dot(log_p, w))
+            loss = (1.0 - eps) * loss + (eps / classes) * smooth
+            q_sum = (1.0 - eps) * w_t + (eps / classes) * w_sum
     else:
-        q = buffers.view(buffers.q, x)
-        q.copy_(problem.target[rows, :, cols])
+        q = flat(buffers.view(buffers.q, x))
+        q.copy_(flat(problem.target[rows, :, cols]))
         if eps > 0:
             q.mul_(1.0 - eps).add_(eps / classes)
         if problem.class_weight is not None:
-            q.mul_(problem.class_weight.view(1, -1, 1))
+            q.mul_(problem.class_weight.view((1, -1, 1)[: q.dim()]))
         q_sum = q.sum(1, keepdim=True)
-        qd_sum = row_dot(q, d)
-
-    work.exp_()
-    s = work.sum(1, keepdim=True)
-    log_s = s.log()
-    lse = m + log_s
-    result.lse[rows, cols] = lse.squeeze(1)
-    if result.entropy is not None:
-        # H = -sum p log p = log s - sum_c e_c d_c / s with e = exp(d), d = log e (0 log 0 = 0)
-        result.entropy[rows, cols] = (log_s - torch.special.xlogy(work, work).sum(1, keepdim=True) / s).squeeze(1)
-
-    # Row loss. Without smoothing only the target logit is read (a -inf elsewhere stays harmless).
-    if problem.kind == "index":
-        loss = w_t * (log_s - d_t)
-        if eps > 0:  # torch's formula: (1 - eps) * nll + eps / C * sum_c w_c (lse - y_c)
-            loss = (1.0 - eps) * loss + (eps / classes) * (w_sum * log_s - wd_sum)
-            q_sum = (1.0 - eps) * w_t + (eps / classes) * w_sum
-        else:
-            q_sum = w_t
-    else:
-        loss = q_sum * log_s - qd_sum
+        loss = -_row_dot(q, log_p)
     if problem.z_loss:
         loss = loss + problem.z_loss * lse * lse
-    result.loss[rows, cols] = torch.where(valid, loss, 0.0).squeeze(1)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    result.loss[rows, cols] = torch.where(valid, loss, zero).reshape(-1, spatial)
+
+    p = work.exp_() if grad_out is not None or result.entropy is not None else None
+    if result.entropy is not None:  # H = -sum p log p, and log p = log(exp(log p)) up to underflow (0 log 0 = 0)
+        result.entropy[rows, cols] = (-torch.special.xlogy(p, p).sum(1, keepdim=True)).reshape(-1, spatial)
     if grad_out is None:
         return
 
-    # Gradient: scale * ((sum q + 2 z lse) p - q); the target slot gets p_t * coef - scale (1-eps) w_t in acc dtype.
+    # dl/dy = (sum q + 2 z lse) p - q, times the reduction scale; the target slot becomes p_t c - s (1 - eps) w_t
     scale = problem.grad_scale
     coef = q_sum + 2.0 * problem.z_loss * lse if problem.z_loss else q_sum
-    work.mul_(coef * scale / s)
+    p.mul_(coef * scale)
     if problem.kind == "index":
-        work.scatter_add_(1, target, -(1.0 - eps) * scale * w_t)
+        p.scatter_add_(1, target, -(1.0 - eps) * scale * w_t)
         if eps > 0:
             w = problem.class_weight
             smooth = (eps / classes) * scale
-            work.sub_(smooth if w is None else smooth * w.view(1, -1, 1))
+            p.sub_(smooth if w is None else smooth * w.view((1, -1, 1)[: p.dim()]))
     else:
-        work.addcmul_(q, -scale)
+        p.addcmul_(q, -scale)
     if cap is not None:  # dy/dz = 1 - tanh^2 = 1 - (y / softcap)^2
         y.div_(cap).square_().neg_().add_(1.0)
-        work.mul_(y)
+        p.mul_(y)
     if not bool(valid.all()):
-        work.masked_fill_(~valid, 0.0)
+        p.masked_fill_(~valid, 0.0)
     if buffers.work is not None:
-        grad_out[rows, :, cols].copy_(work)
+        grad_slice.copy_(p)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_c a[r, c, ...] * b[r, c, ...] with keepdim; a batched matmul avoids a temporary in the 2-D case."""
+    if a.dim() == 2:
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+    return (a * b).sum(1, keepdim=True)
+
+
+def _class_dot(a: Tensor, w: Tensor) -> Tensor:
+    """sum_c a[r, c, ...] * w[c] with keepdim."""
+    return (a @ w).unsqueeze(1) if a.dim() == 2 else torch.einsum("rcs,c->rs", a, w).unsqueeze(1)
 
 
 # --------------------------------------------------------------------------------------------------------------
