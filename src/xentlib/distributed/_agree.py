@@ -120,6 +120,7 @@ def _raise_local_error_everywhere(fn, group, world, failed, local_error):
     dist.all_gather_object(messages, mine, group=group)
     first = failed[0]
     name, text = messages[first] if messages[first] is not None else ("RuntimeError", "invalid arguments")
+    text = text.removeprefix(f"{fn}: ")
     error_type = _ERROR_TYPES.get(name, RuntimeError)
     others = f" (ranks {failed} failed)" if len(failed) > 1 else ""
     error = error_type(f"{fn}: rank {first}: {text}{others}")
@@ -163,6 +164,17 @@ def disagreement(records: list[RankRecord]) -> tuple[type[Exception], str] | Non
     return None
 
 
+def _readable(name: str, value: int):
+    """A table entry as the caller wrote it: dtypes by name, options as floats."""
+    if name in ("dtype", "acc_dtype"):
+        return str(_DTYPES[value]) if value < len(_DTYPES) else "other"
+    if name == "reduction":
+        return _REDUCTIONS[value] if value < len(_REDUCTIONS) else "other"
+    if name in ("smoothing", "z_loss", "softcap", "normalizer"):
+        return None if value == -1 else struct.unpack("<d", struct.pack("<q", value))[0]
+    return value
+
+
 def _rank(shard):
     return shard[2]
 
@@ -173,5 +185,5 @@ def _mismatch_message(name: str, values: list[int]) -> str:
             "the ranks hold different class-index targets; every rank of the vocabulary-parallel group must "
             "pass the same target (global class indices)"
         )
-    per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+    per_rank = ", ".join(f"rank {r}: {_readable(name, v)}" for r, v in enumerate(values))
     return f"the ranks disagree on {name} ({per_rank}); every rank must make the same call on its own shard"
