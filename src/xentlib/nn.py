@@ -19,6 +19,7 @@ __all__ = [
     "BCELoss",
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "LogSoftmax",
     "NLLLoss",
     "NLLLoss2d",
@@ -112,3 +113,65 @@ class Softmax(torch.nn.Softmax):
 
     def forward(self, input: Tensor) -> Tensor:
         return F.softmax(input, self.dim, _stacklevel=5)
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """`torch.nn.LinearCrossEntropyLoss` (it owns `self.linear`) computed by `xentlib.linear_cross_entropy`.
+
+    The (N, V) logits are never held. Same constructor, buffers and `state_dict` keys as torch's module
+    (`out_features` must be `()`); the input is (..., in_features) with the leading dimensions flattened into rows.
+    Extensions are keyword-only: `shift`, `z_loss`, `softcap`, `chunk_size`, `backend`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        shift: bool = False,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if tuple(out_features) != ():
+            raise NotImplementedError("xentlib's LinearCrossEntropyLoss supports out_features=() only")
+        super().__init__(
+            in_features,
+            num_classes,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+            reduction=reduction,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+        )
+        self.shift, self.z_loss, self.softcap = shift, z_loss, softcap
+        self.chunk_size, self.backend = chunk_size, backend
+
+    def forward(self, input: Tensor, target: Tensor, *, normalizer=None) -> Tensor:
+        return F.linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            self.linear.bias,
+            ignore_index=-100 if self.ignore_index is None else self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            class_weight=self.weight,
+            shift=self.shift,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            normalizer=normalizer,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+        )
