@@ -87,7 +87,7 @@ def cross_entropy(
     )  # fmt: skip
     if inplace_backward:
         _check_inplace(target, weight, return_stats)
-    name, _ = select_backend(input.device, backend)
+    name, _ = select_backend(input.device, backend, problem)
     rows_fn = rows_function(name)
     if name == "torch" and chunk_size is not None:
         rows_fn = functools.partial(torch_chunked.cross_entropy_rows, chunk_size=_check_chunk_size(chunk_size))

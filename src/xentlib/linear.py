@@ -234,7 +234,7 @@ def linear_cross_entropy(
         input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
         shift=shift, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
     )  # fmt: skip
-    name, _ = select_backend(input.device, backend)
+    name, _ = select_backend(input.device, backend, lp.rows)
     count = lp.rows.logits.shape[0]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")

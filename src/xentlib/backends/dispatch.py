@@ -16,8 +16,9 @@ BACKENDS = ("auto", "torch", "triton")
 _warned: set[str] = set()
 
 
-def select_backend(device: torch.device, backend: str = "auto") -> tuple[str, str]:
-    """(name, reason) of the backend that runs on `device` for the requested `backend`."""
+def select_backend(device: torch.device, backend: str = "auto", problem=None) -> tuple[str, str]:
+    """(name, reason) of the backend that runs on `device` for the requested `backend` (and `problem`, when
+    given: the Triton kernels accumulate in float32, so float64 work stays on the PyTorch backend)."""
     from xentlib.backends import triton as triton_backend
 
     if backend not in BACKENDS:
@@ -26,6 +27,10 @@ def select_backend(device: torch.device, backend: str = "auto") -> tuple[str, st
         return "torch", "backend='torch' was requested"
     if backend == "triton":
         triton_backend.require(device)
+        if problem is not None:
+            ok, why = triton_backend.supports_problem(problem)
+            if not ok:
+                raise RuntimeError(f"backend='triton' cannot run this call: {why}")
         return "triton", "backend='triton' was requested: " + triton_backend.is_available(device)[1]
     if device.type != "cuda":
         return "torch", (
@@ -33,6 +38,10 @@ def select_backend(device: torch.device, backend: str = "auto") -> tuple[str, st
             "interpreter, with TRITON_INTERPRET=1 and backend='triton')"
         )
     ok, reason = triton_backend.is_available(device)
+    if ok and problem is not None:
+        ok, why = triton_backend.supports_problem(problem)
+        if not ok:
+            return "torch", f"PyTorch backend: {why}"
     if ok:
         return "triton", f"CUDA/ROCm tensor: {reason}"
     if reason not in _warned:
