@@ -579,6 +579,23 @@ def test_public_cross_entropy_with_backend_triton_matches_torch():
     assert_close(leaf.grad, torch_leaf.grad, atol=1e-6)
 
 
+def test_public_linear_cross_entropy_with_backend_triton_matches_torch():
+    functional = pytest.importorskip("xentlib.functional")
+    if not hasattr(functional, "linear_cross_entropy"):
+        pytest.skip("xentlib.functional.linear_cross_entropy is not there yet")
+    x, w, b, target = linear_case("index", rows=9)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = functional.linear_cross_entropy(*leaves[:2], target, leaves[2], backend="triton", chunk_size=4)
+    loss.backward()
+    torch_leaves = [t.cpu().clone().requires_grad_() for t in (x, w, b)]
+    logits = torch_leaves[0] @ torch_leaves[1].T + torch_leaves[2]
+    expected = torch.nn.functional.cross_entropy(logits, target.cpu())
+    expected.backward()
+    assert_close(loss, expected, atol=1e-6)
+    for ours, theirs in zip(leaves, torch_leaves, strict=True):
+        assert_close(ours.grad, theirs.grad, atol=1e-6)
+
+
 def test_kernels_compile_for_a_gpu_target():
     """The compiled path (typing of loop-carried values, constexpr branches, bf16 rounding) is checked by
     compiling both kernels to a CUDA binary with triton's bundled toolchain; no GPU is needed for that."""
