@@ -163,6 +163,7 @@ def _scale(grad: Tensor | None, grad_loss: Tensor) -> Tensor | None:
 def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse, grad_entropy):
     """The rare paths: materialize the logits and differentiate `composite_rows` (differentiable itself)."""
     problem = lp.rows
+    create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():
         leaves = [
             t if (t is None or not need or t.requires_grad) else t.detach().requires_grad_()
@@ -181,7 +182,7 @@ def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse,
         pairs = [(reduce_rows(problem, loss_rows), grad_loss), (lse, grad_lse), (entropy, grad_entropy)]
         outputs, grads = zip(*[(o.reshape(problem.output_shape) if o.dim() else o, g) for o, g in pairs if g is not None])
         sources = [leaf for leaf, need in zip(leaves, needs) if need]
-        found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=torch.is_grad_enabled(),
+        found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=create_graph,
                                          allow_unused=True))
     return [next(found) if need else None for need in needs]
 
