@@ -22,9 +22,10 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover 
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 # Lazy imports paid once here rather than in every forked rank: torch.testing.assert_close pulls in sympy
-# (~1 s), DTensor's modules take ~2 s.
+# (~1 s); DDP, FSDP and DTensor pull in torch._dynamo (~3 s) and DTensor's own modules (~2 s).
 torch.testing.assert_close(torch.zeros(1), torch.zeros(1))
 try:
+    import torch._dynamo  # noqa: F401
     import torch.distributed.tensor.parallel  # noqa: F401
 except ImportError:  # pragma: no cover - older torch
     pass

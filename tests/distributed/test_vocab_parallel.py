@@ -180,7 +180,6 @@ def test_matches_torch_loss_parallel(world):
         from torch.distributed.tensor.parallel import loss_parallel  # noqa: F401
     except ImportError:  # pragma: no cover - older torch
         pytest.skip("torch.distributed.tensor.parallel.loss_parallel is not available")
-    import torch._dynamo  # noqa: F401 - DTensor imports it lazily: once here, not in every forked rank
 
     results = run_ranks(_loss_parallel_case, world)
     assert all(len(r) == 4 for r in results)
