@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES, assert_same, check_against_torch
+from conftest import FLOAT_DTYPES, assert_same, check_against_torch, tolerance
 
 import xentlib.functional as X
 
@@ -638,6 +638,9 @@ def test_non_contiguous_inputs(kind, shape, reduction, dtype):
     check_against_torch(X.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, x, p)
 
 
+TARGET_031 = torch.tensor([0, 3, 1])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # gradcheck, double backward, retain_graph
 # ----------------------------------------------------------------------------------------------------------
@@ -689,7 +692,7 @@ def test_gradcheck(name, make):
             (logits((3, 4), torch.float64),))),
         ("ce_prob", lambda: (lambda x, t: X.cross_entropy(x, t), (logits((3, 4), torch.float64),
                                                                    prob_target((3, 4), torch.float64)))),
-        ("ce_extensions", lambda: (lambda x: X.cross_entropy(x, torch.tensor([0, 3, 1]), z_loss=.2, softcap=2),
+        ("ce_extensions", lambda: (lambda x: X.cross_entropy(x, TARGET_031, z_loss=0.2, softcap=2.0),
                                    (logits((3, 4), torch.float64),))),
         ("log_softmax", lambda: (lambda x: X.log_softmax(x, 1), (logits((3, 4), torch.float64),))),
         ("softmax", lambda: (lambda x: X.softmax(x, -1), (logits((2, 3, 4), torch.float64),))),
@@ -757,3 +760,251 @@ def test_backward_accumulates_into_existing_grad():
         fn(x * 2, t).backward()
         grads.append(x.grad)
     assert_same(grads[0], grads[1], "accumulated grad")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Extensions: z_loss, softcap, normalizer, return_stats, inplace_backward, chunk_size, backend
+# --------------------------------------------------------------------------------------------------------
+
+
+def composed_cross_entropy(
+    x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+    normalizer=None,
+):  # fmt: skip
+    """The pinned extension semantics written with torch ops in float64, cast to torch's output dtype.
+
+    y = softcap tanh(x / softcap); row = torch's 'none' loss on y + z_loss lse(y)^2 on non-ignored rows;
+    'mean' divides the sum by torch's own denominator (weighted count, or row count for probabilities);
+    'sum' divides by the normalizer.
+    """
+    probabilities = x.shape == t.shape
+    out_dtype = torch.promote_types(x.dtype, t.dtype) if probabilities else x.dtype
+    if probabilities and weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    y = x.double()
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    w = None if weight is None else weight.double()
+    target = t.double() if probabilities else t
+    rows = F.cross_entropy(
+        y, target, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
+    lse = torch.logsumexp(y, 0 if x.dim() == 1 else 1)
+    valid = torch.ones_like(lse, dtype=torch.bool) if probabilities else t != ignore_index
+    rows = rows + torch.where(valid, z_loss * lse * lse, 0.0)
+    if reduction == "none":
+        return rows.to(out_dtype)
+    total = rows.sum()
+    if reduction == "mean":
+        if probabilities:
+            count = torch.tensor(float(lse.numel()), dtype=torch.float64)
+        elif w is None:
+            count = valid.sum().double()
+        else:
+            count = torch.where(valid, w[torch.where(valid, t, 0)], 0.0).sum()
+        total = total / count
+    elif normalizer is not None:
+        total = total / normalizer
+    return total.to(out_dtype)
+
+
+EXTENSIONS = [
+    dict(z_loss=1e-2),
+    dict(z_loss=0.5, label_smoothing=0.1),
+    dict(softcap=3.0),
+    dict(softcap=0.5, z_loss=0.1),
+    dict(softcap=10.0, z_loss=1e-3, label_smoothing=0.2, weighted=True),
+    dict(z_loss=0.2, weighted=True),
+]
+
+
+def extension_case(kind, shape, dtype, options):
+    options = dict(options)
+    x = logits(shape, dtype, scale=4.0)
+    if kind == "index":
+        t = index_target(shape, ignore_every=3 if len(shape) > 1 else 0)
+    else:
+        t = prob_target(shape, dtype)
+    w = (
+        class_weight(class_count(shape), dtype, requires_grad=kind == "prob")
+        if options.pop("weighted", 0)
+        else None
+    )
+    return x, t, w, options
+
+
+EXTENSION_CASES = [((6, 5), torch.float64), ((3, 5, 4), torch.float64), ((6, 5), torch.float32),
+                   ((5,), torch.float64), ((6, 5), torch.bfloat16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", EXTENSIONS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape, dtype", EXTENSION_CASES)
+def test_extensions_match_composed_formula(options, kind, reduction, shape, dtype):
+    x, t, w, options = extension_case(kind, shape, dtype, options)
+    check_against_torch(X.cross_entropy, composed_cross_entropy, x, t, w, reduction=reduction, **options)
+
+
+@pytest.mark.parametrize("normalizer", [7, 2.5, torch.tensor(3.0), torch.tensor(4, dtype=torch.long)])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_normalizer_divides_the_sum(normalizer, kind, z_loss):
+    x, t, w, _ = extension_case(kind, (6, 5, 2), torch.float64, {})
+    check_against_torch(
+        X.cross_entropy, composed_cross_entropy, x, t, reduction="sum", normalizer=normalizer, z_loss=z_loss
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("normalizer", [4, torch.tensor(4.0)])
+def test_normalizer_only_with_sum(reduction, normalizer):
+    with pytest.raises(ValueError, match="normalizer"):
+        X.cross_entropy(logits((3, 4)), torch.tensor([0, 1, 2]), reduction=reduction, normalizer=normalizer)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(z_loss=-0.1), dict(z_loss=math.nan), dict(z_loss=True), dict(softcap=0.0), dict(softcap=-1.0),
+     dict(reduction="sum", normalizer=torch.ones(2)), dict(reduction="sum", normalizer=0), dict(chunk_size=0),
+     dict(chunk_size=1.5), dict(chunk_size=True), dict(backend="cuda-magic")],
+)  # fmt: skip
+def test_invalid_extension_arguments(kwargs):
+    with pytest.raises(ValueError):
+        X.cross_entropy(logits((3, 4)), torch.tensor([0, 1, 2]), **kwargs)
+
+
+@pytest.mark.parametrize("options", EXTENSIONS[:4] + [dict(label_smoothing=0.1, weighted=True)])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_extensions_match_reference(options, kind, reduction):
+    """Value and gradients against xentlib.reference (NumPy, float64) with a random grad_output."""
+    reference = pytest.importorskip("xentlib.reference")
+    x, t, w, options = extension_case(kind, (6, 5, 3), torch.float64, options)
+    normalizer = 3.5 if reduction == "sum" else None
+    ours = X.cross_entropy(x, t, w, reduction=reduction, normalizer=normalizer, **options)
+    args = (x.detach().numpy(), t.detach().numpy(), None if w is None else w.detach().numpy())
+    expected = reference.cross_entropy(*args, reduction=reduction, normalizer=normalizer, **options)
+    assert_same(ours.detach(), torch.as_tensor(expected), "loss")
+    leaves = [v for v in (x, t, w) if v is not None and v.requires_grad]
+    grad_output = random_like_output(ours)
+    grads = torch.autograd.grad(ours, leaves, grad_output)
+    ref = reference.cross_entropy_backward(
+        grad_output.numpy(), *args, reduction=reduction, normalizer=normalizer, **options
+    )
+    ref_grads = (
+        [ref.input] + ([ref.target] if t.requires_grad else []) + ([ref.weight] if w is not None else [])
+    )
+    for name, ours_grad, ref_grad in zip(("input", "target", "weight"), grads, ref_grads, strict=False):
+        assert_same(ours_grad, torch.as_tensor(ref_grad), f"grad {name}")
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_return_stats(kind, dtype, softcap, reduction):
+    """lse, loss, argmax, correct, entropy against torch ops in float64; lse and entropy gradients too."""
+    x, t, w, _ = extension_case(kind, (6, 5, 2), dtype, {})
+    if kind == "index":
+        x.data[0, 2, 0] = x.data[0, :, 0].max() + 1.0  # a correct prediction on a valid row
+        t[0, 0] = 2
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = (
+        random_like_output(t.sum(1) if kind == "prob" else t.double()),
+        random_like_output(x[:, 0].double()),
+    )
+
+    def ours(x, t):
+        loss, stats = X.cross_entropy(
+            x, t, reduction=reduction, softcap=softcap, z_loss=0.1, return_stats=True
+        )
+        return loss.double().sum() + (a * stats.lse).sum() + (b * stats.entropy).sum()
+
+    def theirs(x, t):
+        y = x.double() if softcap is None else softcap * torch.tanh(x.double() / softcap)
+        lse, log_p = torch.logsumexp(y, 1), torch.log_softmax(y, 1)
+        entropy = -(log_p.exp() * log_p).sum(1)
+        loss = composed_cross_entropy(x, t, reduction=reduction, softcap=softcap, z_loss=0.1)
+        return loss.double().sum() + (a * lse.to(stat_dtype)).sum() + (b * entropy.to(stat_dtype)).sum()
+
+    check_against_torch(ours, theirs, x, t)
+    loss, stats = X.cross_entropy(x, t, reduction=reduction, softcap=softcap, z_loss=0.1, return_stats=True)
+    y = x.detach().double() if softcap is None else softcap * torch.tanh(x.detach().double() / softcap)
+    expected_argmax = y.argmax(1)
+    if kind == "index":
+        expected_correct = (expected_argmax == t) & (t != -100)
+    else:
+        expected_correct = expected_argmax == t.argmax(1)
+    log_p = torch.log_softmax(y, 1)
+    expected = (
+        torch.logsumexp(y, 1).to(stat_dtype),
+        composed_cross_entropy(x.detach(), t.detach(), reduction="none", softcap=softcap, z_loss=0.1),
+        expected_argmax,
+        expected_correct,
+        (-(log_p.exp() * log_p).sum(1)).to(stat_dtype),
+    )
+    assert_same(tuple(s.detach() for s in stats), expected, "stats", tolerance(dtype))
+    assert bool(stats.correct.any()) if kind == "index" else True
+    assert stats._fields == ("lse", "loss", "argmax", "correct", "entropy")
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("options", [{}, dict(z_loss=0.1, softcap=3.0, label_smoothing=0.1, weighted=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_gives_the_same_gradient(kind, reduction, options, dtype):
+    x, t, w, options = extension_case(kind, (6, 5, 3), dtype, options)
+    if w is not None:
+        w.requires_grad_(False)
+    t = t.detach()
+    check_against_torch(
+        lambda x, *a, **k: X.cross_entropy(x, *a, inplace_backward=True, **k),
+        lambda x, *a, **k: X.cross_entropy(x, *a, **k),
+        x, t, w, reduction=reduction, **options,
+    )  # fmt: skip
+
+
+def test_inplace_backward_marks_the_logits_modified():
+    """A tensor saved by another op from the same logits raises on backward (not a silent wrong result)."""
+    x = logits((4, 5))
+    z = x * 2
+    side = z.sin()  # saves z for its backward
+    loss = X.cross_entropy(z, torch.tensor([0, 1, 2, 3]), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + side.sum()).backward()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(return_stats=True), "return_stats"), (dict(target_grad=True), "target")],
+)
+def test_inplace_backward_rejects_what_needs_the_logits(kwargs, match):
+    t = prob_target((4, 5), requires_grad=kwargs.pop("target_grad", False))
+    with pytest.raises(ValueError, match=match):
+        X.cross_entropy(logits((4, 5)), t, inplace_backward=True, **kwargs)
+
+
+def test_inplace_backward_second_backward_raises():
+    loss = X.cross_entropy(logits((4, 5)) * 1, torch.tensor([0, 1, 2, 3]), inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (2, 5, 3, 3)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_chunk_size_does_not_change_the_result(chunk_size, kind, shape, reduction):
+    x, t, w, options = extension_case(kind, shape, torch.float32, EXTENSIONS[4])
+    check_against_torch(
+        lambda *a, **k: X.cross_entropy(*a, chunk_size=chunk_size, backend="torch", **k),
+        X.cross_entropy, x, t, w, reduction=reduction, **options,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_explicit_torch_backend(backend):
+    x, t = logits((6, 5)), index_target((6, 5), ignore_every=2)
+    check_against_torch(lambda *a, **k: X.cross_entropy(*a, backend=backend, **k), F.cross_entropy, x, t)
