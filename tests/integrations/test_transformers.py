@@ -47,6 +47,7 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "final_logit_softcapping": 1.5}),
     "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
     "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
@@ -224,6 +225,31 @@ def test_patched_float64_is_exact(family):
     assert_same_grads(actual_grads, expected_grads, rtol=1e-10, atol=1e-12)
 
 
+def test_patched_under_autocast_runs_the_head_in_the_autocast_dtype(monkeypatch):
+    """Mixed precision (the Trainer's bf16=True): the fused loss sees the operands lm_head would see."""
+    from xentlib import functional
+
+    seen_dtypes = []
+    real_linear_cross_entropy = functional.linear_cross_entropy
+
+    def recording_linear_cross_entropy(input, weight, *args, **kwargs):
+        seen_dtypes.append((input.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
+        return real_linear_cross_entropy(input, weight, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "linear_cross_entropy", recording_linear_cross_entropy)
+    input_ids, labels = make_batch()
+    model = make_model("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, expected_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+        with patch(model):
+            actual, actual_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    assert seen_dtypes == [(torch.bfloat16, torch.bfloat16, False)]
+    assert actual.loss.dtype == torch.float32
+    # the fused loss value is rounded to bfloat16 (half a bfloat16 ulp at 5 is 0.016)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=4e-3, atol=0)
+    assert_same_grads(actual_grads, expected_grads, rtol=2e-2, atol=2e-3)
+
+
 @pytest.mark.parametrize("logits_to_keep", [5, torch.tensor([0, 3, 4, 8, 11])])
 def test_patched_honours_logits_to_keep(logits_to_keep):
     input_ids, labels = make_batch()
@@ -295,6 +321,13 @@ def test_unpatch_restores_the_original():
         assert patched is other and is_patched(other)
     assert not is_patched(other) and other.loss_function is custom_loss
 
+    patch(model)
+    wrapped_later = model.forward  # e.g. accelerate wraps the forward for mixed precision
+    model.forward = lambda *args, **kwargs: wrapped_later(*args, **kwargs)
+    with pytest.warns(UserWarning, match="replaced after the patch"):
+        unpatch(model)
+    assert "forward" not in model.__dict__
+
 
 def test_patch_rejects_what_the_fused_loss_cannot_honour():
     with pytest.raises(TypeError, match="base model"):
@@ -304,6 +337,19 @@ def test_patch_rejects_what_the_fused_loss_cannot_honour():
     with pytest.raises(TypeError, match="hooks"):
         patch(model)
     assert not is_patched(model)
+
+
+def test_router_auxiliary_loss_is_refused_not_dropped():
+    """A mixture-of-experts model asked for router logits adds an auxiliary loss the fused path cannot see."""
+    input_ids, labels = make_batch()
+    model = make_model("mixtral")
+    model.config.output_router_logits = True
+    expected = model(input_ids=input_ids, labels=labels).loss
+    with patch(model):
+        with pytest.raises(NotImplementedError, match="router"):
+            model(input_ids=input_ids, labels=labels)
+        asked = model(input_ids=input_ids, labels=labels, return_logits=True).loss
+    torch.testing.assert_close(asked, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_config_attributes_the_forward_does_not_use_are_ignored():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,19 +132,31 @@ def linear_causal_lm_loss(
     if logit_scale != 1.0:
         hidden_states = hidden_states * logit_scale
         bias = None if bias is None else bias * logit_scale
-    loss = functional.linear_cross_entropy(
-        hidden_states,
-        weight,
-        target.to(hidden_states.device),
-        bias=bias,
-        ignore_index=ignore_index,
-        shift=shift,
-        softcap=softcap,
-        chunk_size=chunk_size,
-        backend=backend,
-        **_reduction_options(num_items_in_batch, hidden_states.device),
-    )
+    device_type = hidden_states.device.type
+    hidden_states, weight, bias = _autocast_operands(device_type, hidden_states, weight, bias)
+    with torch.autocast(device_type, enabled=False):
+        loss = functional.linear_cross_entropy(
+            hidden_states,
+            weight,
+            target.to(hidden_states.device),
+            bias=bias,
+            ignore_index=ignore_index,
+            shift=shift,
+            softcap=softcap,
+            chunk_size=chunk_size,
+            backend=backend,
+            **_reduction_options(num_items_in_batch, hidden_states.device),
+        )
     return loss.to(torch.promote_types(loss.dtype, torch.float32))
+
+
+def _autocast_operands(device_type: str, hidden_states: Tensor, weight: Tensor, bias: Tensor | None):
+    """Under autocast the model's `lm_head` would run in the autocast dtype; cast the operands the same way
+    (the casts are differentiable, so gradients reach the float32 parameters as through the head)."""
+    if not torch.is_autocast_enabled(device_type):
+        return hidden_states, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden_states.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,6 +265,7 @@ def _keep_positions(hidden_states: Tensor, logits_to_keep) -> Tensor:
 class _PatchState:
     saved_forward: Any  # the instance's own `forward` before patching, or _ABSENT
     saved_loss_function: Any  # the instance's own `_loss_function` before patching, or _ABSENT
+    patched_forward: Any  # the bound forward that patch installed
     chunk_size: int | None
     backend: str
 
@@ -419,13 +433,14 @@ def patch(model: torch.nn.Module, *, chunk_size: int | None = None, backend: str
     _base_model(model)
     _output_head(model)
     instance = model.__dict__
+    forward = types.MethodType(_make_forward(model), model)
     state = _PatchState(
         saved_forward=instance.get("forward", _ABSENT),
         saved_loss_function=instance.get("_loss_function", _ABSENT),
+        patched_forward=forward,
         chunk_size=chunk_size,
         backend=backend,
     )
-    forward = types.MethodType(_make_forward(model), model)
     instance[_STATE_ATTRIBUTE] = state
     instance["forward"] = forward
     instance["_loss_function"] = for_causal_lm_loss  # what the `loss_function` property returns when set
@@ -440,11 +455,19 @@ def _restore(instance: dict, name: str, saved) -> None:
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `patch`: the instance's `forward` and `loss_function` are exactly what they were before."""
+    """Undo `patch`: the instance's `forward` and `loss_function` are exactly what they were before `patch`.
+    A forward wrapped around the patched one since (e.g. accelerate's mixed-precision wrapper) goes too, with
+    a warning."""
     if not is_patched(model):
         raise ValueError(f"this {type(model).__name__} is not patched by xentlib")
     instance = model.__dict__
     state: _PatchState = instance.pop(_STATE_ATTRIBUTE)
+    if instance.get("forward") is not state.patched_forward:
+        warnings.warn(
+            f"{type(model).__name__}.forward was replaced after the patch (e.g. wrapped by accelerate); "
+            "unpatch restores the forward from before the patch",
+            stacklevel=2,
+        )
     _restore(instance, "forward", state.saved_forward)
     _restore(instance, "_loss_function", state.saved_loss_function)
     return model
