@@ -185,7 +185,7 @@ def test_matches_torch_loss_parallel(world):
     assert all(len(r) == 4 for r in results)
 
 
-def _count_collectives(rank, world):
+def _count_collectives(rank, world, validate):
     """Number of all_reduce calls in forward and in backward (patched counters around the real collective)."""
     calls = {"n": 0}
     real = dist.all_reduce
@@ -200,17 +200,21 @@ def _count_collectives(rank, world):
     dist.all_reduce = counting
     try:
         loss = vocab_parallel_cross_entropy(
-            shard, t, w[start:end], vocab_start=start, label_smoothing=0.1, chunk_size=8
-        )
+            shard, t, w[start:end], vocab_start=start, vocab_size=VOCAB, label_smoothing=0.1, chunk_size=8,
+            validate=validate,
+        )  # fmt: skip
         forward = calls["n"]
         loss.backward()
         backward = calls["n"] - forward
     finally:
         dist.all_reduce = real
-    return forward, backward
+    expected = F.cross_entropy(x, t, w, label_smoothing=0.1)
+    return forward, backward, float((loss - expected).abs())
 
 
-def test_collective_count():
-    """Forward: validation table + MAX + one stacked SUM, whatever the chunking; backward: none."""
-    for forward, backward in run_ranks(_count_collectives, 2):
-        assert (forward, backward) == (3, 0)
+@pytest.mark.parametrize("validate", [True, False])
+def test_collective_count(validate):
+    """Forward: [validation table] + MAX + one stacked SUM, whatever the chunking; backward: none."""
+    for forward, backward, error in run_ranks(_count_collectives, 2, validate):
+        assert (forward, backward) == (3 if validate else 2, 0)
+        assert error < 1e-12

@@ -54,12 +54,25 @@ def prepare_shard(
     z_loss,
     softcap,
     normalizer,
+    validate: bool = True,
 ) -> ShardProblem:
     """Validate on this rank, agree with the other ranks (one small all-reduce), return the shard problem.
 
     `local_call()` returns (logits shard in the cross_entropy layout, target, class-weight shard, whether a
     backward pass will run); it may raise, like any local check, and then every rank raises.
+    With validate=False only the local checks run (no collective): a rank with bad input raises alone and the
+    others wait in the next collective until the process group's timeout; vocab_size is then required.
     """
+    if not validate:
+        if vocab_size is None:
+            raise ValueError(f"{fn}: validate=False needs vocab_size (the ranks do not exchange shard sizes)")
+        logits, target, weight, needs_grad = local_call()
+        problem, _ = _prepare_local(
+            fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+            vocab_start, vocab_size, z_loss, softcap, normalizer, needs_grad,
+        )  # fmt: skip
+        problem.vocab_size, problem.group = vocab_size, group
+        return problem
     problem = record = error = None
     try:
         logits, target, weight, needs_grad = local_call()

@@ -58,6 +58,7 @@ def vocab_parallel_linear_cross_entropy(
     softcap: float | None = None,
     normalizer: float | Tensor | None = None,
     chunk_size: int | None = None,
+    validate: bool = True,
 ) -> Tensor:
     """`cross_entropy(input @ W.T + b, target, ...)` with W, b sharded over the vocabulary across `group`.
 
@@ -70,6 +71,7 @@ def vocab_parallel_linear_cross_entropy(
         class_weight: this rank's slice of the class weight, (C_r,), or None.
         Other arguments: as in `vocab_parallel_cross_entropy`; classes are on the last dimension.
         chunk_size: rows (tokens) per chunk (default: about 16 MiB of float32 logits per chunk).
+        validate: as in `vocab_parallel_cross_entropy` (False skips the validation all-reduce).
 
     Collectives: forward = 1 validation all-reduce + 2 per token chunk (MAX, SUM); backward = 1 all-reduce of
     the input gradient (none when the input does not require grad).
@@ -102,6 +104,7 @@ def vocab_parallel_linear_cross_entropy(
     problem = prepare_shard(
         FN, group, device, local_call, ignore_index, reduction, label_smoothing,
         vocab_start=vocab_start, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+        validate=validate,
     )  # fmt: skip
     loss = _VocabParallelLinearCrossEntropy.apply(
         input, weight_shard, bias_shard, problem, _rows_per_chunk(problem, chunk_size)

@@ -1,8 +1,9 @@
 """Cross-entropy of logits sharded over the vocabulary across a process group (tensor parallelism).
 
 Collectives per call (see docs/distributed.md): forward = 1 small validation all-reduce (a (world, 19) int64
-table) + 1 all-reduce MAX of the row max (rows floats) + 1 all-reduce SUM of the stacked partial sums
-(k x rows floats, k = 2..5); backward = none (the gradient is made in the forward pass from the global lse).
+table; skipped with validate=False) + 1 all-reduce MAX of the row max (rows floats) + 1 all-reduce SUM of the
+stacked partial sums (k x rows floats, k = 2..5); backward = none (the gradient is made in the forward pass
+from the global lse).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def vocab_parallel_cross_entropy(
     softcap: float | None = None,
     normalizer: float | Tensor | None = None,
     chunk_size: int | None = None,
+    validate: bool = True,
 ) -> Tensor:
     r"""`xentlib.functional.cross_entropy` of logits whose class dimension is sharded across `group`.
 
@@ -63,10 +65,13 @@ def vocab_parallel_cross_entropy(
         vocab_size: the global V; checked against the shards when given.
         z_loss, softcap, normalizer: as in `xentlib.functional.cross_entropy`.
         chunk_size: rows per chunk of the local work (default: about 1 MiB of float32 per chunk).
+        validate: exchange a small table so that bad use raises the same error on every rank (default). With
+            False the call holds only the two merge collectives, checks only locally, and needs vocab_size.
 
-    Collectives: 3 in forward (a small validation table, a MAX over rows, one SUM of stacked row statistics),
-    none in backward. Every rank raises the same error on bad use (shards that do not tile the vocabulary,
-    a target out of range or of the wrong dtype on any rank, ranks that disagree on shapes or options).
+    Collectives: 3 in forward (a small validation table, a MAX over rows, one SUM of stacked row statistics;
+    2 with validate=False), none in backward. Every rank raises the same error on bad use (shards that do not
+    tile the vocabulary, a target out of range or of the wrong dtype on any rank, ranks that disagree on
+    shapes or options).
 
     Example (two ranks, V = 5 split as 3 + 2)::
 
@@ -87,6 +92,7 @@ def vocab_parallel_cross_entropy(
     problem = prepare_shard(
         FN, group, device, local_call, ignore_index, reduction, label_smoothing,
         vocab_start=vocab_start, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+        validate=validate,
     )  # fmt: skip
     return _VocabParallelCrossEntropy.apply(logits_shard, problem, chunk_size)
 
