@@ -157,10 +157,12 @@ def test_for_causal_lm_loss_equals_transformers(dtype, num_items, given_shift_la
     torch.testing.assert_close(ours_input.grad, theirs_input.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_for_causal_lm_loss_as_model_loss_function():
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2 passes its loss arguments by position
+@pytest.mark.parametrize("num_items_in_batch", [None, 17])
+def test_for_causal_lm_loss_as_model_loss_function(family, num_items_in_batch):
     input_ids, labels = make_batch()
-    inputs = {"input_ids": input_ids, "labels": labels, "num_items_in_batch": 17}
-    model = make_model("llama")
+    inputs = {"input_ids": input_ids, "labels": labels, "num_items_in_batch": num_items_in_batch}
+    model = make_model(family)
     expected, expected_grads = loss_and_grads(model, **inputs)
     model.loss_function = for_causal_lm_loss
     actual, actual_grads = loss_and_grads(model, **inputs)
