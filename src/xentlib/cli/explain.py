@@ -877,6 +877,8 @@ def render_class_rows(console, problem: Problem, result: Explanation, fmt) -> No
     for n in range(min(num_rows, MAX_DETAILED_ROWS)):
         if num_classes <= MAX_DETAILED_CLASSES:
             console.print(row_table(problem, result, n, fmt))
+        else:
+            console.print(f"row {n}" + ("" if problem.probability_target else f", target {result.target[n]}"))
         console.print(row_formula(problem, result, n, fmt))
     if num_rows > MAX_DETAILED_ROWS or num_classes > MAX_DETAILED_CLASSES:
         console.print(f"(class-by-class detail for the first {min(num_rows, MAX_DETAILED_ROWS)} rows only)")
@@ -1023,7 +1025,10 @@ def render_reduction(console, problem: Problem, result: Explanation, decimals: i
     total = float(np.sum(result.row_loss))
     console.print()
     if problem.reduction == "none":
-        console.print(f"reduction='none': one loss per row {numbers(result.loss, decimals)}")
+        shown = numbers(result.row_loss[:MAX_LISTED_ROWS], decimals)
+        more = f" ... ({result.row_loss.size} in all)" if result.row_loss.size > MAX_LISTED_ROWS else ""
+        unit = "element" if problem.op in ("bce", "bce_with_logits") else "row"
+        console.print(f"reduction='none': one loss per {unit} {shown}{more}")
         return
     if problem.reduction == "sum":
         console.print("reduction='sum': loss = sum of the row losses =", bold(fmt(result.loss)))
