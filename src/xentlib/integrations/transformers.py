@@ -321,7 +321,7 @@ def _causal_lm_output(loss: Tensor, base_outputs, return_dict: bool):
 def _fused_forward(model: torch.nn.Module, state: _PatchState, arguments: dict[str, Any]):
     """Base model, then the loss straight from the last hidden state and the head weight."""
     labels = arguments.pop("labels")
-    logits_to_keep = arguments.pop("logits_to_keep", 0)
+    logits_to_keep = arguments.pop("logits_to_keep", arguments.pop("num_logits_to_keep", 0))  # older name
     return_dict = arguments.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
