@@ -428,6 +428,8 @@ def test_plot_writes_a_png(capsys, tmp_path):
         ([], "give --logits"),
         (["--file", "/no/such/file.json"], "no such file"),
         (["--example", "textbook", "--plot", "/no/such/dir/x.png"], "cannot write"),
+        (["--example", "textbook", "--plot-at", "0,1"], "give --plot"),
+        (["--example", "textbook", "--decimals", "-1"], "--decimals"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(capsys, args, message):

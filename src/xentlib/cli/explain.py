@@ -98,6 +98,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.decimals <= 15:
+        raise CLIError(f"--decimals must be between 0 and 15, got {args.decimals}")
+    if args.plot_at is not None and args.plot is None:
+        raise CLIError("--plot-at chooses what --plot sweeps: give --plot PNG too")
     console = make_console()
     if args.list_examples:
         print_example_list(console)
