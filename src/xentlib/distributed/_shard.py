@@ -77,6 +77,8 @@ class ShardProblem:
     local_size: int
     vocab_size: int
     group: object
+    owned: Tensor | None = None  # (B, 1, S) bool: this rank holds the row's (non-ignored) target; made lazily
+    local_target: Tensor | None = None  # (B, 1, S) int64: the target's index in this shard, 0 where not owned
 
     @property
     def acc(self) -> torch.dtype:
@@ -146,11 +148,15 @@ def all_reduce_max(row_max: Tensor, group) -> Tensor:
 
 
 def owned_targets(sp: ShardProblem, rows, cols) -> tuple[Tensor, Tensor]:
-    """(owned, local index), each (R, 1, S): whether this rank holds the row's target class, and where."""
-    t = sp.target[rows, cols].unsqueeze(1)
-    local = t - sp.vocab_start
-    owned = sp.rules.valid[rows, cols].unsqueeze(1) & (local >= 0) & (local < sp.local_size)
-    return owned, torch.where(owned, local, torch.zeros((), dtype=local.dtype, device=local.device))
+    """(owned, local index), each (R, 1, S): whether this rank holds the row's target class, and where.
+
+    Computed once for all rows (a few small ops), then sliced per chunk."""
+    if sp.owned is None:
+        local = sp.target.unsqueeze(1) - sp.vocab_start
+        owned = sp.rules.valid.unsqueeze(1) & (local >= 0) & (local < sp.local_size)
+        sp.owned = owned
+        sp.local_target = torch.where(owned, local, torch.zeros((), dtype=local.dtype, device=local.device))
+    return sp.owned[rows, :, cols], sp.local_target[rows, :, cols]
 
 
 def target_weights_shard(sp: ShardProblem, rows, cols) -> Tensor:
@@ -169,8 +175,10 @@ def local_partials(sp: ShardProblem, z: Tensor, row_max: Tensor, rows, cols, exp
 
     Writes exp(y - M) into `exp_out` (R, C_r, S), from which the gradient is made after the merge.
     """
-    y = capped(z, sp.acc, sp.rules.softcap)
-    d = torch.sub(y, row_max, out=exp_out)
+    if sp.rules.softcap is None:
+        d = torch.sub(z, row_max, out=exp_out)  # promotes half inputs to the accumulation dtype
+    else:
+        d = exp_out.copy_(z).div_(sp.rules.softcap).tanh_().mul_(sp.rules.softcap).sub_(row_max)
     parts: dict[str, Tensor] = {}
     zero = torch.zeros((), dtype=sp.acc, device=z.device)
     if sp.rules.kind == "index":

@@ -151,7 +151,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             batch, _, spatial = grad.shape
             grad.mul_(grad_loss.reshape(batch, 1, spatial).to(grad.dtype))
-        else:
+        elif not (
+            grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
+        ):  # loss.backward(): nothing to do
             grad.mul_(grad_loss.to(grad.dtype))
         return grad.to(ctx.input_dtype).view(ctx.input_shape), None, None
 
