@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from xentlib.cli import CLIError
 from xentlib.cli._examples import EXAMPLES, MISTAKES, WORKED, Mistake, Worked
 
@@ -233,8 +235,6 @@ def build_problem(args: argparse.Namespace, example: Worked | None) -> Problem:
 
 
 def read_problem_file(path: Path) -> dict[str, Any]:
-    import numpy as np
-
     if not path.is_file():
         raise CLIError(f"no such file: {path}")
     suffix = path.suffix.lower()
@@ -264,8 +264,6 @@ NON_FINITE_WORDS = re.compile(r"(?<![A-Za-z])(-?)(inf(?:inity)?|nan)(?![A-Za-z])
 
 def to_array(value: Any, name: str):
     """A JSON string, nested list or array -> float64 array (inf, -inf and nan are accepted in JSON text)."""
-    import numpy as np
-
     if isinstance(value, str):
         text = NON_FINITE_WORDS.sub(
             lambda m: m.group(1) + ("NaN" if m.group(2).lower() == "nan" else "Infinity"), value
@@ -365,8 +363,6 @@ def validate_classes(problem: Problem) -> None:
 
 
 def validate_binary(problem: Problem) -> None:
-    import numpy as np
-
     x, y = problem.logits, problem.target
     if x.shape != y.shape:
         raise CLIError(f"{problem.op} needs a target of the input's shape {x.shape}, got {y.shape}")
@@ -422,8 +418,6 @@ class Explanation:
 
 
 def explain(problem: Problem) -> Explanation:
-    import numpy as np
-
     with np.errstate(all="ignore"):
         if problem.op in ("bce", "bce_with_logits"):
             result = binary_steps(problem)
@@ -450,8 +444,6 @@ def rows_and_classes(problem: Problem):
 
 def classes_last(array):
     """(C,) -> (1, C); (N, C) as is; (N, C, d1, ...) -> (N*d1*..., C)."""
-    import numpy as np
-
     if array.ndim == 1:
         return array[None, :]
     return np.moveaxis(array, 1, -1).reshape(-1, array.shape[1])
@@ -459,8 +451,6 @@ def classes_last(array):
 
 def softmax_steps(scores) -> Explanation:
     """log_softmax the stable way: lse = m + log(sum(exp(x - m))), m the row max, so exp never overflows."""
-    import numpy as np
-
     row_max = scores.max(axis=1)
     exp_shifted = np.exp(scores - row_max[:, None])
     exp_sum = exp_shifted.sum(axis=1)
@@ -482,8 +472,6 @@ def class_index_steps(problem: Problem) -> Explanation:
     The target term is a gather of one log-probability, never a dot product with a one-hot row, so a -inf
     logit on another class stays harmless. 'mean' divides by the summed w[t_n] of the rows not ignored.
     """
-    import numpy as np
-
     scores = rows_and_classes(problem)
     num_rows, num_classes = scores.shape
     target = problem.target.reshape(-1).astype(np.int64)
@@ -515,8 +503,6 @@ def class_index_steps(problem: Problem) -> Explanation:
 
 def probability_target_steps(problem: Problem) -> Explanation:
     """q[n, c] = w_c ((1-eps) t[n, c] + eps/C);  l_n = sum_c q[n, c] (-log p[n, c]);  'mean' divides by N."""
-    import numpy as np
-
     scores = rows_and_classes(problem)
     num_rows, num_classes = scores.shape
     target = classes_last(problem.target)
@@ -541,8 +527,6 @@ def binary_steps(problem: Problem) -> Explanation:
     bce:             l = -w (y max(log x, -100) + (1-y) max(log(1-x), -100))   (x a probability)
     bce_with_logits: l = w (pw y softplus(-x) + (1-y) softplus(x)),  since -log sigmoid(x) = softplus(-x)
     """
-    import numpy as np
-
     x, y = problem.logits, problem.target
     w = 1.0 if problem.weight is None else problem.weight
     if problem.op == "bce":
@@ -566,8 +550,6 @@ def binary_steps(problem: Problem) -> Explanation:
 
 
 def reduce(per_element, denominator: float, reduction: str):
-    import numpy as np
-
     if reduction == "none":
         return per_element
     total = float(np.sum(per_element))
@@ -584,8 +566,6 @@ def information(problem: Problem, result: Explanation):
     Binary ops treat each element as a Bernoulli(y) target against Bernoulli(p) and add them up per row.
     Returns (rows, entropy, cross_entropy, kl) or None when the inputs are not distributions.
     """
-    import numpy as np
-
     xlogy = lambda a, b: np.where(a > 0, a * b, 0.0)  # 0 log 0 = 0, also when b = -inf
     with np.errstate(all="ignore"):
         if problem.op in ("bce", "bce_with_logits"):
@@ -696,8 +676,6 @@ def library_call(problem: Problem, module, as_array):
 
 def cross_checks(problem: Problem):
     """[(source, value or None, note)] from every implementation we can reach."""
-    import numpy as np
-
     checks = []
 
     def attempt(source, compute):
@@ -733,8 +711,6 @@ def cross_checks(problem: Problem):
 
 
 def to_numpy(value):
-    import numpy as np
-
     if hasattr(value, "detach"):
         value = value.detach().cpu().double().numpy()
     return np.asarray(value, dtype=np.float64)
@@ -742,8 +718,6 @@ def to_numpy(value):
 
 def max_difference(a, b) -> float:
     """Largest |a - b|, where equal infinities and NaN against NaN count as agreement."""
-    import numpy as np
-
     a, b = np.broadcast_arrays(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
     if a.shape != b.shape:
         return float("inf")
@@ -753,8 +727,6 @@ def max_difference(a, b) -> float:
 
 
 def agrees(a, b) -> bool:
-    import numpy as np
-
     if np.shape(a) != np.shape(b):
         return False
     scale = max(1.0, float(np.max(np.abs(np.nan_to_num(np.asarray(a), posinf=0, neginf=0)), initial=0.0)))
@@ -787,8 +759,6 @@ def number(value: float, decimals: int) -> str:
 
 
 def numbers(values, decimals: int) -> str:
-    import numpy as np
-
     flat = np.asarray(values, dtype=np.float64).ravel()
     return "[" + ", ".join(number(v, decimals) for v in flat) + "]"
 
@@ -911,8 +881,6 @@ def render_class_rows(console, problem: Problem, result: Explanation, fmt) -> No
 
 
 def not_log_probabilities(log_probs) -> bool:
-    import numpy as np
-
     with np.errstate(all="ignore"):
         return bool(np.any(np.abs(np.log(np.exp(log_probs).sum(axis=1))) > 1e-3))
 
@@ -1023,8 +991,6 @@ def render_binary(console, problem: Problem, result: Explanation, fmt) -> None:
 
 
 def render_reduction(console, problem: Problem, result: Explanation, decimals: int) -> None:
-    import numpy as np
-
     fmt = lambda v: number(v, decimals)
     total = float(np.sum(result.row_loss))
     console.print()
@@ -1157,7 +1123,6 @@ def write_plot(problem: Problem, index: tuple[int, ...], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import torch
 
     base = torch.from_numpy(problem.logits.copy())
