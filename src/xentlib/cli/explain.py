@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "explain",
         help="show a loss computed step by step and checked against torch",
-        description="Show cross_entropy (or nll_loss, bce, bce_with_logits, linear_cross_entropy) computed "
-        "step by step for small inputs, then the same number from torch.",
+        description="Show cross_entropy (or nll_loss, bce, bce_with_logits, linear_cross_entropy) computed\n"
+        "step by step for small inputs, then the same number from torch and xentlib.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
