@@ -461,3 +461,17 @@ def test_real_command_in_a_subprocess():
     )
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_missing_matplotlib_for_plot_is_one_line(capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a),
+    )
+    code, out, err = explain(capsys, "--example", "textbook", "--plot", str(tmp_path / "x.png"))
+    assert code == 2 and out == ""
+    assert err == "xentlib explain: error: this needs matplotlib: pip install 'xentlib[demo]'\n"

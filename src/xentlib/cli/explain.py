@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--decimals must be between 0 and 15, got {args.decimals}")
     if args.plot_at is not None and args.plot is None:
         raise CLIError("--plot-at chooses what --plot sweeps: give --plot PNG too")
+    require_packages("rich", *(["matplotlib"] if args.plot is not None else []))
     console = make_console()
     if args.list_examples:
         print_example_list(console)
@@ -127,6 +128,14 @@ def run(args: argparse.Namespace) -> int:
             f"\nwrote {args.plot}: the loss and its gradient as {index_name(problem, index)} varies"
         )
     return 0
+
+
+def require_packages(*names: str) -> None:
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CLIError(f"this needs {', '.join(missing)}: pip install 'xentlib[demo]'")
 
 
 def make_console():

