@@ -60,6 +60,7 @@ def _scenarios(rank, world):
         ("different options", call(label_smoothing=one_rank(0.1, 0.0))),
         ("linear: weight shard of wrong width on one rank", linear_call),
         ("group that does not match the sharding", call(vocab_size=VOCAB, group=group_of_two)),
+        ("probability target requiring grad", call(target=torch.rand_like(shard).requires_grad_())),
     ]
 
 
@@ -76,6 +77,7 @@ EXPECTED = {  # scenario -> (exception type, words in the message)
     "full weight instead of its shard": (RuntimeError, "this rank's shard of the class weight"),
     "different options": (ValueError, "disagree on smoothing"),
     "linear: weight shard of wrong width on one rank": (ValueError, "do not match"),
+    "probability target requiring grad": (ValueError, "gradients wrt probability targets are not supported"),
 }
 
 

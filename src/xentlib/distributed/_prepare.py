@@ -115,6 +115,10 @@ def _prepare_local(
             logits, target, None, ignore_index, reduction, label_smoothing, **options
         )
         _check_weight_shard(fn, weight, local_size, logits, probabilities=True)
+        if target.requires_grad and torch.is_grad_enabled():
+            raise ValueError(
+                f"{fn}: gradients wrt probability targets are not supported; pass target.detach()"
+            )
         shard_target = sem.as_rows(target)
     else:  # global class indices: checked against a stand-in of the global logits
         stand_in = _global_stand_in(logits, class_dim, _bound(vocab_start + local_size, vocab_size, target))
