@@ -135,6 +135,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 4
         saved, ctx.grads = ctx.grads, None
         stats_flow = grad_lse is not None or grad_entropy is not None
+        if grad_loss is None and not stats_flow:  # every output gradient undefined: nothing flows back
+            return (None,) * 9
         if torch.is_grad_enabled() or needs[3] or needs[4] or stats_flow or (saved is None and grad_loss is None):
             tensors = (input, weight, bias, target, class_weight)
             return (*_composite_grads(ctx.lp, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
