@@ -57,6 +57,21 @@ def table_rows(out: str, header: str) -> list[list[str]]:
     return rows
 
 
+def gradient_columns(out: str) -> list[list[float]]:
+    """The last column ('d loss / d x' or 'd loss / d input') of every per-row table, one list per row."""
+    lines = out.splitlines()
+    tables = []
+    for i, line in enumerate(lines):
+        if "┃" in line and "d loss / d" in line:
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("│"):
+                    break
+                rows.append(float(row.strip("│").split("│")[-1]))
+            tables.append(rows)
+    return tables
+
+
 def cross_check(out: str, source_prefix: str) -> tuple[str, str]:
     """(value, verdict) of one implementation in the closing comparison table."""
     for cells in table_rows(out, "max |diff| vs steps"):
@@ -304,6 +319,78 @@ def test_linear_agrees_with_torch_linear_then_cross_entropy(capsys):
         logits, torch.tensor([4, 0, 2]), weight=t64([1, 2, 3, 4, 5]), label_smoothing=0.05
     )
     assert_close(final_loss(out), expected)
+
+
+def torch_gradient(function, x, *args, **kwargs):
+    x = x.clone().requires_grad_(True)
+    loss = function(x, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return grad
+
+
+@pytest.mark.parametrize(
+    "args, function, kwargs",
+    [
+        (
+            ["--target", "[3, -100, 1]", "--weight", "[1, 2, 0.5, 3]", "--label-smoothing", "0.2"],
+            F.cross_entropy,
+            {"target": torch.tensor([3, -100, 1]), "weight": t64([1, 2, 0.5, 3]), "label_smoothing": 0.2},
+        ),
+        (
+            ["--target", "[[0.5, 0.5, 0, 0], [0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4]]", "--reduction", "sum"],
+            F.cross_entropy,
+            {"target": t64([[0.5, 0.5, 0, 0], [0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4]]), "reduction": "sum"},
+        ),
+        (
+            ["--target", "[2, 0, 1]", "--reduction", "none"],
+            F.cross_entropy,
+            {"target": torch.tensor([2, 0, 1]), "reduction": "none"},
+        ),
+        (
+            ["--op", "nll_loss", "--target", "[2, 0, 1]", "--weight", "[1, 2, 3, 4]"],
+            F.nll_loss,
+            {"target": torch.tensor([2, 0, 1]), "weight": t64([1, 2, 3, 4])},
+        ),
+        (
+            [
+                "--op",
+                "bce_with_logits",
+                "--target",
+                json.dumps([[1, 0, 1, 0.5]] * 3),
+                "--pos-weight",
+                "[1, 2, 3, 4]",
+            ],
+            F.binary_cross_entropy_with_logits,
+            {"target": t64([[1, 0, 1, 0.5]] * 3), "pos_weight": t64([1, 2, 3, 4])},
+        ),
+    ],
+    ids=["index-weights-smoothing-ignore", "probabilities-sum", "none", "nll-weights", "bce-with-logits"],
+)
+def test_gradient_column_matches_torch_autograd(capsys, args, function, kwargs):
+    code, out, _ = explain(capsys, "--logits", json.dumps(LOGITS), *args, "--decimals", "10")
+    assert code == 0
+    expected = torch_gradient(function, t64(LOGITS), **kwargs)
+    assert_close(gradient_columns(out), expected)
+
+
+def test_bce_gradient_column_matches_torch(capsys):
+    x, y = [[0.9, 0.2, 0.6], [0.05, 0.7, 0.5]], [[1.0, 0.0, 0.3], [0.0, 1.0, 0.0]]
+    code, out, _ = explain(
+        capsys,
+        "--op",
+        "bce",
+        "--logits",
+        json.dumps(x),
+        "--target",
+        json.dumps(y),
+        "--weight",
+        "[1, 2, 3]",
+        "--decimals",
+        "10",
+    )
+    assert code == 0
+    expected = torch_gradient(F.binary_cross_entropy, t64(x), t64(y), weight=t64([1, 2, 3]))
+    assert_close(gradient_columns(out), expected)
 
 
 def test_minus_inf_logit_on_other_class_stays_finite(capsys):

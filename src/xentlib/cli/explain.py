@@ -147,6 +147,22 @@ def make_console():
     return console
 
 
+def print_table(console, table) -> None:
+    """Print a table whole: into a pipe or a file it may be wider than the console, never cut."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.measure import Measurement
+
+    needed = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
+
+
 def find_example(name: str | None) -> Worked | Mistake | None:
     if name is None:
         return None
@@ -166,7 +182,7 @@ def print_example_list(console) -> None:
         table.add_row(example.name, example.op, example.summary)
     for mistake in MISTAKES:
         table.add_row(mistake.name, "mistake", mistake.summary)
-    console.print(table)
+    print_table(console, table)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -424,6 +440,7 @@ class Explanation:
     denominator_text: str = ""
     loss: Any = None  # the reduced value (a float, or the 'none' array in the target's shape)
     output_shape: tuple[int, ...] = ()
+    gradient: Any = None  # d loss / d scores, like `scores` ('none': each row's own loss)
 
 
 def explain(problem: Problem) -> Explanation:
@@ -437,6 +454,8 @@ def explain(problem: Problem) -> Explanation:
         result.loss = reduce(
             result.row_loss.reshape(result.output_shape), result.denominator, problem.reduction
         )
+        if problem.reduction == "mean" and result.denominator != 0:
+            result.gradient = result.gradient / result.denominator  # 'mean' divides every row's gradient
     return result
 
 
@@ -502,6 +521,7 @@ def class_index_steps(problem: Problem) -> Explanation:
     class_weights = (1 - eps) * picked_weight[:, None] * one_hot + eps / num_classes * w
     result.class_weights = np.where(ignored[:, None], 0.0, class_weights)
     result.picked, result.picked_weight, result.ignored = picked, picked_weight, ignored
+    result.gradient = np.where(ignored[:, None], 0.0, row_gradient(problem, result))
     result.row_loss = np.where(ignored, 0.0, loss)
     result.denominator = float(picked_weight.sum())
     counted = "weighted count sum_n w[t_n]" if problem.weight is not None else "number of rows"
@@ -522,6 +542,7 @@ def probability_target_steps(problem: Problem) -> Explanation:
     result.class_weights = w * ((1 - eps) * target + eps / num_classes)
     result.row_loss = (result.class_weights * -result.log_probs).sum(axis=1)
     result.ignored = np.zeros(num_rows, dtype=bool)
+    result.gradient = row_gradient(problem, result)
     result.denominator = float(num_rows)
     result.denominator_text = "number of rows N (probability targets are never divided by the weights)"
     result.output_shape = (
@@ -530,11 +551,25 @@ def probability_target_steps(problem: Problem) -> Explanation:
     return result
 
 
+def row_gradient(problem: Problem, result: Explanation):
+    """d l_n / d x[n, j] before the reduction, from l_n = sum_c q_c (lse_n - x[n, c]):
+
+    d lse / d x_j = p_j, so d l / d x_j = (sum_c q_c) p_j - q_j: softmax minus the target weights.
+    nll_loss has no lse (its input is already log p): l = -sum_c q_c x_c, so d l / d x_j = -q_j.
+    """
+    q = result.class_weights
+    if problem.op == "nll_loss":
+        return -q
+    return q.sum(axis=1, keepdims=True) * np.exp(result.log_probs) - q
+
+
 def binary_steps(problem: Problem) -> Explanation:
     """Each element is its own yes/no question; 'mean' divides by the number of elements.
 
     bce:             l = -w (y max(log x, -100) + (1-y) max(log(1-x), -100))   (x a probability)
+                     dl/dx = w (x - y) / max(x (1-x), 1e-12)
     bce_with_logits: l = w (pw y softplus(-x) + (1-y) softplus(x)),  since -log sigmoid(x) = softplus(-x)
+                     dl/dx = w ((pw y + 1 - y) sigmoid(x) - pw y)
     """
     x, y = problem.logits, problem.target
     w = 1.0 if problem.weight is None else problem.weight
@@ -542,15 +577,18 @@ def binary_steps(problem: Problem) -> Explanation:
         log_p = np.maximum(np.log(x), -100.0)  # torch clamps each log at -100, so 0 * log(0) is 0, not NaN
         log_not_p = np.maximum(np.log1p(-x), -100.0)
         loss = -w * (y * log_p + (1 - y) * log_not_p)
+        grad = w * (x - y) / np.maximum(x * (1 - x), np.float32(1e-12))  # torch's float32 epsilon
     else:
         pos_weight = 1.0 if problem.pos_weight is None else problem.pos_weight
         softplus = lambda z: np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))  # log(1 + e^z) without overflow
         log_p, log_not_p = -softplus(-x), -softplus(x)
         loss = w * (pos_weight * y * -log_p + (1 - y) * -log_not_p)
+        grad = w * ((pos_weight * y + 1 - y) * np.exp(log_p) - pos_weight * y)
     as_rows = lambda a: np.broadcast_to(a, x.shape).reshape(x.shape[0] if x.ndim > 1 else 1, -1)
     result = Explanation(scores=as_rows(x), target=as_rows(y))
     result.log_probs = np.stack([as_rows(log_p), as_rows(log_not_p)])  # log p(yes), log p(no) per element
     result.row_loss = as_rows(loss).reshape(-1)
+    result.gradient = as_rows(grad)
     result.ignored = np.zeros(result.row_loss.shape, dtype=bool)
     result.denominator = float(x.size)
     result.denominator_text = "number of elements"
@@ -829,7 +867,7 @@ def render_linear_logits(console, problem: Problem, result: Explanation, fmt) ->
         table.add_column(f"class {c}", justify="right")
     for n, row in enumerate(result.scores[:MAX_LISTED_ROWS]):
         table.add_row(str(n), *(fmt(v) for v in row))
-    console.print(table)
+    print_table(console, table)
     console.print(
         "linear_cross_entropy gives the same loss as cross_entropy on these logits; xentlib computes it "
         "in row chunks so the full (N, C) logits never exist at once."
@@ -859,10 +897,12 @@ def render_class_rows(console, problem: Problem, result: Explanation, fmt) -> No
     num_rows, num_classes = result.scores.shape
     for n in range(min(num_rows, MAX_DETAILED_ROWS)):
         if num_classes <= MAX_DETAILED_CLASSES:
-            console.print(row_table(problem, result, n, fmt))
+            print_table(console, row_table(problem, result, n, fmt))
         else:
             console.print(f"row {n}" + ("" if problem.probability_target else f", target {result.target[n]}"))
         console.print(row_formula(problem, result, n, fmt))
+    if num_classes <= MAX_DETAILED_CLASSES:
+        console.print(gradient_note(problem, result, fmt))
     if num_rows > MAX_DETAILED_ROWS or num_classes > MAX_DETAILED_CLASSES:
         console.print(f"(class-by-class detail for the first {min(num_rows, MAX_DETAILED_ROWS)} rows only)")
     summary = Table(title="per-row loss ('none' output)", title_justify="left")
@@ -886,12 +926,24 @@ def render_class_rows(console, problem: Problem, result: Explanation, fmt) -> No
         summary.add_row(*cells)
     if num_rows > MAX_LISTED_ROWS:
         summary.add_row("...", *([""] * (len(columns) - 1)))
-    console.print(summary)
+    print_table(console, summary)
 
 
 def not_log_probabilities(log_probs) -> bool:
     with np.errstate(all="ignore"):
         return bool(np.any(np.abs(np.log(np.exp(log_probs).sum(axis=1))) > 1e-3))
+
+
+def gradient_note(problem: Problem, result: Explanation, fmt) -> str:
+    """One line on the q and gradient columns: softmax minus target, scaled by the reduction."""
+    formula = "-q" if problem.op == "nll_loss" else "(sum_c q_c) * p - q"
+    if problem.reduction == "mean":
+        scale = f", divided by the mean's denominator {fmt(result.denominator)}"
+    elif problem.reduction == "none":
+        scale = " (of each row's own loss)"
+    else:
+        scale = ""
+    return f"q = how much each -log p counts in the row's loss;  d loss / d x = {formula}{scale}"
 
 
 def row_table(problem: Problem, result: Explanation, n: int, fmt):
@@ -902,9 +954,10 @@ def row_table(problem: Problem, result: Explanation, n: int, fmt):
         target_text += " = ignore_index: loss 0, no gradient"
     table = Table(title=f"row {n}{target_text}", title_justify="left")
     if problem.op == "nll_loss":
-        headers = ["class", "log p (given)", "q"]
+        headers = ["class", "log p (given)", "q", "d loss / d input"]
     else:
         headers = ["class", "x", "x - max", "exp(x - max)", "p = exp / sum", "log p = x - lse", "q"]
+        headers.append("d loss / d x")
     for header in headers:
         table.add_column(header, justify="right")
     for c in range(result.scores.shape[1]):
@@ -918,7 +971,7 @@ def row_table(problem: Problem, result: Explanation, n: int, fmt):
                 fmt(result.exp_shifted[n, c]),
                 fmt(result.exp_shifted[n, c] / result.exp_sum[n]),
             ]
-        cells += [fmt(result.log_probs[n, c]), fmt(result.class_weights[n, c])]
+        cells += [fmt(result.log_probs[n, c]), fmt(result.class_weights[n, c]), fmt(result.gradient[n, c])]
         table.add_row(*cells, style="bold" if is_target else None)
     return table
 
@@ -964,13 +1017,13 @@ def render_binary(console, problem: Problem, result: Explanation, fmt) -> None:
             "bce takes probabilities x in [0, 1]; each log is clamped at -100 so x = 0 or 1 "
             "gives a finite loss. On raw scores use bce_with_logits: it is stable and one op."
         )
-        headers = ["x (prob)", "y", "log x", "log(1 - x)", "loss"]
+        headers = ["x (prob)", "y", "log x", "log(1 - x)", "loss", "d loss / d x"]
     else:
         console.print(
             "bce_with_logits: p = sigmoid(x); -log p = softplus(-x) and -log(1 - p) = softplus(x), "
             "computed without overflow as max(z, 0) + log1p(exp(-|z|))."
         )
-        headers = ["x (logit)", "y", "sigmoid(x)", "log p", "log(1 - p)", "loss"]
+        headers = ["x (logit)", "y", "sigmoid(x)", "log p", "log(1 - p)", "loss", "d loss / d x"]
     log_p, log_not_p = result.log_probs
     losses = result.row_loss.reshape(result.scores.shape)
     for n in range(min(result.scores.shape[0], MAX_DETAILED_ROWS)):
@@ -983,9 +1036,9 @@ def render_binary(console, problem: Problem, result: Explanation, fmt) -> None:
             cells = [str(k), fmt(x), fmt(result.target[n, k])]
             if problem.op == "bce_with_logits":
                 cells.append(fmt(math.exp(log_p[n, k])))
-            cells += [fmt(log_p[n, k]), fmt(log_not_p[n, k]), fmt(losses[n, k])]
+            cells += [fmt(log_p[n, k]), fmt(log_not_p[n, k]), fmt(losses[n, k]), fmt(result.gradient[n, k])]
             table.add_row(*cells)
-        console.print(table)
+        print_table(console, table)
     weights = []
     if problem.weight is not None:
         weights.append(f"weight {numbers(problem.weight, 4)}")
@@ -1046,7 +1099,7 @@ def render_information(console, problem: Problem, result: Explanation, fmt) -> N
             else "."
         )
     )
-    console.print(table)
+    print_table(console, table)
     console.print(note)
 
 
@@ -1074,7 +1127,7 @@ def render_cross_checks(console, problem: Problem, result: Explanation, decimals
         verdict = "agrees" if agrees(value, result.loss) else bold("DIFFERS", "bold red")
         table.add_row(source, show(value), f"{max_difference(value, result.loss):.1e}", verdict)
     console.print()
-    console.print(table)
+    print_table(console, table)
     final = reference if reference is not None else result.loss
     origin = "xentlib.reference" if reference is not None else "the steps above"
     console.print("loss =", bold(show(final)), f" ({origin})")
