@@ -16,20 +16,23 @@ backward) materialize the logits and use the composite of `backends.autograd`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends import torch_chunked
 from xentlib.backends.autograd import CrossEntropyStats, composite_rows, reduce_rows
 from xentlib.backends.dispatch import rows_function, select_backend
 
 
 def default_chunk_rows(rows: int) -> int:
-    """An eighth of the rows (the chunk's logits stay at 1/8 of the full logits), at least 256 rows so the matmuls
-    stay efficient."""
-    return max(1, min(rows, max(256, -(-rows // 8))))
+    """A sixteenth of the rows, at least 128. A chunk costs about twice its logits at its peak (the logits/gradient
+    buffer and the matmul's packed operand), so this keeps the extra memory near 1/8 of the full logits while the
+    matmuls keep >= 128 rows."""
+    return max(1, min(rows, max(128, -(-rows // 16))))
 
 
 @dataclass
@@ -189,6 +192,24 @@ def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse,
     return [next(found) if need else None for need in needs]
 
 
+def _autocast_operands(input: Tensor, weight: Tensor, bias: Tensor | None):
+    """Under autocast the matmul runs in the autocast dtype, as `F.linear` would: cast the operands (the casts
+    are differentiable, so the gradients come back in the caller's dtypes)."""
+    device = input.device.type
+    if not torch.is_autocast_enabled(device) or not input.is_floating_point():
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _rows_for_chunks(name: str, chunk: int):
+    """The backend's row function. The PyTorch backend works on a quarter of a logits chunk at a time, so its
+    float32 buffers stay smaller than the chunk itself."""
+    if name != "torch":
+        return rows_function(name)
+    return functools.partial(torch_chunked.cross_entropy_rows, chunk_size=max(1, chunk // 4))
+
+
 def linear_cross_entropy(
     input: Tensor,
     weight: Tensor,
@@ -220,7 +241,7 @@ def linear_cross_entropy(
         shift: keyword-only; predict `target[..., 1:]` from `input[..., :-1, :]` (next-token prediction) without
             copying the input.
         z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`.
-        chunk_size: rows per chunk (default: an eighth of the rows, at least 256).
+        chunk_size: rows per chunk (default: a sixteenth of the rows, at least 128).
 
     reduction='none' returns the loss per row, of shape `target.shape` (shifted: `target[..., 1:].shape`).
 
@@ -233,18 +254,23 @@ def linear_cross_entropy(
         True
     """
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    autocast = torch.is_autocast_enabled(input.device.type)
+    input, weight, bias = _autocast_operands(input, weight, bias)
     lp = sem.prepare_linear_cross_entropy(
         input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
         shift=shift, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
     )  # fmt: skip
+    if autocast:  # autocast runs cross_entropy in float32: so does the loss of the fused computation
+        lp.rows.output_dtype = torch.promote_types(lp.rows.output_dtype, torch.float32)
     name, _ = select_backend(input.device, backend, lp.rows)
     count = lp.rows.logits.shape[0]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
     chunk = chunk_size or default_chunk_rows(count)
-    outputs = LinearCrossEntropyFunction.apply(
-        input, weight, bias, target, class_weight, lp, rows_function(name), chunk, return_stats
-    )
+    with torch.autocast(input.device.type, enabled=False):
+        outputs = LinearCrossEntropyFunction.apply(
+            input, weight, bias, target, class_weight, lp, _rows_for_chunks(name, chunk), chunk, return_stats
+        )
     if not return_stats:
         return outputs
     loss, lse, entropy, row_loss, argmax = outputs
