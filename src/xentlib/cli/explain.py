@@ -683,7 +683,7 @@ def torch_fused_linear_loss(problem: Problem):
         linear_bias=tensor(problem.bias),
         weight=tensor(problem.weight),
         reduction=problem.reduction,
-        ignore_index=problem.ignore_index,
+        ignore_index=None if problem.probability_target else problem.ignore_index,  # torch: None only there
         label_smoothing=problem.label_smoothing,
     )
 
