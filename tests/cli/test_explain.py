@@ -562,3 +562,24 @@ def test_missing_matplotlib_for_plot_is_one_line(capsys, monkeypatch, tmp_path):
     code, out, err = explain(capsys, "--example", "textbook", "--plot", str(tmp_path / "x.png"))
     assert code == 2 and out == ""
     assert err == "xentlib explain: error: this needs matplotlib: pip install 'xentlib[demo]'\n"
+
+
+def test_linear_with_probability_targets_agrees_everywhere(capsys):
+    x, w = [[1.0, 2.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    t = [[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]]
+    code, out, _ = explain(
+        capsys,
+        "--op",
+        "linear",
+        "--input",
+        json.dumps(x),
+        "--linear-weight",
+        json.dumps(w),
+        "--target",
+        json.dumps(t),
+        "--decimals",
+        "10",
+    )
+    assert code == 0 and "probability targets" in out
+    assert_close(final_loss(out), F.cross_entropy(t64(x) @ t64(w).T, t64(t)))
+    assert "DIFFERS" not in out
