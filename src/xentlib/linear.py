@@ -256,6 +256,10 @@ def linear_cross_entropy(
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
     autocast = torch.is_autocast_enabled(input.device.type)
     input, weight, bias = _autocast_operands(input, weight, bias)
+    if autocast and class_weight is not None and class_weight.is_floating_point():
+        # autocast runs cross_entropy in float32 whatever the class weight's float dtype; the fused problem
+        # checks it against the (autocast-dtype) operands, so cast it like them (differentiably)
+        class_weight = class_weight.to(input.dtype)
     lp = sem.prepare_linear_cross_entropy(
         input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
         shift=shift, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
