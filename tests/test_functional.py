@@ -80,7 +80,7 @@ def test_cross_entropy_index(shape, dtype, reduction, weighted, label_smoothing)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 4, 255])
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 4, 5, 255])
 def test_cross_entropy_ignore_index(reduction, weighted, label_smoothing, ignore_index):
     """Any int is a valid ignore_index (compared before the bounds check); only that value is ignored."""
     x = logits((9, 5), torch.float64)
