@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
@@ -360,7 +361,7 @@ class BinaryCrossEntropyFunction(torch.autograd.Function):
 class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
     """With softplus(-x) = log1p(exp(-|x|)) + max(-x, 0) (stable) and pos_weight p:
     l = w ((1 - y) x + (1 + (p - 1) y) softplus(-x))
-    dl/dx = w ((p y + 1 - y) sigmoid(x) - p y);   dl/dy = w (-x + (p - 1) softplus(-x))."""
+    dl/dx = w ((p y + 1 - y) sigmoid(x) - p y);   dl/dy = w (log sigmoid(-x) - p log sigmoid(x))."""
 
     @staticmethod
     def forward(ctx, input, target, weight, pos_weight, reduction, out_dtype):
@@ -390,6 +391,8 @@ class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_input = (g * ((p * y + 1.0 - y) * torch.sigmoid(x) - p * y)).to(input.dtype)
         if ctx.needs_input_grad[1]:
-            softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)
-            grad_target = (g * (-x if pos_weight is None else -x + (p - 1.0) * softplus_neg)).to(target.dtype)
+            # -x + (p - 1) softplus(-x), written as log sigmoid(-x) - p log sigmoid(x): equal, but finite or +-inf
+            # (never inf - inf) at x = +-inf
+            grad_y = -x if pos_weight is None else F.logsigmoid(-x) - p * F.logsigmoid(x)
+            grad_target = (g * grad_y).to(target.dtype)
         return grad_input, grad_target, None, None, None, None
