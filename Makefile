@@ -1,38 +1,43 @@
 # The two README commands are `make demo` and `make test`; both create .venv and install into it.
-# torch is pinned to the CPU wheel that lies on disk, so set-up takes seconds instead of a CUDA download.
+# torch is pinned to the CPU wheel that lies on disk, so set-up takes seconds instead of a CUDA download;
+# the demo installs only what it needs, the tests add triton (interpreter tests) and transformers.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+PIP     = $(BIN)/pip install -q --disable-pip-version-check
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev,demo,triton,hf
 
-.PHONY: install demo test check bench lint format clean
+.PHONY: demo test check bench lint format clean
 
-install: $(VENV)/.installed
-
-$(VENV)/.installed: pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)" -e ".[$(EXTRAS)]"
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(PIP) "$(TORCH)" -e ".[demo]"
 	touch $@
 
-demo: install
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(PIP) "$(TORCH)" -e ".[dev,demo,triton,hf]"
+	touch $@
+
+demo: $(VENV)/.demo-installed
 	$(BIN)/xentlib train
 
-test: install
+test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
 
-check: install
+check: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install
+bench: $(VENV)/.demo-installed
 	$(BIN)/xentlib bench
 
-lint: install
+lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 
-format: install
+format: $(VENV)/.test-installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
