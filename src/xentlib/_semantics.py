@@ -286,7 +286,8 @@ def _prepare_probability_target(input, target, weight, ignore_index, reduction, 
     logits = as_rows(input)
     rows = logits.shape[0] * logits.shape[2]
     output_shape = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() > 1 else ()
-    denominator = _denominator(reduction, float(rows), normalizer, acc, input.device)
+    mean_count = input.numel() / classes if classes else math.nan  # torch's numel / C: 0 / 0 without classes
+    denominator = _denominator(reduction, mean_count, normalizer, acc, input.device)
     return CrossEntropyProblem(
         logits=logits,
         kind="prob",
