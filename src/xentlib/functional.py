@@ -151,7 +151,11 @@ def nll_loss(
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
     problem = sem.prepare_nll_loss(input, target, weight, ignore_index, reduction)
     # A gather is the whole computation, so plain differentiable torch ops are the fused path here.
-    picked = sem.as_rows(input).gather(1, problem.target.unsqueeze(1)).squeeze(1)
+    rows_view = sem.as_rows(input)
+    if rows_view.shape[1] == 0:  # no classes: all targets were ignored (others raised); sum() keeps the graph
+        picked = rows_view.sum(1)
+    else:
+        picked = rows_view.gather(1, problem.target.unsqueeze(1)).squeeze(1)
     rows = -(picked.to(problem.acc_dtype) * problem.target_weight)
     rows = torch.where(problem.valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
