@@ -140,6 +140,18 @@ def test_cross_entropy_empty_batch(reduction, shape, kind):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_zero_classes(reduction, fn, kind):
+    """C = 0: only ignored targets are possible; probability 'mean' is numel / C = 0 / 0 = NaN."""
+    if fn == "nll_loss" and kind == "prob":
+        pytest.skip("nll_loss has no probability targets")
+    x = logits((4, 0), torch.float64)
+    t = torch.full((4,), -100) if kind == "index" else torch.zeros(4, 0, dtype=torch.float64)
+    check_against_torch(getattr(X, fn), getattr(F, fn), x, t, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cross_entropy_zero_selected_weight(reduction):
     """Selected weights summing to 0: 'mean' is NaN, NaN gradient only at the target slots (0 * inf)."""
     x = logits((3, 4), torch.float64)
