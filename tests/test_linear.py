@@ -377,6 +377,8 @@ def test_all_rows_ignored(reduction):
     loss = xentlib.linear_cross_entropy(x, w, case.target, b, reduction=reduction)
     grads = torch.autograd.grad(loss.sum(), [x, w, b])
     assert all(not g.isnan().any() and not g.any() for g in grads), "ignored rows must give exact zeros"
+    _, stats = check_linear(case, reduction=reduction, return_stats=True, chunk_size=3)
+    assert not stats.correct.any()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -413,8 +415,8 @@ def test_shift_with_a_single_position_gives_an_empty_loss():
 
 @pytest.mark.parametrize(
     ("lead", "hidden", "vocab"),
-    [((1,), 4, 9), ((13,), 1, 7), ((17,), 3, 1), ((9,), 8, 2), ((33,), 5, 37)],
-    ids=["N=1", "D=1", "V=1", "V=2", "V=37"],
+    [((0,), 4, 9), ((1,), 4, 9), ((13,), 1, 7), ((17,), 3, 1), ((9,), 8, 2), ((33,), 5, 37)],
+    ids=["N=0", "N=1", "D=1", "V=1", "V=2", "V=37"],
 )
 def test_odd_shapes(lead, hidden, vocab):
     for kind in ("index", "prob"):
@@ -460,6 +462,25 @@ def test_non_contiguous_input_and_weight():
     check_linear(dataclasses.replace(case, x=x, weight=w), shift=True, chunk_size=5)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_twice_with_retain_graph(reduction):
+    """The gradients saved in forward are handed out (and scaled in place) once; a second backward through the
+    retained graph must still see unscaled values: two different grad_outputs, each against torch."""
+    case = make_case(lead=(3, 4), class_weight=True, ignore_every=3)
+    opts = dict(reduction=reduction, label_smoothing=0.1, class_weight=case.class_weight)
+    results = []
+    for fn in (lambda *args: ours(*args, chunk_size=5, **opts), lambda *args: composite(*args, **opts)):
+        x, w, b = (fresh(t) for t in (case.x, case.weight, case.bias))
+        loss = fn(x, w, case.target, b)
+        first = torch.autograd.grad(loss, [x, w, b], random_like(loss, 1), retain_graph=True)
+        second = torch.autograd.grad(loss, [x, w, b], random_like(loss, 2), retain_graph=True)
+        loss.backward(torch.ones_like(loss), retain_graph=True)
+        loss.backward(torch.ones_like(loss))
+        results.append((*first, *second, x.grad, w.grad, b.grad))
+    for i, (a, e) in enumerate(zip(*results, strict=True)):
+        assert_close(a, e, f"gradient {i}", TOL[torch.float64])
+
+
 def test_no_gradient_needed():
     """Under no_grad and with leaves that do not require grad the loss is the same and carries no graph."""
     case = make_case(class_weight=True, ignore_every=3)
@@ -487,10 +508,13 @@ def test_only_requested_gradients():
 # ------------------------------------------------------------------------------------------------------------
 # errors
 # ------------------------------------------------------------------------------------------------------------
-def composite(x, w, t, b=None, **kwargs):
-    logits = F.linear(x, w, b)
-    rows_t = t.reshape(-1, w.shape[0]) if t.is_floating_point() else t.reshape(-1)
-    return F.cross_entropy(logits.reshape(-1, w.shape[0]), rows_t, **kwargs)
+def composite(x, w, t, b=None, *, class_weight=None, **kwargs):
+    """torch's composite for any leading shape: F.linear, then cross_entropy on the flattened rows."""
+    vocab = w.shape[0]
+    logits = F.linear(x, w, b).reshape(-1, vocab)
+    rows_t = t.reshape(-1, vocab) if t.is_floating_point() else t.reshape(-1)
+    loss = F.cross_entropy(logits, rows_t, weight=class_weight, **kwargs)
+    return loss.reshape(x.shape[:-1]) if kwargs.get("reduction") == "none" else loss
 
 
 def ours(x, w, t, b=None, **kwargs):
@@ -797,7 +821,7 @@ def test_autocast_like_linear_then_cross_entropy(kind):
     case = make_case(lead=(2, 9), hidden=8, vocab=13, kind=kind, dtype=torch.float32, class_weight=True)
     target = case.target.detach()
     results = []
-    for fn in (ours, composite_per_row):
+    for fn in (ours, composite):
         x, w, b = (fresh(t) for t in (case.x, case.weight, case.bias))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fn(x, w, target, b, reduction="none", label_smoothing=0.1, class_weight=case.class_weight)
@@ -806,11 +830,3 @@ def test_autocast_like_linear_then_cross_entropy(kind):
         assert a.dtype == e.dtype == torch.float32, f"{name}: {a.dtype}, torch {e.dtype}"
         assert a.shape == e.shape, name
         torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def composite_per_row(x, w, t, b, *, class_weight, **kwargs):
-    """torch's composite for any leading shape: F.linear, then cross_entropy on the flattened rows."""
-    vocab = w.shape[0]
-    logits = F.linear(x, w, b).reshape(-1, vocab)
-    rows_t = t.reshape(-1, vocab) if t.is_floating_point() else t.reshape(-1)
-    return F.cross_entropy(logits, rows_t, weight=class_weight, **kwargs).reshape(x.shape[:-1])
