@@ -50,9 +50,7 @@ def prob_target(shape, dtype=torch.float32, seed=0, requires_grad=True):
 
 def class_weight(classes, dtype=torch.float32, seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed + 3)
-    return (
-        (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_(requires_grad)
-    )
+    return (torch.rand(classes, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_(requires_grad)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,9 +70,7 @@ def test_cross_entropy_index(shape, dtype, reduction, weighted, label_smoothing)
     x = logits(shape, dtype)
     t = index_target(shape, ignore_every=3 if len(shape) > 1 else 0)
     w = class_weight(class_count(shape), dtype) if weighted else None
-    check_against_torch(
-        X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=label_smoothing
-    )
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=label_smoothing)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -99,15 +95,9 @@ def test_cross_entropy_ignore_index(reduction, weighted, label_smoothing, ignore
 def test_cross_entropy_uint8_target(reduction, ignore_index):
     """uint8 class indices are accepted for 2-D inputs; ignore_index=255 matches them, -100 never does."""
     x = logits((6, 4))
-    t = (
-        torch.tensor([0, 3, ignore_index, 1, 2, ignore_index])
-        if ignore_index != -100
-        else index_target((6, 4))
-    )
+    t = torch.tensor([0, 3, ignore_index, 1, 2, ignore_index]) if ignore_index != -100 else index_target((6, 4))
     t = t.to(torch.uint8)
-    check_against_torch(
-        X.cross_entropy, F.cross_entropy, x, t, ignore_index=ignore_index, reduction=reduction
-    )
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, t, ignore_index=ignore_index, reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -171,9 +161,7 @@ def test_label_smoothing(reduction, weighted, kind, label_smoothing):
     x = logits(shape, torch.float64)
     t = index_target(shape, ignore_every=4) if kind == "index" else prob_target(shape, torch.float64)
     w = class_weight(4, torch.float64, requires_grad=kind == "prob") if weighted else None
-    check_against_torch(
-        X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=label_smoothing
-    )
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=label_smoothing)
 
 
 def test_smoothing_index_mean_differs_from_smoothed_probabilities():
@@ -203,9 +191,7 @@ def test_cross_entropy_probabilities(shape, dtype, reduction, weighted, label_sm
     x = logits(shape, dtype)
     t = prob_target(shape, dtype)
     w = class_weight(class_count(shape), dtype, requires_grad=True) if weighted else None
-    check_against_torch(
-        X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=label_smoothing
-    )
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=label_smoothing)
 
 
 @pytest.mark.parametrize(
@@ -232,18 +218,14 @@ def test_probability_target_dtype_promotion(input_dtype, target_dtype, weight_dt
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_probability_target_negative_ignore_index_is_ignored(ignore_index, reduction):
     x, t = logits((4, 3)), prob_target((4, 3))
-    check_against_torch(
-        X.cross_entropy, F.cross_entropy, x, t, ignore_index=ignore_index, reduction=reduction
-    )
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, t, ignore_index=ignore_index, reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_unnormalized_probability_targets_are_not_checked(reduction):
     """Negative values, values above 1, rows not summing to 1: all accepted (the loss is linear in t)."""
     x = logits((4, 3), torch.float64)
-    t = (
-        torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 3
-    ).requires_grad_()
+    t = (torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 3).requires_grad_()
     check_against_torch(X.cross_entropy, F.cross_entropy, x, t, reduction=reduction)
 
 
@@ -256,9 +238,7 @@ def test_path_is_decided_by_shape(reduction, target_kind):
             X.cross_entropy, F.cross_entropy, logits((3, 3)), torch.tensor([2, 0, 1]), reduction=reduction
         )
     else:
-        check_against_torch(
-            X.cross_entropy, F.cross_entropy, logits((5,)), prob_target((5,)), reduction=reduction
-        )
+        check_against_torch(X.cross_entropy, F.cross_entropy, logits((5,)), prob_target((5,)), reduction=reduction)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -308,9 +288,7 @@ def test_nll_loss_ignore_index(reduction, ignore_index, target_dtype):
     t = index_target((8, 3))
     if ignore_index >= 0 or target_dtype == torch.long:
         t[::3] = ignore_index
-    check_against_torch(
-        X.nll_loss, F.nll_loss, x, t.to(target_dtype), ignore_index=ignore_index, reduction=reduction
-    )
+    check_against_torch(X.nll_loss, F.nll_loss, x, t.to(target_dtype), ignore_index=ignore_index, reduction=reduction)
 
 
 def test_nll_loss_negative_weights_that_cancel():
@@ -497,9 +475,7 @@ def test_bce_with_logits_extreme_and_non_finite(reduction, dtype, pos_weight):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_bce_empty(fn, reduction):
     x = probabilities((0, 3), torch.float64)
-    check_against_torch(
-        getattr(X, fn), getattr(F, fn), x, probabilities((0, 3), torch.float64), reduction=reduction
-    )
+    check_against_torch(getattr(X, fn), getattr(F, fn), x, probabilities((0, 3), torch.float64), reduction=reduction)
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float64, torch.float16])
@@ -599,9 +575,7 @@ def test_cross_entropy_non_finite_in_ignored_row_does_not_leak(row, reduction):
         masked = torch.where(keep, x, x.detach())  # the ignored row carries no gradient
         return F.cross_entropy(masked, t, **kwargs)
 
-    out = check_against_torch(
-        X.cross_entropy, torch_with_zero_ignored_grad, x, t, ignore_index=7, reduction=reduction
-    )
+    out = check_against_torch(X.cross_entropy, torch_with_zero_ignored_grad, x, t, ignore_index=7, reduction=reduction)
     assert out.isfinite().all()
 
 
@@ -635,9 +609,7 @@ def test_non_contiguous_inputs(kind, shape, reduction, dtype):
     check_against_torch(X.cross_entropy, F.cross_entropy, x, t, reduction=reduction, label_smoothing=0.1)
     # torch's nll_loss backward rejects a non-contiguous 4-D input ("grad_input must be contiguous"); compare
     # with torch on a contiguous copy (same values, same gradient).
-    check_against_torch(
-        X.nll_loss, lambda x, *a, **k: F.nll_loss(x.contiguous(), *a, **k), x, t, reduction=reduction
-    )
+    check_against_torch(X.nll_loss, lambda x, *a, **k: F.nll_loss(x.contiguous(), *a, **k), x, t, reduction=reduction)
     p = non_contiguous(kind, shape, dtype).detach().softmax(1).requires_grad_()
     check_against_torch(X.cross_entropy, F.cross_entropy, x, p, reduction=reduction)
     check_against_torch(X.log_softmax, F.log_softmax, x, 1)
@@ -793,9 +765,7 @@ def composed_cross_entropy(
         y = softcap * torch.tanh(y / softcap)
     w = None if weight is None else weight.double()
     target = t.double() if probabilities else t
-    rows = F.cross_entropy(
-        y, target, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
-    )
+    rows = F.cross_entropy(y, target, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     lse = torch.logsumexp(y, 0 if x.dim() == 1 else 1)
     valid = torch.ones_like(lse, dtype=torch.bool) if probabilities else t != ignore_index
     rows = rows + torch.where(valid, z_loss * lse * lse, 0.0)
@@ -832,11 +802,7 @@ def extension_case(kind, shape, dtype, options):
         t = index_target(shape, ignore_every=3 if len(shape) > 1 else 0)
     else:
         t = prob_target(shape, dtype)
-    w = (
-        class_weight(class_count(shape), dtype, requires_grad=kind == "prob")
-        if options.pop("weighted", 0)
-        else None
-    )
+    w = class_weight(class_count(shape), dtype, requires_grad=kind == "prob") if options.pop("weighted", 0) else None
     return x, t, w, options
 
 
@@ -899,9 +865,7 @@ def test_extensions_match_reference(options, kind, reduction):
     ref = reference.cross_entropy_backward(
         grad_output.numpy(), *args, reduction=reduction, normalizer=normalizer, **options
     )
-    ref_grads = (
-        [ref.input] + ([ref.target] if t.requires_grad else []) + ([ref.weight] if w is not None else [])
-    )
+    ref_grads = [ref.input] + ([ref.target] if t.requires_grad else []) + ([ref.weight] if w is not None else [])
     for name, ours_grad, ref_grad in zip(("input", "target", "weight"), grads, ref_grads, strict=False):
         assert_same(ours_grad, torch.as_tensor(ref_grad), f"grad {name}")
 
@@ -923,9 +887,7 @@ def test_return_stats(kind, dtype, softcap, reduction):
     )
 
     def ours(x, t):
-        loss, stats = X.cross_entropy(
-            x, t, reduction=reduction, softcap=softcap, z_loss=0.1, return_stats=True
-        )
+        loss, stats = X.cross_entropy(x, t, reduction=reduction, softcap=softcap, z_loss=0.1, return_stats=True)
         return loss.double().sum() + (a * stats.lse).sum() + (b * stats.entropy).sum()
 
     def theirs(x, t):
@@ -1015,3 +977,34 @@ def test_chunk_size_does_not_change_the_result(chunk_size, kind, shape, reductio
 def test_explicit_torch_backend(backend):
     x, t = logits((6, 5)), index_target((6, 5), ignore_every=2)
     check_against_torch(lambda *a, **k: X.cross_entropy(*a, backend=backend, **k), F.cross_entropy, x, t)
+
+
+@pytest.mark.parametrize("options", [{}, dict(softcap=2.0), dict(chunk_size=2), dict(reduction="none", z_loss=0.1)])
+def test_gradient_through_statistics_only(options):
+    """The loss unused: d(lse + 2 entropy)/dx alone, from the statistics' own gradients."""
+    x, t = logits((5, 4), torch.float64), torch.tensor([0, 1, -100, 3, 2])
+    softcap = options.get("softcap")
+
+    def ours(x, t):
+        _, stats = X.cross_entropy(x, t, return_stats=True, **options)
+        return stats.lse.sum() + 2 * stats.entropy.sum()
+
+    def theirs(x, t):
+        y = x if softcap is None else softcap * torch.tanh(x / softcap)
+        log_p = torch.log_softmax(y, 1)
+        return torch.logsumexp(y, 1).sum() + 2 * (-(log_p.exp() * log_p).sum(1)).sum()
+
+    check_against_torch(ours, theirs, x, t)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(z_loss=0.1), dict(softcap=5.0), dict(z_loss=0.1, softcap=5.0, label_smoothing=0.1)]
+)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_extensions_with_non_finite_logits(options, reduction):
+    """-inf on another class, +inf, and an ignored row: same values and NaN positions as the composed formula."""
+    x = torch.tensor(
+        [[-math.inf, 1.0, 2.0], [1.0, 2.0, 3.0], [0.5, 0.0, 0.0], [math.inf, 0.0, 0.0]], dtype=torch.float64
+    ).requires_grad_()
+    t = torch.tensor([1, 2, -100, 0])
+    check_against_torch(X.cross_entropy, composed_cross_entropy, x, t, reduction=reduction, **options)
