@@ -237,7 +237,9 @@ def prepare_cross_entropy(
     eps = check_label_smoothing(fn, label_smoothing)
     z_loss, softcap = check_extensions(reduction, z_loss, softcap, normalizer)
     if input.shape == target.shape:
-        return _prepare_probability_target(input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer)
+        return _prepare_probability_target(
+            input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer
+        )
     check_floating_input("log_softmax", input)
     problem = _prepare_class_index(
         "nll_loss_forward", input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer
@@ -284,7 +286,6 @@ def _prepare_probability_target(input, target, weight, ignore_index, reduction, 
         output_dtype = torch.promote_types(output_dtype, weight.dtype)
     acc = accumulation_dtype(*dtypes)
     logits = as_rows(input)
-    rows = logits.shape[0] * logits.shape[2]
     output_shape = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() > 1 else ()
     mean_count = input.numel() / classes if classes else math.nan  # torch's numel / C: 0 / 0 without classes
     denominator = _denominator(reduction, mean_count, normalizer, acc, input.device)

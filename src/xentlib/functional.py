@@ -323,6 +323,6 @@ def binary_cross_entropy_with_logits(
     )
 
 
-from xentlib.linear import linear_cross_entropy  # noqa: E402  (re-exported: part of the functional API)
+from xentlib.linear import linear_cross_entropy  # noqa: E402, F401  (re-exported: part of the functional API)
 
 __all__.append("linear_cross_entropy")

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from xentlib import _semantics as sem
 from xentlib.backends import torch_chunked
-from xentlib.backends.autograd import CrossEntropyStats, composite_rows, reduce_rows
+from xentlib.backends.autograd import CrossEntropyStats, as_leaf, composite_rows, reduce_rows
 from xentlib.backends.dispatch import rows_function, select_backend
 
 
@@ -170,10 +170,7 @@ def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse,
     problem = lp.rows
     create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():
-        leaves = [
-            t if (t is None or not need or t.requires_grad) else t.detach().requires_grad_()
-            for t, need in zip(tensors, needs)
-        ]
+        leaves = [as_leaf(t) if need else t for t, need in zip(tensors, needs)]
         input, weight, bias, target, class_weight = leaves
         x = input.reshape(lp.flat_input.shape)
         if lp.input_rows is not None:
@@ -185,7 +182,8 @@ def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse,
             target = target.reshape(-1, target.shape[-1], 1)
         loss_rows, lse, entropy = composite_rows(problem, logits, target, class_weight)
         pairs = [(reduce_rows(problem, loss_rows), grad_loss), (lse, grad_lse), (entropy, grad_entropy)]
-        outputs, grads = zip(*[(o.reshape(problem.output_shape) if o.dim() else o, g) for o, g in pairs if g is not None])
+        pairs = [(out.reshape(problem.output_shape) if out.dim() else out, g) for out, g in pairs if g is not None]
+        outputs, grads = zip(*pairs)
         sources = [leaf for leaf, need in zip(leaves, needs) if need]
         found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=create_graph,
                                          allow_unused=True))

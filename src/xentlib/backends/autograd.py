@@ -147,8 +147,7 @@ def _composite_grads(ctx, input, target, weight, wrt, grad_loss, grad_lse, grad_
     tensors = (input, target, weight)
     create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():
-        leaves = [t if not flag else (t if t.requires_grad else t.detach().requires_grad_()) for t, flag in
-                  zip(tensors, wrt)]
+        leaves = [as_leaf(t) if flag else t for t, flag in zip(tensors, wrt)]
         x, t, w = leaves
         if problem.kind == "prob":
             t = t.reshape(problem.logits.shape)
@@ -161,5 +160,9 @@ def _composite_grads(ctx, input, target, weight, wrt, grad_loss, grad_lse, grad_
                                      allow_unused=True)
     found = iter(result)
     grads = [next(found) if flag else None for flag in wrt]
-    return [None if g is None else g.reshape(tensor.shape).to(tensor.dtype) if g is not None else g
-            for g, tensor in zip(grads, tensors)]
+    return [None if g is None else g.reshape(tensor.shape).to(tensor.dtype) for g, tensor in zip(grads, tensors)]
+
+
+def as_leaf(tensor: Tensor) -> Tensor:
+    """The tensor itself when autograd tracks it (so double backward reaches the caller's graph), else a leaf."""
+    return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
