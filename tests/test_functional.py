@@ -1008,3 +1008,39 @@ def test_extensions_with_non_finite_logits(options, reduction):
     ).requires_grad_()
     t = torch.tensor([1, 2, -100, 0])
     check_against_torch(X.cross_entropy, composed_cross_entropy, x, t, reduction=reduction, **options)
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Make the PyTorch backend's default chunk a few dozen elements, so small tensors span many chunks."""
+    torch_chunked = pytest.importorskip("xentlib.backends.torch_chunked")
+    if not hasattr(torch_chunked, "CHUNK_ELEMENTS"):
+        pytest.skip("the PyTorch backend no longer has a CHUNK_ELEMENTS setting")
+    monkeypatch.setattr(torch_chunked, "CHUNK_ELEMENTS", 24)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 5, 4), (2, 5, 3, 3), (9,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_default_chunking_across_chunk_boundaries(tiny_chunks, shape, dtype, reduction):
+    x = logits(shape, dtype)
+    t = index_target(shape, ignore_every=3 if len(shape) > 1 else 0)
+    w = class_weight(class_count(shape), dtype)
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, t, w, reduction=reduction, label_smoothing=0.1)
+    check_against_torch(X.cross_entropy, F.cross_entropy, x, prob_target(shape, dtype), reduction=reduction)
+    for dim in range(len(shape)):
+        check_against_torch(X.log_softmax, F.log_softmax, x, dim)
+        check_against_torch(X.softmax, F.softmax, x, dim)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic(kind, dtype):
+    """The same inputs give bit-identical loss and gradient run to run."""
+    x, t, w, options = extension_case(kind, (300, 37, 3), dtype, EXTENSIONS[4])
+    results = []
+    for _ in range(2):
+        leaf = x.detach().clone().requires_grad_()
+        loss = X.cross_entropy(leaf, t.detach(), None if w is None else w.detach(), **options)
+        results.append((loss.detach(), torch.autograd.grad(loss, leaf)[0]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
