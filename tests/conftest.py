@@ -4,6 +4,10 @@
 copies of the same tensors and requires the same outcome, i.e. either the same exception type, or the same
 output (value, dtype, shape, NaN/inf positions) and the same gradients for every tensor argument that requires
 grad, under a random grad_output.
+
+Test modules import these helpers with `from conftest import ...`. pytest imports every non-package
+conftest.py under the name "conftest", so a tests/<dir>/conftest.py would shadow this one for modules collected
+after it: give such a directory an __init__.py, or keep its helpers in a differently named module.
 """
 
 from __future__ import annotations
@@ -49,9 +53,7 @@ def assert_same(actual, expected, what: str = "", tol: tuple[float, float] | Non
             assert_same(a, e, f"{what}[{i}]", tol, t)
         return
     assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {tuple(actual.shape)} != torch's {tuple(expected.shape)}"
-    )
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != torch's {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != torch's {expected.dtype}"
     assert actual.requires_grad == expected.requires_grad, f"{what}: requires_grad differs from torch's"
     rtol, atol = tol if tol is not None else tolerance(expected.dtype)
@@ -61,9 +63,7 @@ def assert_same(actual, expected, what: str = "", tol: tuple[float, float] | Non
         allowed = torch_err + atol + rtol * truth.detach().double().abs()
         at_least_as_good = (ours_err <= allowed) & torch_err.isfinite()  # non-finite results must match torch
         actual = torch.where(at_least_as_good, expected, actual)
-    torch.testing.assert_close(
-        actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}"
-    )
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def _error(value: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
@@ -113,9 +113,7 @@ def _run(fn, args, kwargs):
         except Exception as error:  # noqa: BLE001 - compared with torch's exception below
             return error, [], []
     leaves = [t for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.requires_grad]
-    categories = sorted(
-        {w.category.__name__ for w in caught if issubclass(w.category, (UserWarning, FutureWarning))}
-    )
+    categories = sorted({w.category.__name__ for w in caught if issubclass(w.category, (UserWarning, FutureWarning))})
     return out, leaves, categories
 
 
@@ -137,9 +135,7 @@ def check_against_torch(ours, theirs, *args, tol=None, words: str | None = None,
     expected, expected_leaves, expected_warnings = _run(theirs, args, kwargs)
     actual, actual_leaves, actual_warnings = _run(ours, args, kwargs)
     if isinstance(expected, Exception):
-        assert isinstance(actual, Exception), (
-            f"torch raised {type(expected).__name__}({expected}), xentlib did not"
-        )
+        assert isinstance(actual, Exception), f"torch raised {type(expected).__name__}({expected}), xentlib did not"
         assert type(actual) is type(expected), (
             f"xentlib raised {type(actual).__name__}({actual}), torch {type(expected).__name__}({expected})"
         )
@@ -155,9 +151,7 @@ def check_against_torch(ours, theirs, *args, tol=None, words: str | None = None,
         tol = tolerance(*(t.dtype for t in tensors))
     truth = truth_leaves = None
     if any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors):
-        truth, truth_leaves, _ = _run(
-            theirs, [upcast(a) for a in args], {k: upcast(v) for k, v in kwargs.items()}
-        )
+        truth, truth_leaves, _ = _run(theirs, [upcast(a) for a in args], {k: upcast(v) for k, v in kwargs.items()})
     assert_same(actual, expected, "output", tol, truth)
     grad_output = random_like(expected, seed) if expected.is_floating_point() else None
     expected_grads = gradients(expected, expected_leaves, grad_output)
@@ -180,8 +174,3 @@ def gradients(output, leaves, grad_output):
     if not leaves or not output.requires_grad:
         return None
     return torch.autograd.grad(output, leaves, grad_output.to(output.dtype), allow_unused=True)
-
-
-@pytest.fixture
-def generator() -> torch.Generator:
-    return torch.Generator().manual_seed(1234)
