@@ -240,6 +240,8 @@ def prepare_cross_entropy(
         return _prepare_probability_target(
             input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer
         )
+    if input.dim() == 0:  # torch's log_softmax(input, 1) fails before any target check
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     check_floating_input("log_softmax", input)
     problem = _prepare_class_index(
         "nll_loss_forward", input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer
