@@ -1,7 +1,8 @@
 """The machine: what it is (CPU, versions, environment) and what it can do at best (the limits results are
 compared against).
 
-Limits, each the best of a few runs of one large operation:
+Limits, each the best of several runs of one large operation (the best, because other work on the machine only
+ever slows a run down):
 - matmul GFLOP/s per dtype: one square matmul into a reused output, 2*n^3 FLOPs;
 - memory bandwidth: a large copy into a reused buffer and into freshly allocated memory (clone), counting
   bytes read plus bytes written; on Linux fresh memory is zero-filled by the kernel on first touch, which is
@@ -104,7 +105,7 @@ def _best_seconds(fn, device, runs: int) -> float:
     return best
 
 
-def matmul_gflops(device, dtype_name: str, size: int, runs: int = 3) -> float:
+def matmul_gflops(device, dtype_name: str, size: int, runs: int = 6) -> float:
     import torch
 
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -115,7 +116,7 @@ def matmul_gflops(device, dtype_name: str, size: int, runs: int = 3) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
-def copy_bandwidth_gbs(device, elements: int, fresh: bool, runs: int = 5) -> float:
+def copy_bandwidth_gbs(device, elements: int, fresh: bool, runs: int = 10) -> float:
     """GB/s of a float32 copy (bytes read + bytes written); `fresh` copies into newly allocated memory."""
     import torch
 
@@ -126,7 +127,7 @@ def copy_bandwidth_gbs(device, elements: int, fresh: bool, runs: int = 5) -> flo
     return 2 * source.numel() * source.element_size() / seconds / 1e9
 
 
-def exp_gelems(device, elements: int, runs: int = 5) -> float:
+def exp_gelems(device, elements: int, runs: int = 10) -> float:
     import torch
 
     source = torch.randn(elements, device=device)
