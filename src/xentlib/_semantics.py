@@ -322,6 +322,8 @@ def _prepare_class_index(fn, input, target, weight, ignore_index, reduction, z_l
     check_not_requires_grad(fn, "weight", weight)
     _check_index_target_shape(input, target)
     _check_index_target_dtype(input, target)
+    if input.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
+        raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
     classes = input.shape[class_dim_of(input)]
     if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
         if input.dim() <= 2:
@@ -379,18 +381,12 @@ def _denominator(reduction, mean_count, normalizer, acc, device) -> Tensor:
 
 
 def _check_index_target_shape(input: Tensor, target: Tensor) -> None:
-    if input.dim() == 1:
-        if target.dim() > 1 or (target.dim() == 1 and target.shape[0] != 1):
-            raise ValueError(
-                f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}"
-                if target.dim() == 1
-                else f"For 1D input, the target must be 0-d or of size 1, but got shape {tuple(target.shape)}"
-            )
-    elif input.dim() == 2:
+    if input.dim() <= 2:  # for 1-D inputs the size of a 1-D target is checked after its dtype
         if target.dim() > 1:
+            expected = "()" if input.dim() == 1 else f"({input.shape[0]},)"
             raise RuntimeError(
                 f"0D or 1D target tensor expected, multi-target not supported (input {tuple(input.shape)} needs a "
-                f"target of shape ({input.shape[0]},), got {tuple(target.shape)})"
+                f"target of shape {expected}, got {tuple(target.shape)})"
             )
     elif input.dim() == 4:
         if target.dim() != 3:
