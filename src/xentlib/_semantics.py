@@ -256,9 +256,10 @@ def prepare_nll_loss(input, target, weight, ignore_index, reduction: str) -> Cro
     check_tensor(fn, "target", 2, target)
     check_tensor(fn, "weight", 3, weight, optional=True)
     ignore_index = check_ignore_index(fn, ignore_index)
-    problem = _prepare_class_index("nll_loss_forward", input, target, weight, ignore_index, reduction, 0.0, None, None)
-    check_floating_input("nll_loss_out_frame", input)
-    return problem
+    return _prepare_class_index(
+        "nll_loss_forward", input, target, weight, ignore_index, reduction, 0.0, None, None,
+        input_kernel="nll_loss_out_frame",
+    )  # fmt: skip
 
 
 def _prepare_probability_target(input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer):
@@ -310,7 +311,11 @@ def _prepare_probability_target(input, target, weight, ignore_index, reduction, 
     )
 
 
-def _prepare_class_index(fn, input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer):
+def _prepare_class_index(
+    fn, input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer, input_kernel=None
+):
+    """`input_kernel`: for nll_loss, torch's kernel rejects a non-float input after the weight-size check and
+    before the weight-dtype and bounds checks (cross_entropy's log_softmax checks it before everything)."""
     if input.dim() == 0:
         raise ValueError("Expected 1 or more dimensions (got 0): the input needs a class dimension")
     if input.dim() != 1:
@@ -331,6 +336,8 @@ def _prepare_class_index(fn, input, target, weight, ignore_index, reduction, z_l
         else:
             detail = f"all or no classes (expected {classes} elements, got shape {shape_list(weight.shape)})"
         raise RuntimeError(f"weight tensor should be defined either for {detail}")
+    if input_kernel is not None:
+        check_floating_input(input_kernel, input)
     if weight is not None and weight.dtype != input.dtype:
         raise RuntimeError(
             f"expected scalar type {dtype_name(input.dtype)} but found {dtype_name(weight.dtype)} "
