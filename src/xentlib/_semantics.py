@@ -86,8 +86,11 @@ def check_ignore_index(fn: str, value) -> int:
     return value
 
 
-def check_label_smoothing(fn: str, value) -> float:
-    """torch validates only eps > 0: eps > 1 raises; eps < 0 and NaN silently mean 'no smoothing'."""
+def check_label_smoothing(fn: str, value, check_range: bool = True) -> float:
+    """torch validates only eps > 0: eps > 1 raises; eps < 0 and NaN silently mean 'no smoothing'.
+
+    The type is checked at once (argument parsing); the range, with check_range=False, later by the caller.
+    """
     if isinstance(value, Tensor) and value.dim() == 0:
         value = value.item()
     if not isinstance(value, numbers.Real):
@@ -95,9 +98,13 @@ def check_label_smoothing(fn: str, value) -> float:
     value = float(value)
     if not value > 0.0:  # also NaN
         return 0.0
-    if value > 1.0:
-        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {value:g}")
-    return value
+    return check_smoothing_range(value) if check_range else value
+
+
+def check_smoothing_range(eps: float) -> float:
+    if eps > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {eps:g}")
+    return eps
 
 
 def check_floating_input(op: str, tensor: Tensor) -> None:
@@ -234,12 +241,13 @@ def prepare_cross_entropy(
     check_tensor(fn, "target", 2, target)
     check_tensor(fn, "weight", 3, weight, optional=True)
     ignore_index = check_ignore_index(fn, ignore_index)
-    eps = check_label_smoothing(fn, label_smoothing)
+    eps = check_label_smoothing(fn, label_smoothing, check_range=False)
     z_loss, softcap = check_extensions(reduction, z_loss, softcap, normalizer)
     if input.shape == target.shape:
         return _prepare_probability_target(
             input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer
         )
+    check_smoothing_range(eps)  # class indices: torch checks it before anything else
     if input.dim() == 0:  # torch's log_softmax(input, 1) fails before any target check
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     check_floating_input("log_softmax", input)
@@ -276,13 +284,14 @@ def _prepare_probability_target(input, target, weight, ignore_index, reduction, 
         )
     if input.dim() == 0:
         raise IndexError("Dimension specified as 1 but tensor has no dimensions (the input needs a class dimension)")
-    check_floating_input("log_softmax", input)
     classes = input.shape[class_dim_of(input)]
     if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
         raise RuntimeError(
             f"cross_entropy: weight tensor should be defined either for all {classes} classes or no classes but got "
             f"weight tensor of shape: {shape_list(weight.shape)}"
         )
+    check_floating_input("log_softmax", input)  # torch's order: weight size, log_softmax, smoothing range
+    check_smoothing_range(eps)
     dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
     output_dtype = torch.promote_types(input.dtype, target.dtype)
     if weight is not None:
