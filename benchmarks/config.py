@@ -136,9 +136,7 @@ def config_from_args(args, impl_names) -> BenchConfig:
     _require(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     _require(args.warmup >= 1, f"--warmup must be >= 1 (the first call is never timed), got {args.warmup}")
     _require(args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}")
-    _require(
-        0.0 <= args.label_smoothing <= 1.0, f"--label-smoothing must be in [0, 1], got {args.label_smoothing}"
-    )
+    _require(0.0 <= args.label_smoothing <= 1.0, f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
     _require(args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}")
     return BenchConfig(
         shapes=shapes,

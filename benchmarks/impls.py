@@ -233,9 +233,7 @@ def build_torch_chunked_linear(case: Case) -> Step:
     options = torch.nn.LinearCrossEntropyOptions()
     kwargs = _ce_kwargs(case)
     x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
-    return loss_step(
-        lambda: torch.nn.functional.linear_cross_entropy(x, weight, target, options=options, **kwargs)
-    )
+    return loss_step(lambda: torch.nn.functional.linear_cross_entropy(x, weight, target, options=options, **kwargs))
 
 
 def build_liger_linear(case: Case) -> Step:

@@ -104,9 +104,7 @@ def format_progress(index: int, total: int, row: dict) -> str:
 
 def print_limits(limits: dict, thp_label: str, echo) -> None:
     matmuls = ", ".join(
-        f"{key.removeprefix('matmul_gflops_')} {value:,.0f}"
-        for key, value in limits.items()
-        if "matmul" in key
+        f"{key.removeprefix('matmul_gflops_')} {value:,.0f}" for key, value in limits.items() if "matmul" in key
     )
     echo(
         f"machine limits (THP_MEM_ALLOC_ENABLE={thp_label or 'unset'}): matmul GFLOP/s {matmuls}; "
@@ -140,9 +138,7 @@ def table_columns(rows: list[dict]) -> list[tuple[str, callable]]:
         columns.append(("of floor", lambda row: percent(row.get("frac_of_floor"))))
     if any("compile_s" in row for row in rows):
         columns.append(("compile s", lambda row: f"{row['compile_s']:.1f}" if "compile_s" in row else ""))
-    columns.append(
-        ("note", lambda row: "" if row.get("status") == "ok" else f"{row.get('status')}: {row['note']}")
-    )
+    columns.append(("note", lambda row: "" if row.get("status") == "ok" else f"{row.get('status')}: {row['note']}"))
     return columns
 
 

@@ -53,18 +53,14 @@ def worker_env(thp: str | None) -> dict[str, str]:
 def run_worker(spec: dict, env: dict[str, str], timeout: float) -> dict:
     command = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
     try:
-        done = subprocess.run(
-            command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
-        )
+        done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise WorkerError(f"timed out after {timeout:g} s") from error
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             return json.loads(line[len(RESULT_PREFIX) :])
     stderr_lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    raise WorkerError(
-        stderr_lines[-1][:200] if stderr_lines else f"worker exited with code {done.returncode}"
-    )
+    raise WorkerError(stderr_lines[-1][:200] if stderr_lines else f"worker exited with code {done.returncode}")
 
 
 def planned_configs(config: BenchConfig, device_name: str) -> list[tuple[Shape, str, Impl]]:
@@ -103,9 +99,7 @@ def config_spec(config: BenchConfig, device_name: str, shape: Shape, dtype_name:
     }
 
 
-def base_row(
-    info: dict, thp: str | None, config: BenchConfig, shape: Shape, dtype_name: str, impl: Impl
-) -> dict:
+def base_row(info: dict, thp: str | None, config: BenchConfig, shape: Shape, dtype_name: str, impl: Impl) -> dict:
     element_size = ELEMENT_SIZES[dtype_name]
     return info | {
         "thp_env": os.environ.get("THP_MEM_ALLOC_ENABLE", "") if thp is None else thp,

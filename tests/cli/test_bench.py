@@ -37,9 +37,7 @@ def xentlib_has(name: str) -> bool:
 def torch_has_chunked_linear_ce() -> bool:
     import torch
 
-    return hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(
-        torch.nn, "LinearCrossEntropyOptions"
-    )
+    return hasattr(torch.nn.functional, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +64,7 @@ def tiny_run(tmp_path_factory):
 
 def expected_status(problem: str, impl: str) -> str:
     if impl.startswith("xentlib"):
-        return (
-            "ok" if xentlib_has("cross_entropy" if problem == "ce" else "linear_cross_entropy") else "skipped"
-        )
+        return "ok" if xentlib_has("cross_entropy" if problem == "ce" else "linear_cross_entropy") else "skipped"
     if impl == "torch-chunked":
         return "ok" if torch_has_chunked_linear_ce() else "skipped"
     return "ok"
@@ -258,11 +254,7 @@ def test_plain_table_without_rich(monkeypatch, capsys):
     from benchmarks.report import add_ratios, print_table
 
     def row(impl, fwdbwd_ms, extra_mib):
-        times = {
-            f"{phase}_{stat}_ms": fwdbwd_ms / 2
-            for phase in ("fwd", "bwd")
-            for stat in ("median", "min", "max")
-        }
+        times = {f"{phase}_{stat}_ms": fwdbwd_ms / 2 for phase in ("fwd", "bwd") for stat in ("median", "min", "max")}
         totals = {f"fwdbwd_{stat}_ms": fwdbwd_ms for stat in ("median", "min", "max")}
         memory = {"peak_extra_bytes": extra_mib * 2**20, "peak_extra_vs_logits": extra_mib / 4}
         return {

@@ -48,27 +48,15 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_argument_group("what to run")
-    what.add_argument(
-        "--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV (replaces --preset)"
-    )
-    what.add_argument(
-        "--preset", choices=("default", "issue", "tiny"), help="a named set of shapes (default: default)"
-    )
-    what.add_argument(
-        "--problems", metavar="LIST", help="keep only these problems: ce, linear (default: both)"
-    )
-    what.add_argument(
-        "--dtypes", metavar="LIST", default="fp32,bf16", help="fp32, bf16, fp16 (default: fp32,bf16)"
-    )
-    what.add_argument(
-        "--impls", metavar="LIST", help="keep only these implementations (default: all that apply)"
-    )
+    what.add_argument("--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV (replaces --preset)")
+    what.add_argument("--preset", choices=("default", "issue", "tiny"), help="a named set of shapes (default: default)")
+    what.add_argument("--problems", metavar="LIST", help="keep only these problems: ce, linear (default: both)")
+    what.add_argument("--dtypes", metavar="LIST", default="fp32,bf16", help="fp32, bf16, fp16 (default: fp32,bf16)")
+    what.add_argument("--impls", metavar="LIST", help="keep only these implementations (default: all that apply)")
     what.add_argument(
         "--targets", choices=("index", "prob"), default="index", help="class indices or class probabilities"
     )
-    what.add_argument(
-        "--label-smoothing", type=float, default=0.0, metavar="EPS", help="in [0, 1] (default: 0)"
-    )
+    what.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS", help="in [0, 1] (default: 0)")
     what.add_argument(
         "--xentlib-backend",
         choices=("auto", "torch", "triton"),
@@ -76,12 +64,8 @@ def register(subparsers) -> None:
         help="backend= for the xentlib rows (default: auto, Triton on GPU when available)",
     )
     how = parser.add_argument_group("how to measure")
-    how.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present"
-    )
-    how.add_argument(
-        "--threads", type=int, default=2, help="torch.set_num_threads in every worker (default: 2)"
-    )
+    how.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
+    how.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default: 2)")
     how.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default: 1)")
     how.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (default: 5)")
     how.add_argument(
@@ -94,9 +78,7 @@ def register(subparsers) -> None:
     how.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds per configuration")
     how.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out", default="bench-results", metavar="DIR", help="output folder (default: bench-results)"
-    )
+    output.add_argument("--out", default="bench-results", metavar="DIR", help="output folder (default: bench-results)")
     output.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.set_defaults(func=run)
 
@@ -114,10 +96,7 @@ def import_benchmarks(root: Path):
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     loaded = sys.modules.get("benchmarks")
-    if (
-        loaded is not None
-        and Path(getattr(loaded, "__file__", "") or "").resolve().parent != root / "benchmarks"
-    ):
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent != root / "benchmarks":
         for name in [name for name in sys.modules if name == "benchmarks" or name.startswith("benchmarks.")]:
             del sys.modules[name]
     return importlib.import_module("benchmarks.config"), importlib.import_module("benchmarks.impls")
@@ -130,9 +109,7 @@ def run(args) -> int:
         args.preset = "default"
     root = find_benchmarks_root()
     if root is None:
-        raise CLIError(
-            "benchmarks/ not found: run from a source checkout of xentlib (git clone, then xentlib bench)"
-        )
+        raise CLIError("benchmarks/ not found: run from a source checkout of xentlib (git clone, then xentlib bench)")
     config_module, impls_module = import_benchmarks(root)
     try:
         config = config_module.config_from_args(args, impls_module.IMPL_NAMES)
