@@ -159,11 +159,11 @@ def test_accepted_ignore_index_values(ignore_index):
 
 
 def test_out_of_range_message_names_the_value_and_the_class_count():
-    error = assert_same_error(
-        lambda: X.nll_loss(x(4, 3), t(0, 9, 2, 0)), lambda: F.nll_loss(x(4, 3), t(0, 9, 2, 0))
-    )
+    error = assert_same_error(lambda: X.nll_loss(x(4, 3), t(0, 9, 2, 0)), lambda: F.nll_loss(x(4, 3), t(0, 9, 2, 0)))
     assert "9" in str(error) and "3" in str(error)
 
+
+LONG43 = torch.zeros(4, 3, dtype=torch.long)
 
 # Where torch checks in a documented order, the first failing check wins in both libraries.
 PRECEDENCE = {
@@ -179,6 +179,17 @@ PRECEDENCE = {
     "bce_size_before_dtype": (BCE, (p(4), p(3, dtype=f64)), {}, "that is different to the input size"),
     "bce_dtype_before_range": (BCE, (p(4) + 1, p(4, dtype=f64)), {}, "Found dtype Double"),
     "bcel_size_before_dtype": (BCEL, (x(4), torch.zeros(3, dtype=torch.long)), {}, "must be the same as input size"),
+    "0d_input_index_target": (CE, (torch.tensor(1.0), t(0, 1)), {}, "Dimension out of range"),
+    "1d_input_2d_target": (CE, (x(3), torch.zeros(2, 2, dtype=torch.long)), {}, "0D or 1D target tensor expected"),
+    "1d_target_dtype_before_size": (NLL, (x(3), t(0, 1).int()), {}, "expected target dtype to be Long or Byte"),
+    "nll_weight_size_before_integer_input": (NLL, (LONG43, t(0, 1, 2, 0)), dict(weight=torch.ones(2)), "weight tensor should be defined"),
+    "nll_integer_input_before_weight_dtype": (NLL, (LONG43, t(0, 1, 2, 0)), dict(weight=torch.ones(3)), "not implemented for 'Long'"),
+    "nll_integer_input_before_bounds": (NLL, (LONG43, t(0, 5, 2, 0)), {}, "not implemented for 'Long'"),
+    "prob_weight_size_before_integer_input": (CE, (LONG43, p(4, 3)), dict(weight=torch.ones(2)), "cross_entropy: weight tensor"),
+    "prob_integer_input_before_smoothing": (CE, (LONG43, p(4, 3)), dict(label_smoothing=1.5), "not implemented for 'Long'"),
+    "prob_weight_size_before_smoothing": (CE, (x(4, 3), p(4, 3)), dict(weight=torch.ones(2), label_smoothing=1.5), "cross_entropy: weight tensor"),
+    "index_smoothing_before_integer_input": (CE, (LONG43, t(0, 1, 2, 0)), dict(label_smoothing=1.5), "label_smoothing must be between"),
+    "index_smoothing_before_0d_input": (CE, (torch.tensor(1.0), t(0, 1)), dict(label_smoothing=1.5), "label_smoothing must be between"),
 }  # fmt: skip
 
 
@@ -212,3 +223,88 @@ def test_bce_target_list_is_a_type_error():
         F.binary_cross_entropy(p(4), [0.0, 1.0, 0.5, 0.5])
     with pytest.raises(TypeError, match="must be Tensor"):
         X.binary_cross_entropy(p(4), [0.0, 1.0, 0.5, 0.5])
+
+
+def test_uint8_target_with_smoothing_and_weight_works():
+    """torch's smoothing path gathers the weight with the raw uint8 target and fails ("gather(): Expected dtype
+    int32/int64 for index"); we accept uint8 there as everywhere else on 2-D inputs: the long target's result."""
+    target, w = t(0, 1, 2, 0), torch.tensor([0.5, 1.0, 2.0])
+    with pytest.raises(RuntimeError, match="gather"):
+        F.cross_entropy(x(4, 3), target.to(torch.uint8), w, label_smoothing=0.2)
+    check_against_torch(
+        lambda x, t, w, **k: X.cross_entropy(x, t.to(torch.uint8), w, **k), F.cross_entropy,
+        x(4, 3, requires_grad=True), target, w, label_smoothing=0.2,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unbatched_size_one_target_with_smoothing_works(reduction):
+    """torch fails on a 1-D input with a (1,) target and label smoothing ("output with shape [] doesn't match the
+    broadcast shape [1]"); we give the 0-d target's result, as without smoothing."""
+    with pytest.raises(RuntimeError, match="broadcast shape"):
+        F.cross_entropy(x(3), t(1), label_smoothing=0.2, reduction=reduction)
+    check_against_torch(
+        lambda x, t, **k: X.cross_entropy(x, t.reshape(1), **k), F.cross_entropy, x(3, requires_grad=True),
+        torch.tensor(1), label_smoothing=0.2, reduction=reduction,
+    )  # fmt: skip
+
+
+# A grid of valid and invalid arguments: whatever torch raises first, we raise the same exception type.
+GRID_INPUTS = {
+    "f32(4,3)": x(4, 3),
+    "f64(4,3)": x(4, 3, dtype=f64),
+    "f32(3)": x(3),
+    "f32(2,3,4)": x(2, 3, 4),
+    "long(4,3)": LONG43,
+    "0d": torch.tensor(1.0),
+    "f16(4,3)": x(4, 3).half(),
+}
+GRID_TARGETS = {
+    "long(4)": t(0, 1, 2, 0),
+    "long(4)_oob": t(0, 5, 2, 0),
+    "int(4)": t(0, 1, 2, 0).int(),
+    "f32(4,3)": p(4, 3),
+    "f64(4,3)": p(4, 3, dtype=f64),
+    "long(4,3)": torch.zeros(4, 3, dtype=torch.long),
+    "long(2,4)": torch.zeros(2, 4, dtype=torch.long),
+    "long()": torch.tensor(1),
+    "u8(4)": t(0, 1, 2, 0).to(torch.uint8),
+    "long(5)": torch.zeros(5, dtype=torch.long),
+    "f32(3)": p(3),
+    "f32(2,3,4)": p(2, 3, 4),
+}
+GRID_WEIGHTS = [None, torch.ones(3), torch.ones(3, dtype=f64), torch.ones(2), torch.ones(3, requires_grad=True)]
+GRID_OPTIONS = [
+    {},
+    dict(label_smoothing=1.5),
+    dict(ignore_index=0),
+    dict(reduction="none"),
+    dict(reduction="bad"),
+    dict(label_smoothing=0.2, ignore_index=5),
+]
+# torch bugs we do not copy (tested above): uint8 + smoothing + weight, 1-D input + (1,) target + smoothing
+GRID_KNOWN = {("u8(4)", "label_smoothing")}
+
+
+@pytest.mark.parametrize("fn", [CE, NLL])
+@pytest.mark.parametrize("input_name", list(GRID_INPUTS))
+def test_error_grid(fn, input_name):
+    mismatches, count = [], 0
+    for target_name, target in GRID_TARGETS.items():
+        for weight in GRID_WEIGHTS:
+            for options in GRID_OPTIONS:
+                if fn == NLL and "label_smoothing" in options:
+                    continue
+                if (target_name, next(iter(options), "")) in GRID_KNOWN and weight is not None:
+                    continue
+                count += 1
+                outcomes = []
+                for lib in (F, X):
+                    try:
+                        getattr(lib, fn)(GRID_INPUTS[input_name], target, weight, **options)
+                        outcomes.append("ok")
+                    except Exception as error:  # noqa: BLE001 - compared below
+                        outcomes.append(f"{type(error).__name__}: {str(error)[:70]}")
+                if outcomes[0].split(":")[0] != outcomes[1].split(":")[0]:
+                    mismatches.append(f"{target_name} w={weight} {options}: torch {outcomes[0]} | ours {outcomes[1]}")
+    assert count and not mismatches, f"{len(mismatches)} of {count} differ:\n" + "\n".join(mismatches[:10])
