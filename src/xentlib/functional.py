@@ -218,8 +218,9 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: 
     return _softmax_common("softmax", input, dim, _stacklevel, dtype, log=False)
 
 
-def _check_broadcast(name: str, tensor: Tensor | None, shape: torch.Size) -> None:
-    """`tensor` must broadcast to `shape` without enlarging it (torch's TensorIterator rule)."""
+def _check_broadcast(name: str, tensor: Tensor | None, shape: torch.Size, may_enlarge: bool = False) -> None:
+    """`tensor` must broadcast to `shape` without enlarging it (torch's TensorIterator rule). may_enlarge:
+    only the broadcast itself is checked (binary_cross_entropy checks the enlargement last, in its kernel)."""
     if tensor is None:
         return
     try:
@@ -229,7 +230,7 @@ def _check_broadcast(name: str, tensor: Tensor | None, shape: torch.Size) -> Non
             f"The size of {name} {sem.shape_list(tensor.shape)} must match the input size {sem.shape_list(shape)} "
             f"at every non-singleton dimension (right-aligned broadcasting)"
         ) from None
-    if result != shape:
+    if result != shape and not may_enlarge:
         raise RuntimeError(
             f"output with shape {sem.shape_list(shape)} doesn't match the broadcast shape {sem.shape_list(result)} "
             f"({name} of shape {sem.shape_list(tensor.shape)} may not enlarge the output)"
@@ -261,18 +262,21 @@ def binary_cross_entropy(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}) is "
             "deprecated. Please ensure they have the same size."
         )
-    _check_broadcast("weight", weight, input.shape)
-    sem.check_floating_input(fn, input)
+    # torch's order: broadcastable weight, weight requires_grad, target dtype, input dtype, value ranges, and
+    # last a weight that would enlarge the output
+    _check_broadcast("weight", weight, input.shape, may_enlarge=True)
+    sem.check_not_requires_grad(fn, "weight", weight)
     if target.dtype != input.dtype:
         raise RuntimeError(
             f"Found dtype {sem.dtype_name(target.dtype)} but expected {sem.dtype_name(input.dtype)} "
             "(the target must have the input's dtype)"
         )
-    sem.check_not_requires_grad(fn, "weight", weight)
+    sem.check_floating_input(fn, input)
     if bool(((input < 0) | (input > 1) | input.isnan()).any()):
         raise RuntimeError("all elements of input should be between 0 and 1 (binary_cross_entropy takes probabilities)")
     if bool(((target < 0) | (target > 1) | target.isnan()).any()):
         raise RuntimeError("all elements of target should be between 0 and 1")
+    _check_broadcast("weight", weight, input.shape)
     return torch_chunked.BinaryCrossEntropyFunction.apply(input, target, weight, reduction)
 
 
