@@ -308,3 +308,58 @@ def test_error_grid(fn, input_name):
                 if outcomes[0].split(":")[0] != outcomes[1].split(":")[0]:
                     mismatches.append(f"{target_name} w={weight} {options}: torch {outcomes[0]} | ours {outcomes[1]}")
     assert count and not mismatches, f"{len(mismatches)} of {count} differ:\n" + "\n".join(mismatches[:10])
+
+
+BCE_GRID_INPUTS = {
+    "p_f32": p(4, 3),
+    "p_f64": p(4, 3, dtype=f64),
+    "logits_f32": x(4, 3) * 3,
+    "long": LONG43,
+    "p_f16": p(4, 3).half(),
+    "p_0d": p(),
+    "bool": torch.zeros(4, 3, dtype=torch.bool),
+    "nan": torch.full((4, 3), math.nan),
+}
+BCE_GRID_TARGETS = {
+    "f32": p(4, 3),
+    "f64": p(4, 3, dtype=f64),
+    "f16": p(4, 3).half(),
+    "long": LONG43,
+    "bool": torch.zeros(4, 3, dtype=torch.bool),
+    "f32(4,1)": p(4, 1),
+    "f32(3)": p(3),
+    "out_of_range": p(4, 3) + 1,
+    "0d": p(),
+    "nan": torch.full((4, 3), math.nan),
+}
+BCE_GRID_WEIGHTS = [
+    None,
+    torch.ones(3),
+    torch.ones(3, dtype=f64),
+    torch.ones(4),
+    torch.ones(2, 4, 3),
+    torch.ones(3, requires_grad=True),
+    torch.ones(3, dtype=torch.long),
+    torch.ones(4, 1),
+]
+
+
+@pytest.mark.parametrize("fn, weight_arg", [(BCE, "weight"), (BCEL, "weight"), (BCEL, "pos_weight")])
+@pytest.mark.parametrize("input_name", list(BCE_GRID_INPUTS))
+def test_bce_error_grid(fn, weight_arg, input_name):
+    mismatches, count = [], 0
+    for target_name, target in BCE_GRID_TARGETS.items():
+        for weight in BCE_GRID_WEIGHTS:
+            for reduction in ("mean", "none", "bad"):
+                count += 1
+                outcomes = []
+                for lib in (F, X):
+                    kwargs = {weight_arg: weight, "reduction": reduction}
+                    try:
+                        getattr(lib, fn)(BCE_GRID_INPUTS[input_name], target, **kwargs)
+                        outcomes.append("ok")
+                    except Exception as error:  # noqa: BLE001 - compared below
+                        outcomes.append(f"{type(error).__name__}: {str(error)[:70]}")
+                if outcomes[0].split(":")[0] != outcomes[1].split(":")[0]:
+                    mismatches.append(f"{target_name} {weight_arg}={weight}: torch {outcomes[0]} | ours {outcomes[1]}")
+    assert count and not mismatches, f"{len(mismatches)} of {count} differ:\n" + "\n".join(mismatches[:10])
