@@ -186,6 +186,8 @@ def _normalize_dim(dim, ndim: int) -> int:
 
 def _softmax_common(name: str, input: Tensor, dim, stacklevel: int, dtype, log: bool) -> Tensor:
     sem.check_tensor(name, "input", 1, input)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name}(): argument 'dtype' must be torch.dtype, not {type(dtype).__name__}")
     dim = _softmax_dim(name, input, dim, stacklevel + 1)
     if dtype is not None:
         input = input.to(dtype)
