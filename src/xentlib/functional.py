@@ -192,7 +192,7 @@ def _softmax_common(name: str, input: Tensor, dim, stacklevel: int, dtype, log: 
     if dtype is not None:
         input = input.to(dtype)
     dim = _normalize_dim(dim, input.dim())
-    if not input.is_floating_point():
+    if not input.is_floating_point() and input.numel() > 0:  # torch passes empty tensors of any dtype through
         kernel = f"{name}_lastdim_kernel_impl" if dim == max(input.dim() - 1, 0) else f"{name}_kernel_impl"
         sem.check_floating_input(kernel, input)
     return torch_chunked.SoftmaxFunction.apply(input, dim, log)
