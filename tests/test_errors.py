@@ -9,6 +9,7 @@ Where SEMANTICS.md quotes torch's message, our message must contain the same lea
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -362,4 +363,43 @@ def test_bce_error_grid(fn, weight_arg, input_name):
                         outcomes.append(f"{type(error).__name__}: {str(error)[:70]}")
                 if outcomes[0].split(":")[0] != outcomes[1].split(":")[0]:
                     mismatches.append(f"{target_name} {weight_arg}={weight}: torch {outcomes[0]} | ours {outcomes[1]}")
+    assert count and not mismatches, f"{len(mismatches)} of {count} differ:\n" + "\n".join(mismatches[:10])
+
+
+SOFTMAX_GRID_INPUTS = {
+    "f32(4,3)": x(4, 3),
+    "0d": torch.tensor(1.0),
+    "long": LONG43,
+    "bool": torch.zeros(4, 3, dtype=torch.bool),
+    "complex": torch.zeros(4, 3, dtype=torch.complex64),
+    "f16(2,3,4)": x(2, 3, 4).half(),
+    "empty_f32": x(0, 3),
+    "empty_long": torch.zeros(0, 3, dtype=torch.long),
+    "u8(3)": torch.zeros(3, dtype=torch.uint8),
+    "long_0d": torch.tensor(3),
+}
+SOFTMAX_GRID_DIMS = [None, 0, 1, -1, 2, -3, 3, 1.0, "a", (1,), True]
+SOFTMAX_GRID_DTYPES = [None, torch.float64, torch.float16, torch.long, torch.bool, torch.complex64, torch.bfloat16, "x"]
+
+
+@pytest.mark.parametrize("fn", [LSM, SM])
+@pytest.mark.parametrize("input_name", list(SOFTMAX_GRID_INPUTS))
+def test_softmax_error_grid(fn, input_name):
+    """Same exception type (or success with the same output dtype) for every dim / dtype argument."""
+    mismatches, count = [], 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for dim in SOFTMAX_GRID_DIMS:
+            for dtype in SOFTMAX_GRID_DTYPES:
+                count += 1
+                outcomes = []
+                for lib in (F, X):
+                    try:
+                        outcomes.append(
+                            f"ok {getattr(lib, fn)(SOFTMAX_GRID_INPUTS[input_name], dim, dtype=dtype).dtype}"
+                        )
+                    except Exception as error:  # noqa: BLE001 - compared below
+                        outcomes.append(f"{type(error).__name__}: {str(error)[:70]}")
+                if outcomes[0].split(":")[0] != outcomes[1].split(":")[0]:
+                    mismatches.append(f"dim={dim!r} dtype={dtype}: torch {outcomes[0]} | ours {outcomes[1]}")
     assert count and not mismatches, f"{len(mismatches)} of {count} differ:\n" + "\n".join(mismatches[:10])
