@@ -137,9 +137,7 @@ def test_softmax_modules(name, dim, shape):
     ours, theirs = getattr(XN, name)(dim=dim), getattr(torch.nn, name)(dim=dim)
     assert repr(ours) == repr(theirs) and ours.dim == theirs.dim
     assert ours.state_dict().keys() == theirs.state_dict().keys()
-    x = torch.randn(
-        shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True
-    )
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64, requires_grad=True)
     check_against_torch(ours, theirs, x)
 
 

@@ -70,10 +70,7 @@ def test_op_samples(name, dtype):
         pytest.skip(f"{name} does not list {dtype} on CPU")
     ours = OPS[op.name]
     samples = op.sample_inputs("cpu", dtype, requires_grad=True)
-    run_all(
-        (describe(s), lambda s=s: check_against_torch(ours, op.op, s.input, *s.args, **s.kwargs))
-        for s in samples
-    )
+    run_all((describe(s), lambda s=s: check_against_torch(ours, op.op, s.input, *s.args, **s.kwargs)) for s in samples)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
