@@ -124,9 +124,7 @@ def _xentlib_linear(x, weight, target):
     def step():
         placeholder = x.new_empty(()).expand(x.shape[0], weight.shape[0])
         problem = prepare_cross_entropy(placeholder, target, None, -100, "mean", 0.0)
-        linear_cross_entropy_chunked(
-            x.detach(), weight.detach(), None, problem, needs_input_grad=(True, True, False)
-        )
+        linear_cross_entropy_chunked(x.detach(), weight.detach(), None, problem, needs_input_grad=(True, True, False))
 
     return step
 
@@ -235,9 +233,7 @@ def main(argv=None) -> int:
         def throughput(ms, flops=flops):
             return f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s (6 x N x D x V)"
 
-        results += run_case(
-            "linear_cross_entropy", (n, d, v), linear_impls(x, weight, target), throughput, args
-        )
+        results += run_case("linear_cross_entropy", (n, d, v), linear_impls(x, weight, target), throughput, args)
         del x, weight, target
 
     if args.csv:
@@ -246,9 +242,7 @@ def main(argv=None) -> int:
             writer = csv.DictWriter(handle, fieldnames=fields + ["device", "torch", "triton"])
             writer.writeheader()
             for row in results:
-                writer.writerow(
-                    {**row, "device": device, "torch": torch.__version__, "triton": triton.__version__}
-                )
+                writer.writerow({**row, "device": device, "torch": torch.__version__, "triton": triton.__version__})
         print(f"wrote {args.csv}")
     return 0
 

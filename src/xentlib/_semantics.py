@@ -110,7 +110,7 @@ def check_smoothing_range(eps: float) -> float:
 def check_floating_input(op: str, tensor: Tensor) -> None:
     if not (tensor.is_floating_point()):
         raise NotImplementedError(
-            f'"{op}" not implemented for \'{dtype_name(tensor.dtype)}\' (expected a floating point input: '
+            f"\"{op}\" not implemented for '{dtype_name(tensor.dtype)}' (expected a floating point input: "
             f"float64, float32, float16 or bfloat16)"
         )
 

@@ -146,8 +146,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if saved is not None:
             grads = [_scale(g, grad_loss) for g in saved]
         else:  # reduction='none', or a second backward: sweep again with the row scales
-            row_scale = grad_loss.reshape(-1) if ctx.lp.rows.reduction == "none" else grad_loss.expand(
-                ctx.lp.rows.logits.shape[0]
+            row_scale = (
+                grad_loss.reshape(-1)
+                if ctx.lp.rows.reduction == "none"
+                else grad_loss.expand(ctx.lp.rows.logits.shape[0])
             )
             sweep = _sweep(ctx.lp, weight, bias, ctx.rows_fn, ctx.chunk, needs[:3], False, row_scale)
             grads = [sweep.grad_input, sweep.grad_weight, sweep.grad_bias]
@@ -185,8 +187,7 @@ def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse,
         pairs = [(out.reshape(problem.output_shape) if out.dim() else out, g) for out, g in pairs if g is not None]
         outputs, grads = zip(*pairs)
         sources = [leaf for leaf, need in zip(leaves, needs) if need]
-        found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=create_graph,
-                                         allow_unused=True))
+        found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=create_graph, allow_unused=True))
     return [next(found) if need else None for need in needs]
 
 

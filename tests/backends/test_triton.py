@@ -30,9 +30,7 @@ pytestmark = [
     # the interpreter evaluates both sides of tl.where in NumPy (e.g. 0 * inf on padding), which warns
     pytest.mark.filterwarnings("ignore::RuntimeWarning"),
 ]
-gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA without the interpreter"
-)
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA without the interpreter")
 
 IGNORE = -100
 
@@ -45,9 +43,7 @@ IGNORE = -100
 def float64_rows(x, target, *, weight=None, eps=0.0, z_loss=0.0, softcap=None):
     """Per-row loss, lse, capped logits and the float64 leaf of an (N, C, ...) input; class indices when
     target has one dimension less than x, else probabilities."""
-    leaf = (
-        x if x.requires_grad else x.detach().double().requires_grad_()
-    )  # a graph node: differentiate through it
+    leaf = x if x.requires_grad else x.detach().double().requires_grad_()  # a graph node: differentiate through it
     y = leaf if softcap is None else softcap * torch.tanh(leaf / softcap)
     log_p = torch.log_softmax(y, 1)
     lse = torch.logsumexp(y, 1)
@@ -124,9 +120,7 @@ def truth_for(x, target, options):
 
 
 def assert_close(actual, expected, atol, rtol=1e-5):
-    torch.testing.assert_close(
-        actual.detach().cpu().double(), expected.detach().double(), atol=atol, rtol=rtol
-    )
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().double(), atol=atol, rtol=rtol)
 
 
 def weights(classes):
@@ -287,9 +281,7 @@ def test_bit_identical_between_runs():
     assert torch.equal(first.loss, second.loss) and torch.equal(grad_1, grad_2)
 
 
-@pytest.mark.parametrize(
-    "launch", [{"strategy": "row", "block_size": 16}, {"strategy": "tile"}], ids=["row", "tile"]
-)
+@pytest.mark.parametrize("launch", [{"strategy": "row", "block_size": 16}, {"strategy": "tile"}], ids=["row", "tile"])
 def test_argmax_ties_go_to_the_first_class(launch):
     x = torch.zeros(2, 40)
     x[0, [35, 3]] = 5.0  # exact tie, in different class blocks of 16
@@ -330,9 +322,7 @@ def test_all_ignored_mean_has_zero_gradient(launch):
     assert torch.all(rows.loss == 0) and torch.all(grad == 0)
 
 
-@pytest.mark.parametrize(
-    "launch", [{"strategy": "row", "block_size": 2}, {"strategy": "tile"}], ids=["row", "tile"]
-)
+@pytest.mark.parametrize("launch", [{"strategy": "row", "block_size": 2}, {"strategy": "tile"}], ids=["row", "tile"])
 def test_infinite_and_huge_logits(launch):
     inf = float("inf")
     x = torch.tensor(
@@ -353,9 +343,7 @@ def test_infinite_and_huge_logits(launch):
     assert loss[2].item() == inf
     assert torch.isnan(loss[3])
     finite = [0, 1, 2, 4]
-    expected = torch.nn.functional.cross_entropy(
-        x[finite].cpu().double(), target[finite].cpu(), reduction="none"
-    )
+    expected = torch.nn.functional.cross_entropy(x[finite].cpu().double(), target[finite].cpu(), reduction="none")
     assert_close(loss[finite], expected, atol=1e-6)
     expected_grad = torch.softmax(x[4].cpu().double(), 0) - torch.nn.functional.one_hot(target[4].cpu(), 4)
     assert_close(grad[4].squeeze(1), expected_grad, atol=1e-6)
@@ -364,9 +352,7 @@ def test_infinite_and_huge_logits(launch):
     assert smoothed.loss.item() == inf  # eps > 0 reads every logit, as in torch
     prob_target = torch.tensor([[0.5, 0.0, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]], device=DEVICE)
     prob, _ = run_rows(problem_for(x[1:2].expand(2, 4), prob_target, {}, reduction="sum"))
-    expected = torch.nn.functional.cross_entropy(
-        x[1:2].expand(2, 4).cpu(), prob_target.cpu(), reduction="none"
-    )
+    expected = torch.nn.functional.cross_entropy(x[1:2].expand(2, 4).cpu(), prob_target.cpu(), reduction="none")
     assert torch.isnan(expected[0]) and torch.isinf(expected[1])  # 0 * inf where q = 0; +inf where q > 0
     torch.testing.assert_close(prob.loss.squeeze(1).cpu(), expected, equal_nan=True)
 
@@ -534,9 +520,7 @@ def test_clear_error_without_triton(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a)
-    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     ok, reason = triton_backend.is_available("cuda")
     assert not ok and "triton is not installed" in reason
     with pytest.raises(RuntimeError, match="triton is not installed"):
@@ -634,9 +618,7 @@ print("compiled")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), TRITON_DEFAULT_FP_FUSION="1")
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip("triton's bundled CUDA toolchain is missing")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -235,9 +235,7 @@ def test_nll_loss_explains_log_probabilities_and_agrees(capsys):
 
 
 def test_nll_loss_on_raw_logits_warns_and_still_matches_torch(capsys):
-    code, out, _ = explain(
-        capsys, "--op", "nll_loss", "--logits", json.dumps(LOGITS), "--target", "[1, 3, 0]"
-    )
+    code, out, _ = explain(capsys, "--op", "nll_loss", "--logits", json.dumps(LOGITS), "--target", "[1, 3, 0]")
     assert code == 0
     assert "not log-probabilities" in out
     assert final_loss(out) == pytest.approx(F.nll_loss(t64(LOGITS), torch.tensor([1, 3, 0])).item(), abs=1e-6)
@@ -315,9 +313,7 @@ def test_linear_agrees_with_torch_linear_then_cross_entropy(capsys):
     logits = x @ w.T + b
     rows = table_rows(out, "class 4")  # the logits table
     assert_close([[float(v) for v in r[1:]] for r in rows], logits)
-    expected = F.cross_entropy(
-        logits, torch.tensor([4, 0, 2]), weight=t64([1, 2, 3, 4, 5]), label_smoothing=0.05
-    )
+    expected = F.cross_entropy(logits, torch.tensor([4, 0, 2]), weight=t64([1, 2, 3, 4, 5]), label_smoothing=0.05)
     assert_close(final_loss(out), expected)
 
 
@@ -445,9 +441,7 @@ def test_mistake_probabilities_shows_the_wrong_and_the_right_number(capsys):
     assert float(wrong.split("=")[1]) == pytest.approx(
         F.cross_entropy(MISTAKE_LOGITS.softmax(dim=1), MISTAKE_TARGET).item(), abs=1e-6
     )
-    assert float(fixed.split("=")[1]) == pytest.approx(
-        F.cross_entropy(MISTAKE_LOGITS, MISTAKE_TARGET).item(), abs=1e-6
-    )
+    assert float(fixed.split("=")[1]) == pytest.approx(F.cross_entropy(MISTAKE_LOGITS, MISTAKE_TARGET).item(), abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -31,9 +31,7 @@ def train(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def accuracy(out: str, library: str = "xentlib") -> float:
-    match = re.search(
-        rf"^{library}\.nn\.CrossEntropyLoss: held-out accuracy ([\d.]+) \((\d+)/(\d+)\)", out, re.M
-    )
+    match = re.search(rf"^{library}\.nn\.CrossEntropyLoss: held-out accuracy ([\d.]+) \((\d+)/(\d+)\)", out, re.M)
     assert match, out
     assert float(match.group(1)) == pytest.approx(int(match.group(2)) / int(match.group(3)), abs=1e-4)
     return float(match.group(1))
@@ -88,9 +86,7 @@ def test_limit_label_smoothing_class_weights_and_dropped_labels(capsys):
 
 def test_explicit_class_weights_and_sgd(capsys):
     weights = ",".join(["1"] * 9 + ["3"])
-    code, out, _ = train(
-        capsys, "--epochs", "2", "--optimizer", "sgd", "--class-weights", weights, "--compare"
-    )
+    code, out, _ = train(capsys, "--epochs", "2", "--optimizer", "sgd", "--class-weights", weights, "--compare")
     assert code == 0
     assert "class weights [1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 1.00, 3.00]" in out
     assert accuracy(out) >= 0.5
@@ -108,9 +104,7 @@ def test_mnist5k_short_run(capsys):
 def test_plot_writes_a_png(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "curves.png"
-    code, out, _ = train(
-        capsys, "--epochs", "1", "--limit", "200", "--model", "mlp", "--compare", "--plot", str(path)
-    )
+    code, out, _ = train(capsys, "--epochs", "1", "--limit", "200", "--model", "mlp", "--compare", "--plot", str(path))
     assert code == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 

@@ -64,9 +64,7 @@ def _check_cases(rank, world, sizes, order):
     start, end = shard_bounds_in_order(sizes, order, rank)
     failures = []
     for i, (name, case, options) in enumerate(CASES):
-        case = dict(
-            dict(shape=(6, VOCAB), dtype=torch.float64, prob=False, weighted=False, ignore_rows=False), **case
-        )
+        case = dict(dict(shape=(6, VOCAB), dtype=torch.float64, prob=False, weighted=False, ignore_rows=False), **case)
         x, t, w = make_case(100 + i, **case)
         if name.startswith("all ignored"):
             t = torch.full_like(t, -5)
@@ -88,9 +86,7 @@ def _check_cases(rank, world, sizes, order):
             )  # fmt: skip
             full_xent = x.clone().requires_grad_()
             ref_xent = XF.cross_entropy(full_xent, t, w, **opts, **extensions)
-            grad_out = (
-                torch.rand(ref.shape, generator=torch.Generator().manual_seed(i), dtype=ref.dtype) + 0.5
-            )
+            grad_out = torch.rand(ref.shape, generator=torch.Generator().manual_seed(i), dtype=ref.dtype) + 0.5
             (grad,) = torch.autograd.grad(ours, shard, grad_out)
             (ref_grad,) = torch.autograd.grad(ref, full, grad_out)
             (xent_grad,) = torch.autograd.grad(ref_xent, full_xent, grad_out)
@@ -158,9 +154,7 @@ def _loss_parallel_case(rank, world):
         with loss_parallel():
             w_dt = None if w is None else distribute_tensor(w, mesh, [Replicate()])
             theirs = F.cross_entropy(logits, t, w_dt, reduction=reduction)
-            grad_out = (
-                torch.rand(theirs.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype) + 0.5
-            )
+            grad_out = torch.rand(theirs.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype) + 0.5
             theirs.backward(distribute_tensor(grad_out, mesh, [Replicate()]))
         theirs_full = theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs
         shard = x[:, start : start + size].clone().requires_grad_()

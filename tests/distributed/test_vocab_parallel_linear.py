@@ -52,9 +52,7 @@ def _check_linear(rank, world, sizes):
     failures = []
     for i, (name, lead, options, flags) in enumerate(CASES):
         flags = dict(dict(prob=False, weighted=False, ignore=False, bias=False, input_grad=True), **flags)
-        x, W, b, t, w = _case_tensors(
-            10 + i, lead, flags["prob"], flags["weighted"], flags["ignore"], flags["bias"]
-        )
+        x, W, b, t, w = _case_tensors(10 + i, lead, flags["prob"], flags["weighted"], flags["ignore"], flags["bias"])
         try:
             xs = x.clone().requires_grad_(flags["input_grad"])
             Ws = W[start:end].clone().requires_grad_()
@@ -68,9 +66,7 @@ def _check_linear(rank, world, sizes):
             br = None if b is None else b.clone().requires_grad_()
             logits = xr @ Wr.T + (0 if br is None else br)
             flat_logits = logits.reshape(-1, VOCAB) if logits.dim() > 1 else logits
-            flat_t = (
-                t.reshape(-1, VOCAB) if flags["prob"] and t.dim() > 1 else (t.reshape(-1) if t.dim() else t)
-            )
+            flat_t = t.reshape(-1, VOCAB) if flags["prob"] and t.dim() > 1 else (t.reshape(-1) if t.dim() else t)
             opts = dict(dict(reduction="mean", label_smoothing=0.0), **options)
             ref = torch_reference(
                 flat_logits, flat_t, w, -100, opts["reduction"], opts["label_smoothing"],
@@ -78,14 +74,10 @@ def _check_linear(rank, world, sizes):
             )  # fmt: skip
             if opts["reduction"] == "none":
                 ref = ref.reshape(lead)
-            grad_out = (
-                torch.rand(ref.shape, generator=torch.Generator().manual_seed(i), dtype=ref.dtype) + 0.5
-            )
+            grad_out = torch.rand(ref.shape, generator=torch.Generator().manual_seed(i), dtype=ref.dtype) + 0.5
             ours_leaves = [t_ for t_ in (xs, Ws, bs) if t_ is not None and t_.requires_grad]
             ref_leaves = [
-                t_
-                for t_, o in zip((xr, Wr, br), (xs, Ws, bs), strict=True)
-                if o is not None and o.requires_grad
+                t_ for t_, o in zip((xr, Wr, br), (xs, Ws, bs), strict=True) if o is not None and o.requires_grad
             ]
             ours_grads = torch.autograd.grad(ours, ours_leaves, grad_out)
             ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
@@ -119,9 +111,7 @@ def _count_linear_collectives(rank, world, rows, chunk, input_grad):
     Ws = W[start:end].clone().requires_grad_()
     dist.all_reduce = counting
     try:
-        loss = vocab_parallel_linear_cross_entropy(
-            xs, Ws, t, b[start:end], vocab_start=start, chunk_size=chunk
-        )
+        loss = vocab_parallel_linear_cross_entropy(xs, Ws, t, b[start:end], vocab_start=start, chunk_size=chunk)
         forward = calls["n"]
         loss.backward()
         backward = calls["n"] - forward

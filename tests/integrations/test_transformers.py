@@ -102,9 +102,7 @@ def exact_causal_lm_loss(
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     reduction = "mean" if num_items_in_batch is None else "sum"
     flat_logits, flat_labels = logits.reshape(-1, vocab_size), shift_labels.reshape(-1)
-    loss = torch.nn.functional.cross_entropy(
-        flat_logits, flat_labels, ignore_index=ignore_index, reduction=reduction
-    )
+    loss = torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction=reduction)
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
@@ -182,9 +180,7 @@ def test_linear_causal_lm_loss_equals_the_loss_of_its_logits(num_items_in_batch)
     scale, cap = 0.25, 2.0
     logits = cap * torch.tanh(scale * (hidden @ weight.T + bias) / cap)
     expected = exact_causal_lm_loss(logits, labels, VOCAB, num_items_in_batch)
-    actual = linear_causal_lm_loss(
-        hidden, weight, labels, bias, num_items_in_batch, logit_scale=scale, softcap=cap
-    )
+    actual = linear_causal_lm_loss(hidden, weight, labels, bias, num_items_in_batch, logit_scale=scale, softcap=cap)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 

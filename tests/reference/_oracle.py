@@ -94,13 +94,9 @@ def torch_cross_entropy(x, t, w, ignore_index=-100, reduction="mean", label_smoo
     count (class indices) or the row count (probabilities); 'sum' / normalizer."""
     z_loss, softcap, normalizer = (extensions.get(k) for k in ("z_loss", "softcap", "normalizer"))
     if not (z_loss or softcap or normalizer is not None):
-        return F.cross_entropy(
-            x, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
-        )
+        return F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     y = x if softcap is None else softcap * torch.tanh(x / softcap)
-    rows = F.cross_entropy(
-        y, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
-    )
+    rows = F.cross_entropy(y, t, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     probabilities = t.shape == x.shape
     counted = torch.ones(rows.shape, dtype=torch.bool) if probabilities else t != ignore_index
     if z_loss:

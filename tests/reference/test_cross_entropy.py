@@ -211,9 +211,7 @@ def test_linear_cross_entropy(lead, probabilities, with_bias, reduction, extensi
     def torch_linear_ce(x, W, t, b, cw):
         logits = x @ W.T + (0 if b is None else b)
         flat_t = t.reshape(-1, vocab) if probabilities else t.reshape(-1)
-        loss = torch_cross_entropy(
-            logits.reshape(-1, vocab) if lead else logits, flat_t if lead else t, cw, **opts
-        )
+        loss = torch_cross_entropy(logits.reshape(-1, vocab) if lead else logits, flat_t if lead else t, cw, **opts)
         return loss.reshape(lead) if reduction == "none" else loss
 
     grad = ("x", "W") + (("b",) if with_bias else ()) + (("t", "cw") if probabilities else ())
@@ -232,17 +230,11 @@ def test_textbook_examples():
     """Published worked examples, and one computed here from the definition -log(e^{x_t} / sum_c e^{x_c})."""
     logits = np.array([[0.0541, 0.1762, 0.9489], [-0.0288, -0.8072, 0.4909]])
     targets = np.array([0, 2])
-    np.testing.assert_allclose(
-        ref.cross_entropy(logits, targets, reduction="none"), [1.5210, 0.6247], atol=5e-5
-    )
+    np.testing.assert_allclose(ref.cross_entropy(logits, targets, reduction="none"), [1.5210, 0.6247], atol=5e-5)
     assert round(float(ref.cross_entropy(logits, targets)), 3) == 1.073
     three = ref.cross_entropy(np.array([[0.1234, 0.5555, 0.3211]] * 3), np.array([0, 1, 2]))
     assert round(float(three), 4) == 1.1142
 
     rows, targets = [[2.0, 0.5, 0.3], [0.2, 2.0, 0.5]], [0, 1]
-    by_hand = [
-        -math.log(math.exp(r[t]) / sum(math.exp(v) for v in r)) for r, t in zip(rows, targets, strict=True)
-    ]
-    assert math.isclose(
-        float(ref.cross_entropy(np.array(rows), np.array(targets))), sum(by_hand) / 2, rel_tol=1e-14
-    )
+    by_hand = [-math.log(math.exp(r[t]) / sum(math.exp(v) for v in r)) for r, t in zip(rows, targets, strict=True)]
+    assert math.isclose(float(ref.cross_entropy(np.array(rows), np.array(targets))), sum(by_hand) / 2, rel_tol=1e-14)

@@ -41,6 +41,4 @@ def test_property_random_options(case):
     else:
         x, t, w, ignore_index = index_case(shape, case["ignore"], case["weighted"], rng)
     opts = {k: case[k] for k in ("reduction", "z_loss", "softcap")}
-    check_cross_entropy(
-        x * case["scale"], t, w, ignore_index=ignore_index, label_smoothing=case["smoothing"], **opts
-    )
+    check_cross_entropy(x * case["scale"], t, w, ignore_index=ignore_index, label_smoothing=case["smoothing"], **opts)

@@ -70,9 +70,7 @@ def test_softmax_implicit_dim(ours, ours_backward, theirs, shape):
 def test_nll_loss(shape, ignore, weighted, reduction):
     x, t, w, ignore_index = index_case(shape, ignore, weighted, np.random.default_rng(2))
     opts = dict(weight=w, ignore_index=ignore_index, reduction=reduction)
-    out, g, grads = run_torch(
-        lambda x, t, w: F.nll_loss(x, t, **{**opts, "weight": w}), dict(x=x, t=t, w=w), ("x",)
-    )
+    out, g, grads = run_torch(lambda x, t, w: F.nll_loss(x, t, **{**opts, "weight": w}), dict(x=x, t=t, w=w), ("x",))
     assert_close(ref.nll_loss(x, t, **opts), out, "loss")
     assert_close(ref.nll_loss_backward(g, x, t, **opts), grads["x"], "grad input")
 

@@ -39,9 +39,7 @@ BLOCKED_TORCH = textwrap.dedent(
 
 
 def test_reference_runs_with_torch_blocked():
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_TORCH, str(SRC)], capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run([sys.executable, "-c", BLOCKED_TORCH, str(SRC)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("loss="), result.stdout
 

@@ -152,12 +152,14 @@ def _composite_grads(ctx, input, target, weight, wrt, grad_loss, grad_lse, grad_
         if problem.kind == "prob":
             t = t.reshape(problem.logits.shape)
         loss_rows, lse, entropy = composite_rows(problem, x.reshape(problem.logits.shape), t, w)
-        pairs = [(reduce_rows(problem, loss_rows), grad_loss), (lse.reshape(problem.output_shape), grad_lse),
-                 (entropy.reshape(problem.output_shape), grad_entropy)]
+        pairs = [
+            (reduce_rows(problem, loss_rows), grad_loss),
+            (lse.reshape(problem.output_shape), grad_lse),
+            (entropy.reshape(problem.output_shape), grad_entropy),
+        ]
         outputs, grads = zip(*[(out, g) for out, g in pairs if g is not None])
         sources = [leaf for leaf, flag in zip(leaves, wrt) if flag]
-        result = torch.autograd.grad(outputs, sources, grads, create_graph=create_graph,
-                                     allow_unused=True)
+        result = torch.autograd.grad(outputs, sources, grads, create_graph=create_graph, allow_unused=True)
     found = iter(result)
     grads = [next(found) if flag else None for flag in wrt]
     return [None if g is None else g.reshape(tensor.shape).to(tensor.dtype) for g, tensor in zip(grads, tensors)]

@@ -13,6 +13,7 @@ lse (needed for z-loss and statistics) is y_a - log p_a at the row's arg-max a. 
 cache, so the few passes over it cost little next to the one read of the logits and the one write of the
 gradient; its float32 work buffers are allocated once per call and reused.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -124,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
     render(console, problem, explanation, args.decimals)
     if args.plot is not None:
         write_plot(problem, index, args.plot)
-        console.print(
-            f"\nwrote {args.plot}: the loss and its gradient as {index_name(problem, index)} varies"
-        )
+        console.print(f"\nwrote {args.plot}: the loss and its gradient as {index_name(problem, index)} varies")
     return 0
 
 
@@ -240,9 +238,7 @@ def build_problem(args: argparse.Namespace, example: Worked | None) -> Problem:
         if value is not None:
             raw[name] = value
     if "target" not in raw:
-        raise CLIError(
-            "missing --target (class indices like '[0, 2]' or probabilities with the logits' shape)"
-        )
+        raise CLIError("missing --target (class indices like '[0, 2]' or probabilities with the logits' shape)")
     unknown = set(raw) - set(ARRAY_FIELDS) - set(OPTION_FIELDS) - {"note"}
     if unknown:
         raise CLIError(f"unknown field(s) {', '.join(sorted(unknown))} in {args.file}")
@@ -343,13 +339,9 @@ def validate_linear(problem: Problem) -> None:
     if w is None:
         raise CLIError("--op linear needs --linear-weight, the (C, D) weight of the output layer")
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
-        raise CLIError(
-            f"--op linear needs input (N, D) and --linear-weight (C, D); got {x.shape} and {w.shape}"
-        )
+        raise CLIError(f"--op linear needs input (N, D) and --linear-weight (C, D); got {x.shape} and {w.shape}")
     if problem.bias is not None and problem.bias.shape != (w.shape[0],):
-        raise CLIError(
-            f"--bias must have shape ({w.shape[0]},) to match --linear-weight, got {problem.bias.shape}"
-        )
+        raise CLIError(f"--bias must have shape ({w.shape[0]},) to match --linear-weight, got {problem.bias.shape}")
 
 
 def validate_classes(problem: Problem) -> None:
@@ -359,9 +351,7 @@ def validate_classes(problem: Problem) -> None:
     if not 0.0 <= eps <= 1.0:
         raise CLIError(f"label smoothing must be between 0 and 1, got {eps}")
     if problem.weight is not None and problem.weight.shape != (num_classes,):
-        raise CLIError(
-            f"--weight needs one value per class ({num_classes}), got shape {problem.weight.shape}"
-        )
+        raise CLIError(f"--weight needs one value per class ({num_classes}), got shape {problem.weight.shape}")
     if problem.probability_target:
         if problem.ignore_index >= 0:
             raise CLIError("--ignore-index applies to class-index targets; probability targets cannot ignore")
@@ -372,13 +362,9 @@ def validate_classes(problem: Problem) -> None:
     if target.shape != expected and not (len(shape) == 1 and target.shape == (1,)):
         rows = f"{expected} (one class index per row)" if expected else "a single class index"
         prob = " or the logits' shape (class probabilities)" if problem.op != "nll_loss" else ""
-        raise CLIError(
-            f"target shape {target.shape} does not fit logits shape {shape}: expected {rows}{prob}"
-        )
+        raise CLIError(f"target shape {target.shape} does not fit logits shape {shape}: expected {rows}{prob}")
     if not all(float(v).is_integer() for v in target.ravel()):
-        raise CLIError(
-            "class-index targets must be whole numbers (for class probabilities give the logits' shape)"
-        )
+        raise CLIError("class-index targets must be whole numbers (for class probabilities give the logits' shape)")
     for value in target.ravel():
         if value != problem.ignore_index and not 0 <= value < num_classes:
             raise CLIError(
@@ -402,9 +388,7 @@ def validate_binary(problem: Problem) -> None:
                 ) from None
     if problem.op == "bce":
         if not np.all((x >= 0) & (x <= 1)):
-            raise CLIError(
-                "bce takes probabilities: every input value must be in [0, 1] (use bce_with_logits)"
-            )
+            raise CLIError("bce takes probabilities: every input value must be in [0, 1] (use bce_with_logits)")
         if not np.all((y >= 0) & (y <= 1)):
             raise CLIError("bce targets must be in [0, 1]")
     if problem.pos_weight is not None and problem.op != "bce_with_logits":
@@ -451,9 +435,7 @@ def explain(problem: Problem) -> Explanation:
             result = probability_target_steps(problem)
         else:
             result = class_index_steps(problem)
-        result.loss = reduce(
-            result.row_loss.reshape(result.output_shape), result.denominator, problem.reduction
-        )
+        result.loss = reduce(result.row_loss.reshape(result.output_shape), result.denominator, problem.reduction)
         if problem.reduction == "mean" and result.denominator != 0:
             result.gradient = result.gradient / result.denominator  # 'mean' divides every row's gradient
     return result
@@ -545,9 +527,7 @@ def probability_target_steps(problem: Problem) -> Explanation:
     result.gradient = row_gradient(problem, result)
     result.denominator = float(num_rows)
     result.denominator_text = "number of rows N (probability targets are never divided by the weights)"
-    result.output_shape = (
-        problem.logits.shape[:1] + problem.logits.shape[2:] if problem.logits.ndim > 1 else ()
-    )
+    result.output_shape = problem.logits.shape[:1] + problem.logits.shape[2:] if problem.logits.ndim > 1 else ()
     return result
 
 
@@ -632,9 +612,7 @@ def information(problem: Problem, result: Explanation):
                 return None
             t = t / totals
         else:
-            t = (1 - eps) * np.eye(num_classes)[
-                np.where(result.ignored, 0, result.target)
-            ] + eps / num_classes
+            t = (1 - eps) * np.eye(num_classes)[np.where(result.ignored, 0, result.target)] + eps / num_classes
         rows = np.flatnonzero(~result.ignored)
         t, log_p = t[rows], result.log_probs[rows]
         entropy = -xlogy(t, np.log(t)).sum(axis=1)
@@ -914,9 +892,7 @@ def render_class_rows(console, problem: Problem, result: Explanation, fmt) -> No
         summary.add_column(name, justify="right")
     for n in range(min(num_rows, MAX_LISTED_ROWS)):
         cells = [str(n)]
-        cells.append(
-            fmt(result.class_weights[n].sum()) if problem.probability_target else str(result.target[n])
-        )
+        cells.append(fmt(result.class_weights[n].sum()) if problem.probability_target else str(result.target[n]))
         if problem.op != "nll_loss":
             cells += [fmt(result.row_max[n]), fmt(result.exp_sum[n]), fmt(result.lse[n])]
         if not problem.probability_target:
@@ -1090,14 +1066,10 @@ def render_information(console, problem: Problem, result: Explanation, fmt) -> N
         table.add_column(header, justify="right")
     for i, n in enumerate(rows[:MAX_LISTED_ROWS]):
         table.add_row(str(n), fmt(entropy[i]), fmt(cross[i]), fmt(kl[i]))
-    note = (
-        "cross-entropy = entropy + KL: the entropy is fixed by the target, training can only shrink "
-        "the KL part"
-        + (
-            "; one-hot targets have entropy 0, so the loss is all KL."
-            if not binary and not problem.probability_target and problem.label_smoothing == 0
-            else "."
-        )
+    note = "cross-entropy = entropy + KL: the entropy is fixed by the target, training can only shrink the KL part" + (
+        "; one-hot targets have entropy 0, so the loss is all KL."
+        if not binary and not problem.probability_target and problem.label_smoothing == 0
+        else "."
     )
     print_table(console, table)
     console.print(note)
@@ -1165,9 +1137,7 @@ def run_snippet(setup: str, code: str) -> list[str]:
     except Exception as error:
         return [f"{type(error).__name__}: {one_line(error)}"]
     return [
-        f"{name} = {float(namespace[name]):.6f}"
-        for name in namespace
-        if name.startswith("loss") and name not in before
+        f"{name} = {float(namespace[name]):.6f}" for name in namespace if name.startswith("loss") and name not in before
     ]
 
 

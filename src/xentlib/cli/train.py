@@ -74,9 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="'balanced' (n / (C * count_c) over the training labels) or 10 numbers, "
         "e.g. '1,1,2,1,1,1,1,1,1,1' or a JSON list",
     )
-    loss.add_argument(
-        "--ignore-index", type=int, default=-100, help="target value the loss skips (default -100)"
-    )
+    loss.add_argument("--ignore-index", type=int, default=-100, help="target value the loss skips (default -100)")
     loss.add_argument(
         "--drop-labels",
         type=float,
@@ -91,9 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate torch.nn.CrossEntropyLoss on the same logits at every step, then train again "
         "with it from the same seed; report the largest loss, gradient and curve differences",
     )
-    out.add_argument(
-        "--plot", type=Path, metavar="PNG", help="write the loss curves and accuracy to this PNG"
-    )
+    out.add_argument("--plot", type=Path, metavar="PNG", help="write the loss curves and accuracy to this PNG")
     parser.set_defaults(func=run)
 
 
@@ -279,9 +275,7 @@ def class_weight_tensor(config: Config, y_train):
         counts = torch.bincount(labelled, minlength=NUM_CLASSES).double()
         if (counts == 0).any():
             missing = ", ".join(str(c) for c in torch.nonzero(counts == 0).flatten().tolist())
-            raise CLIError(
-                f"--class-weights balanced: no training samples of class {missing} (raise --limit)"
-            )
+            raise CLIError(f"--class-weights balanced: no training samples of class {missing} (raise --limit)")
         return (len(labelled) / (NUM_CLASSES * counts)).float()
     text = config.class_weights.strip()
     try:
@@ -298,8 +292,7 @@ def describe(config: Config, data: dict[str, Any], weight) -> str:
     side = data["side"]
     labelled = int((data["y_train"] != config.ignore_index).sum())
     parts = [
-        f"{config.dataset}: {len(data['y_train'])} training images ({side}x{side}), "
-        f"{len(data['y_test'])} held out",
+        f"{config.dataset}: {len(data['y_train'])} training images ({side}x{side}), {len(data['y_test'])} held out",
         f"model {config.model}, {config.optimizer} lr={config.lr:g}, batch {config.batch_size}, "
         f"{config.epochs} epochs, seed {config.seed}",
     ]
@@ -309,9 +302,7 @@ def describe(config: Config, data: dict[str, Any], weight) -> str:
     if weight is not None:
         options.append("class weights [" + ", ".join(f"{w:.2f}" for w in weight.tolist()) + "]")
     if config.drop_labels:
-        options.append(
-            f"{len(data['y_train']) - labelled} training labels set to ignore_index={config.ignore_index}"
-        )
+        options.append(f"{len(data['y_train']) - labelled} training labels set to ignore_index={config.ignore_index}")
     if options:
         parts.append("loss options: " + ", ".join(options))
     return "\n".join(parts)
@@ -362,9 +353,7 @@ def make_loss(library: str, config: Config, weight):
             library = "torch"
     else:
         from torch.nn import CrossEntropyLoss
-    module = CrossEntropyLoss(
-        weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing
-    )
+    module = CrossEntropyLoss(weight=weight, ignore_index=config.ignore_index, label_smoothing=config.label_smoothing)
     return module, f"{library}.nn.CrossEntropyLoss", note
 
 
@@ -398,9 +387,7 @@ def train(config: Config, data: dict[str, Any], loss_fn, loss_name: str, console
         model.train()
         order = torch.randperm(len(y), generator=batches)
         chunks = order.split(config.batch_size)
-        progress = tqdm(
-            chunks, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None, unit="batch"
-        )
+        progress = tqdm(chunks, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=None, unit="batch")
         epoch_losses = []
         for index in progress:
             logits = model(x[index])
@@ -520,9 +507,7 @@ def write_plot(runs: list[History], config: Config, path: Path) -> None:
             label=f"{history.loss_name} (epoch mean)",
         )
         epochs = range(1, len(history.test_accuracy) + 1)
-        right.plot(
-            epochs, history.test_accuracy, color=color, marker="o", linestyle=line, label=history.loss_name
-        )
+        right.plot(epochs, history.test_accuracy, color=color, marker="o", linestyle=line, label=history.loss_name)
     left.set_xlabel("step")
     left.set_ylabel("training loss")
     left.set_yscale("log")

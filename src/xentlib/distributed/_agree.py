@@ -23,9 +23,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-_ERROR_TYPES = {
-    cls.__name__: cls for cls in (IndexError, ValueError, TypeError, NotImplementedError, RuntimeError)
-}
+_ERROR_TYPES = {cls.__name__: cls for cls in (IndexError, ValueError, TypeError, NotImplementedError, RuntimeError)}
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -69,9 +67,7 @@ class RankRecord:
 
 FIELD_NAMES = [f.name for f in fields(RankRecord)]
 # Options that every rank must pass identically (the tensors sized from them meet in the collectives).
-SAME_ON_ALL_RANKS = [
-    n for n in FIELD_NAMES if n not in ("vocab_start", "local_size", "target_max", "target_checksum")
-]
+SAME_ON_ALL_RANKS = [n for n in FIELD_NAMES if n not in ("vocab_start", "local_size", "target_max", "target_checksum")]
 
 
 def target_checksum(target: torch.Tensor) -> int:
@@ -144,9 +140,7 @@ def disagreement(records: list[RankRecord]) -> tuple[type[Exception], str] | Non
             break
         position += size
     if position != total or total != vocab:
-        held = ", ".join(
-            f"rank {rank}: [{start}, {start + size})" for start, size, rank in sorted(shards, key=_rank)
-        )
+        held = ", ".join(f"rank {rank}: [{start}, {start + size})" for start, size, rank in sorted(shards, key=_rank))
         return ValueError, (
             f"the vocabulary shards do not tile [0, {vocab}) exactly: {held}; sizes sum to {total}. Each "
             f"rank must pass vocab_start and a logits/weight shard such that the shards are disjoint and "

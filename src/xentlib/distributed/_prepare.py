@@ -31,9 +31,7 @@ from xentlib.distributed._shard import ShardProblem
 def resolve_group(fn: str, group):
     """The process group to use (the default group for None); this process must belong to it."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            f"{fn} needs an initialized torch.distributed process group (dist.init_process_group)"
-        )
+        raise RuntimeError(f"{fn} needs an initialized torch.distributed process group (dist.init_process_group)")
     group = dist.group.WORLD if group is None else group
     if dist.get_rank(group) < 0:
         raise ValueError(f"{fn}: this process (global rank {dist.get_rank()}) is not a member of `group`")
@@ -111,20 +109,14 @@ def _prepare_local(
     local_size = logits.shape[class_dim]
     options = dict(z_loss=z_loss, softcap=softcap, normalizer=normalizer)
     if logits.shape == target.shape:  # probabilities, sharded like the logits
-        rules = sem.prepare_cross_entropy(
-            logits, target, None, ignore_index, reduction, label_smoothing, **options
-        )
+        rules = sem.prepare_cross_entropy(logits, target, None, ignore_index, reduction, label_smoothing, **options)
         _check_weight_shard(fn, weight, local_size, logits, probabilities=True)
         if target.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"{fn}: gradients wrt probability targets are not supported; pass target.detach()"
-            )
+            raise ValueError(f"{fn}: gradients wrt probability targets are not supported; pass target.detach()")
         shard_target = sem.as_rows(target)
     else:  # global class indices: checked against a stand-in of the global logits
         stand_in = _global_stand_in(logits, class_dim, _bound(vocab_start + local_size, vocab_size, target))
-        rules = sem.prepare_cross_entropy(
-            stand_in, target, None, ignore_index, reduction, label_smoothing, **options
-        )
+        rules = sem.prepare_cross_entropy(stand_in, target, None, ignore_index, reduction, label_smoothing, **options)
         _check_weight_shard(fn, weight, local_size, logits, probabilities=False)
         shard_target = rules.target
     if weight is not None:
@@ -206,9 +198,7 @@ def _check_weight_shard(fn: str, weight: Tensor | None, local_size: int, logits:
         )
 
 
-def _promote_for_weight(
-    rules: sem.CrossEntropyProblem, logits: Tensor, target: Tensor, weight: Tensor
-) -> None:
+def _promote_for_weight(rules: sem.CrossEntropyProblem, logits: Tensor, target: Tensor, weight: Tensor) -> None:
     """Probability targets promote with the weight's dtype, as in torch's composite path."""
     if rules.kind != "prob":
         return

@@ -110,9 +110,7 @@ class RowStats:
     sum_exp: Tensor  # S = sum over the global vocabulary of exp(y - M)
     lse: Tensor  # M + log S
     coef: Tensor  # Q + 2 z_loss lse: the factor of the softmax in dl/dy
-    target_weight: (
-        Tensor  # w_t (1 without weights), 0 on ignored rows (class indices); unused for probabilities
-    )
+    target_weight: Tensor  # w_t (1 without weights), 0 on ignored rows (class indices); unused for probabilities
     loss: Tensor  # per-row loss incl. class weight and z-loss, 0 on ignored rows
 
     def chunk(self, rows, cols) -> RowStats:
@@ -184,9 +182,7 @@ def local_partials(sp: ShardProblem, z: Tensor, row_max: Tensor, rows, cols, exp
     if sp.rules.kind == "index":
         owned, local = owned_targets(sp, rows, cols)
         # d_t on the rank that owns t, an exact 0 elsewhere (and on ignored rows)
-        parts["target_d"] = (
-            torch.where(owned, d.gather(1, local), zero) if sp.local_size else zero.expand_as(owned)
-        )
+        parts["target_d"] = torch.where(owned, d.gather(1, local), zero) if sp.local_size else zero.expand_as(owned)
         if sp.weighted:
             w_t = sp.class_weight[local] if sp.local_size else zero.expand_as(owned)
             parts["target_w"] = torch.where(owned, w_t, zero)
@@ -224,9 +220,7 @@ def finish_rows(sp: ShardProblem, merged: Tensor, row_max: Tensor, rows, cols) -
         loss = w_t * (log_s - stats["target_d"])
         q_sum = w_t
         eps = rules.smoothing
-        if (
-            eps > 0
-        ):  # torch: (1 - eps) * nll + eps / V * sum_c w_c (lse - y_c), the sum over the GLOBAL vocabulary
+        if eps > 0:  # torch: (1 - eps) * nll + eps / V * sum_c w_c (lse - y_c), the sum over the GLOBAL vocabulary
             w_sum = stats["weight_sum"] if sp.weighted else float(vocab)
             loss = (1.0 - eps) * loss + (eps / vocab) * (w_sum * log_s - stats["smooth_d"])
             q_sum = (1.0 - eps) * w_t + (eps / vocab) * w_sum

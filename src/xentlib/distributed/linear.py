@@ -124,9 +124,7 @@ def _check_linear_args(input, weight_shard, bias_shard) -> None:
             f"{tuple(weight_shard.shape)}"
         )
     if bias_shard is not None and tuple(bias_shard.shape) != (weight_shard.shape[0],):
-        raise ValueError(
-            f"{FN}: bias_shard must have shape ({weight_shard.shape[0]},), got {tuple(bias_shard.shape)}"
-        )
+        raise ValueError(f"{FN}: bias_shard must have shape ({weight_shard.shape[0]},), got {tuple(bias_shard.shape)}")
     sem.check_floating_input("linear", input)
     for name, tensor in (("weight_shard", weight_shard), ("bias_shard", bias_shard)):
         if tensor is not None and tensor.dtype != input.dtype:
@@ -171,9 +169,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             z = _chunk_logits(x2, weight, bias, rows)
             row_max = all_reduce_max(local_row_max(z, acc, rules.softcap), group)
             exp_d = exp_buffer[: z.shape[0]]
-            partials = all_reduce_partials(
-                local_partials(problem, z, row_max, rows, keep, exp_d).contiguous(), group
-            )
+            partials = all_reduce_partials(local_partials(problem, z, row_max, rows, keep, exp_d).contiguous(), group)
             stats = finish_rows(problem, partials, row_max, rows, keep)
             for field, value in zip(saved, _fields_of(stats), strict=True):
                 field[rows] = value
@@ -235,11 +231,7 @@ class _Accumulators:
         self.weight_acc = weight.detach().to(acc) if needs[0] else None
         self.dx = torch.zeros(x2.shape, dtype=acc, device=x2.device) if needs[0] else None
         self.dw = torch.zeros(weight.shape, dtype=acc, device=x2.device) if needs[1] else None
-        self.db = (
-            torch.zeros(weight.shape[0], dtype=acc, device=x2.device)
-            if needs[2] and bias is not None
-            else None
-        )
+        self.db = torch.zeros(weight.shape[0], dtype=acc, device=x2.device) if needs[2] and bias is not None else None
 
     def add(self, dz: Tensor, x_rows: Tensor, rows: slice) -> None:
         if self.dx is not None:

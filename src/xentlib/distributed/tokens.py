@@ -54,9 +54,7 @@ def count_tokens(
         if weight is None:
             total += valid.sum()
         else:
-            safe = torch.where(
-                valid, target, torch.zeros((), dtype=target.dtype, device=target.device)
-            ).long()
+            safe = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
             picked = weight.detach().to(torch.float64)[safe]
             total += torch.where(valid, picked, torch.zeros((), dtype=torch.float64, device=device)).sum()
     if dist.is_available() and dist.is_initialized():

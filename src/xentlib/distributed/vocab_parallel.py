@@ -83,9 +83,7 @@ def vocab_parallel_cross_entropy(
     chunk_size = check_positive_chunk(FN, chunk_size)
 
     def local_call():
-        needs_grad = (
-            isinstance(logits_shard, Tensor) and logits_shard.requires_grad and torch.is_grad_enabled()
-        )
+        needs_grad = isinstance(logits_shard, Tensor) and logits_shard.requires_grad and torch.is_grad_enabled()
         return logits_shard, target, weight, needs_grad
 
     device = logits_shard.device if isinstance(logits_shard, Tensor) else torch.device("cpu")
@@ -132,9 +130,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             scale = 1.0 if rules.reduction == "none" else 1.0 / denominator
             for rows, cols in iter_chunks(batch, spatial, block):
                 chunk_stats = stats.chunk(rows, cols)
-                write_gradient(
-                    problem, chunk_stats, z3[rows, :, cols], exp_full[rows, :, cols], rows, cols, scale
-                )
+                write_gradient(problem, chunk_stats, z3[rows, :, cols], exp_full[rows, :, cols], rows, cols, scale)
         ctx.grad = exp_full if want_grad else None
         ctx.reduction = rules.reduction
         ctx.input_shape, ctx.input_dtype = logits_shard.shape, logits_shard.dtype
@@ -151,9 +147,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if ctx.reduction == "none":
             batch, _, spatial = grad.shape
             grad.mul_(grad_loss.reshape(batch, 1, spatial).to(grad.dtype))
-        elif not (
-            grad_loss.device.type == "cpu" and float(grad_loss) == 1.0
-        ):  # loss.backward(): nothing to do
+        elif not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):  # loss.backward(): nothing to do
             grad.mul_(grad_loss.to(grad.dtype))
         return grad.to(ctx.input_dtype).view(ctx.input_shape), None, None
 

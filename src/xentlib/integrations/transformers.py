@@ -172,9 +172,7 @@ def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     base = getattr(model, "model", None)
     if isinstance(base, torch.nn.Module):
         return base
-    raise TypeError(
-        f"{type(model).__name__} has no base model (`.model` / `.base_model`) to take hidden states from"
-    )
+    raise TypeError(f"{type(model).__name__} has no base model (`.model` / `.base_model`) to take hidden states from")
 
 
 def _output_head(model: torch.nn.Module) -> torch.nn.Linear:
@@ -365,9 +363,7 @@ def _forward_signature(model: torch.nn.Module) -> inspect.Signature:
     signature = inspect.signature(type(model).forward)
     parameters = [p for p in signature.parameters.values() if p.name != "return_logits"]
     extra = inspect.Parameter("return_logits", inspect.Parameter.KEYWORD_ONLY, default=None)
-    position = next(
-        (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
-    )
+    position = next((i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters))
     parameters.insert(position, extra)
     return signature.replace(parameters=parameters)
 
@@ -380,8 +376,7 @@ def _make_forward(model: torch.nn.Module):
     forward.__doc__ = (
         "xentlib-patched forward: in training with labels the loss comes from the last hidden state through "
         "linear_cross_entropy and `logits` is None. `return_logits=True` runs the model's own forward; "
-        "`return_logits=False` forces the fused loss (labels required).\n\n"
-        + (type(model).forward.__doc__ or "")
+        "`return_logits=False` forces the fused loss (labels required).\n\n" + (type(model).forward.__doc__ or "")
     )
     return forward
 

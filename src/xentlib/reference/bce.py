@@ -74,9 +74,7 @@ def binary_cross_entropy(input, target, weight=None, reduction: str = "mean"):
     return reduce(losses.reshape(-1), reduction, divisor, x.shape)
 
 
-def binary_cross_entropy_backward(
-    grad_output, input, target, weight=None, reduction: str = "mean"
-) -> BCEGrads:
+def binary_cross_entropy_backward(grad_output, input, target, weight=None, reduction: str = "mean") -> BCEGrads:
     """Gradients wrt input and target of `binary_cross_entropy(...)` given dL/d(output)."""
     x, y, divisor = _inputs(input, target, reduction)
     w = _broadcast(weight, x.shape, "weight")

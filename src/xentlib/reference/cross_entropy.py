@@ -132,9 +132,7 @@ def _prepare(input, target, weight, ignore_index, label_smoothing, softcap) -> _
         probs = layout.to_rows(as_float64(target))
         q = w * ((1.0 - eps) * probs + eps / num_classes)  # q_c = w_c ((1-eps) t_c + eps/C)
         counted = np.ones(num_rows, dtype=bool)  # no row is ignored
-        return _Problem(
-            layout, y, cap_slope, lse, log_p, counted, q, w, eps, None, probs, np.float64(num_rows)
-        )
+        return _Problem(layout, y, cap_slope, lse, log_p, counted, q, w, eps, None, probs, np.float64(num_rows))
 
     indices = index_targets(target, layout, w, ignore_index)
     q = np.zeros_like(y)

@@ -22,9 +22,7 @@ def resolve_dim(ndim: int, dim: int | None) -> int:
         dim = 0 if ndim in (0, 1, 3) else 1
     size = max(ndim, 1)  # a 0-d tensor accepts dim 0 and -1
     if not -size <= dim < size:
-        raise IndexError(
-            f"Dimension out of range (expected to be in range of [{-size}, {size - 1}], but got {dim})"
-        )
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-size}, {size - 1}], but got {dim})")
     return dim % size
 
 

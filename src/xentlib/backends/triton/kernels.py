@@ -247,9 +247,7 @@ def index_target_rows_kernel(
             dx = dy * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale
             # where, not a product with valid: NaN logits in an ignored row must give exact zeros.
             dx = tl.where(valid, dx, 0.0)
-            tl.store(
-                grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask
-            )
+            tl.store(grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -339,9 +337,7 @@ def prob_target_rows_kernel(
             q = w * ((1.0 - smoothing) * t + uniform)
             dx = (p_coef * p - q) * _softcap_slope(y, softcap, HAS_SOFTCAP) * scale
             dx = tl.where(valid, dx, 0.0)
-            tl.store(
-                grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask
-            )
+            tl.store(grad_row + offs.to(tl.int64) * stride_gc, _round_to(dx, grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -390,9 +386,7 @@ def index_target_tile_kernel(
     c = tl.arange(0, BLOCK_C)
     mask = (c < C)[:, None] & row_ok[None, :]
     c64 = c.to(tl.int64)[:, None]
-    x = tl.load(
-        logits_ptr + b * stride_lb + s_pos * stride_ls + c64 * stride_lc, mask=mask, other=float("-inf")
-    )
+    x = tl.load(logits_ptr + b * stride_lb + s_pos * stride_ls + c64 * stride_lc, mask=mask, other=float("-inf"))
     x = x.to(tl.float32)
     y = tl.where(mask, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))
 

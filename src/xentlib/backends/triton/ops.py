@@ -146,9 +146,7 @@ def cross_entropy_rows(
             block_c = triton.next_power_of_2(num_classes)
             block_r = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(rows)))
             grid = (triton.cdiv(rows, block_r),)
-            tail = dict(
-                common_tail, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=_num_warps(block_c * block_r)
-            )
+            tail = dict(common_tail, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=_num_warps(block_c * block_r))
             kernels.index_target_tile_kernel[grid](*common_head, R=rows, **index_args, **tail)
         else:
             kernels.index_target_rows_kernel[(rows,)](*common_head, **index_args, **common_tail)
