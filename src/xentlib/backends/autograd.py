@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
-from xentlib.backends.torch_chunked import fresh_buffer_like
 
 
 class CrossEntropyStats(NamedTuple):
@@ -81,7 +80,7 @@ class FusedCrossEntropy(torch.autograd.Function):
         want_input_grad = ctx.needs_input_grad[0]
         grad_buffer = None
         if want_input_grad:
-            grad_buffer = problem.logits.detach() if inplace else fresh_buffer_like(problem.logits)
+            grad_buffer = problem.logits.detach() if inplace else torch.empty_like(problem.logits)
         rows = rows_fn(problem, grad_buffer, want_stats)
         loss = reduce_rows(problem, rows.loss).to(problem.output_dtype)
         lse = rows.lse.reshape(problem.output_shape) if want_stats else input.new_empty(0, dtype=problem.acc_dtype)

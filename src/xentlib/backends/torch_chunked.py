@@ -16,10 +16,7 @@ gradient; its float32 work buffers are allocated once per call and reused.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,41 +36,6 @@ class RowResult:
     lse: Tensor | None  # (B, S) accumulation dtype, when z-loss or stats need it
     argmax: Tensor | None = None  # (B, S) int64, with stats
     entropy: Tensor | None = None  # (B, S) accumulation dtype, with stats
-
-
-_HUGE_PAGE = 1 << 21
-_MADV_HUGEPAGE = 14
-
-
-def fresh_buffer_like(tensor: Tensor) -> Tensor:
-    """An uninitialized tensor like `tensor` (contiguous) whose pages are backed by 2 MiB huge pages when the OS
-    allows it: on CPU the first write into freshly allocated memory costs more than the arithmetic (one page
-    fault per 4 KiB), and a gradient-sized buffer is exactly such memory."""
-    buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
-    nbytes = buffer.numel() * buffer.element_size()
-    if buffer.device.type == "cpu" and nbytes >= 4 * _HUGE_PAGE:
-        _advise_huge_pages(buffer.data_ptr(), nbytes)
-    return buffer
-
-
-def _advise_huge_pages(address: int, nbytes: int) -> None:
-    libc = _libc()
-    if libc is None:
-        return
-    start = (address + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-    length = (address + nbytes - start) & ~(_HUGE_PAGE - 1)
-    if length > 0:
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # a hint: errors ignored
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:
