@@ -69,6 +69,7 @@ class BenchConfig:
     targets: str = "index"
     label_smoothing: float = 0.0
     xentlib_backend: str = "auto"
+    chunk_size: int | None = None  # rows per chunk for xentlib's linear_cross_entropy (None: its default)
     memory: bool = True
     plots: bool = True
     out: Path = field(default_factory=lambda: Path("bench-results"))
@@ -138,6 +139,7 @@ def config_from_args(args, impl_names) -> BenchConfig:
     _require(args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}")
     _require(0.0 <= args.label_smoothing <= 1.0, f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
     _require(args.timeout > 0, f"--timeout must be > 0 seconds, got {args.timeout}")
+    _require(args.chunk_size is None or args.chunk_size >= 1, f"--chunk-size must be >= 1 rows, got {args.chunk_size}")
     return BenchConfig(
         shapes=shapes,
         dtypes=parse_choices(args.dtypes, DTYPES, "dtypes"),
@@ -149,6 +151,7 @@ def config_from_args(args, impl_names) -> BenchConfig:
         targets=args.targets,
         label_smoothing=args.label_smoothing,
         xentlib_backend=args.xentlib_backend,
+        chunk_size=args.chunk_size,
         memory=not args.no_memory,
         plots=not args.no_plots,
         out=Path(args.out),

@@ -28,6 +28,7 @@ class Case:
     label_smoothing: float
     tensors: dict[str, Any] = field(default_factory=dict)
     xentlib_backend: str = "auto"  # the `backend=` given to xentlib's functions
+    chunk_size: int | None = None  # the `chunk_size=` given to xentlib's linear_cross_entropy
 
     @property
     def leaves(self) -> list:
@@ -196,7 +197,7 @@ def build_liger_ce(case: Case) -> Step:
 
 def build_xentlib_linear(case: Case) -> Step:
     linear_cross_entropy = xentlib_function("linear_cross_entropy")
-    kwargs = _xentlib_kwargs(case)
+    kwargs = _xentlib_kwargs(case) | ({"chunk_size": case.chunk_size} if case.chunk_size else {})
     x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
     return loss_step(lambda: linear_cross_entropy(x, weight, target, **kwargs))
 

@@ -12,7 +12,7 @@ from benchmarks.impls import BASELINES
 # CSV columns that come first, in this order; every other measured key follows alphabetically.
 LEADING_COLUMNS = (
     "problem", "shape", "n", "d", "v", "dtype", "impl", "role", "status", "note",
-    "targets", "label_smoothing", "xentlib_backend",
+    "targets", "label_smoothing", "xentlib_backend", "chunk_size",
     "fwd_median_ms", "fwd_min_ms", "fwd_max_ms", "bwd_median_ms", "bwd_min_ms", "bwd_max_ms",
     "fwdbwd_median_ms", "fwdbwd_min_ms", "fwdbwd_max_ms", "compile_s", "first_call_s", "loss",
     "peak_bytes", "peak_extra_bytes", "peak_extra_vs_logits", "logits_bytes", "mem_method",

@@ -94,6 +94,7 @@ def config_spec(config: BenchConfig, device_name: str, shape: Shape, dtype_name:
         "targets": config.targets,
         "label_smoothing": config.label_smoothing,
         "xentlib_backend": config.xentlib_backend,
+        "chunk_size": config.chunk_size or "",
         "memory": config.memory,
         "seed": config.seed,
     }
@@ -112,6 +113,7 @@ def base_row(info: dict, thp: str | None, config: BenchConfig, shape: Shape, dty
         "targets": config.targets,
         "label_smoothing": config.label_smoothing,
         "xentlib_backend": config.xentlib_backend,
+        "chunk_size": config.chunk_size or "",
         "impl": impl.name,
         "role": impl.role,
         "warmup": config.warmup,

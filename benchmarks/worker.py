@@ -41,6 +41,7 @@ def run_config(spec: dict) -> dict:
     shape = Shape(spec["problem"], n=spec["n"], v=spec["v"], d=spec.get("d"))
     case = make_case(shape, spec["dtype"], device, spec["targets"], spec["label_smoothing"], spec["seed"])
     case.xentlib_backend = spec.get("xentlib_backend", "auto")
+    case.chunk_size = spec.get("chunk_size") or None
     impl = find_impl(spec["impl"], shape.problem)
     reason = impl.unavailable(case)
     if reason:

@@ -792,16 +792,20 @@ def test_never_allocates_the_logits(kind, opts):
     assert max(entry[2] for entry in log.outputs) >= chunk * vocab * 4, "the log missed the chunk's logits"
 
 
-def test_default_chunk_is_a_small_fraction_of_the_rows():
-    """Between 1 and N rows; for large N at most N/8, so one chunk of logits stays well inside the 0.25x
-    memory budget of issue 3 (the chunk's float32 working copies included)."""
+@pytest.mark.parametrize("element_size", [2, 4, 8])
+def test_default_chunk_is_a_small_fraction_of_the_rows(element_size):
+    """Between 1 and N rows, at least 128 when N allows; for large N an eighth of the rows (a sixteenth in half
+    precision, whose chunks also hold float32 working copies), so one chunk's memory stays near 1/8 of the
+    logits, well inside the 0.25x memory budget of issue 3."""
     from xentlib.linear import default_chunk_rows
 
+    fraction = 16 if element_size == 2 else 8
     for rows in (1, 7, 255, 256, 2049, 8192, 100_000):
-        chunk = default_chunk_rows(rows)
+        chunk = default_chunk_rows(rows, element_size)
         assert 1 <= chunk <= rows
-        if rows >= 2048:
-            assert chunk <= rows // 8, (rows, chunk)
+        assert chunk >= min(rows, 128)
+        if rows >= 128 * fraction:
+            assert chunk == -(-rows // fraction), (rows, chunk)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])

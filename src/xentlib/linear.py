@@ -28,11 +28,16 @@ from xentlib.backends.autograd import CrossEntropyStats, as_leaf, composite_rows
 from xentlib.backends.dispatch import rows_function, select_backend
 
 
-def default_chunk_rows(rows: int) -> int:
-    """A sixteenth of the rows, at least 128. A chunk costs about twice its logits at its peak (the logits/gradient
-    buffer and the matmul's packed operand), so this keeps the extra memory near 1/8 of the full logits while the
-    matmuls keep >= 128 rows."""
-    return max(1, min(rows, max(128, -(-rows // 16))))
+def default_chunk_rows(rows: int, element_size: int = 4) -> int:
+    """Rows per chunk so that a chunk's working memory is about an eighth of the full logits, at least 128 rows.
+
+    float32 and float64 logits are turned into their gradient in place, so a chunk of R rows costs R V element_size
+    bytes: R = N/8. bfloat16/float16 logits (2 bytes) also need two float32 working copies of a quarter of the
+    chunk (2 more bytes per logit), so a row costs 4 V bytes against the logits' 2 N V: R = N/16. Larger chunks
+    mean fewer passes of the weight gradient through memory (one read and write of V x D per chunk) and larger
+    matmuls."""
+    row_bytes_per_class = max(4, element_size)
+    return max(1, min(rows, max(128, -(-rows * element_size // (8 * row_bytes_per_class)))))
 
 
 @dataclass
@@ -240,7 +245,8 @@ def linear_cross_entropy(
         shift: keyword-only; predict `target[..., 1:]` from `input[..., :-1, :]` (next-token prediction) without
             copying the input.
         z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`.
-        chunk_size: rows per chunk (default: a sixteenth of the rows, at least 128).
+        chunk_size: rows per chunk (default: an eighth of the rows in float32, a sixteenth in half
+            precision, at least 128: a chunk's memory is then about an eighth of the logits).
 
     reduction='none' returns the loss per row, of shape `target.shape` (shifted: `target[..., 1:].shape`).
 
@@ -269,7 +275,7 @@ def linear_cross_entropy(
     count = lp.rows.logits.shape[0]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    chunk = chunk_size or default_chunk_rows(count)
+    chunk = chunk_size or default_chunk_rows(count, input.element_size())
     with torch.autocast(input.device.type, enabled=False):
         outputs = LinearCrossEntropyFunction.apply(
             input, weight, bias, target, class_weight, lp, _rows_for_chunks(name, chunk), chunk, return_stats

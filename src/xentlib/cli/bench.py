@@ -63,6 +63,12 @@ def register(subparsers) -> None:
         default="auto",
         help="backend= for the xentlib rows (default: auto, Triton on GPU when available)",
     )
+    what.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="ROWS",
+        help="chunk_size= for xentlib's linear_cross_entropy (default: its automatic choice)",
+    )
     how = parser.add_argument_group("how to measure")
     how.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if present")
     how.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default: 2)")
