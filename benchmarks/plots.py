@@ -13,18 +13,21 @@ PANELS = (
 )
 
 
-def _series(rows: list[dict], metric: str, axis: str) -> dict[str, list[tuple[float, float]]]:
-    """label -> [(x, y)] sorted by x, for rows that have the metric."""
-    series: dict[str, list[tuple[float, float]]] = {}
+def _series(rows: list[dict], metric: str, axis: str) -> dict[str, list[list[tuple[float, float]]]]:
+    """label -> lines, each [(x, y)] sorted by x. A line joins only shapes whose other dimensions are equal
+    (against N: same D and V), so shapes that differ in two dimensions are not joined as if one varied."""
+    lines: dict[str, dict[tuple, list[tuple[float, float]]]] = {}
+    several_thp = len({r["thp_env"] for r in rows}) > 1
     for row in rows:
         if row.get("status") != "ok" or metric not in row:
             continue
         label = f"{row['impl']} {row['dtype']}"
-        if len({r["thp_env"] for r in rows}) > 1:
+        if several_thp:
             label += f" THP={row['thp_env'] or 'unset'}"
         value = row[metric] / 2**20 if metric.endswith("_bytes") else row[metric]
-        series.setdefault(label, []).append((float(row[axis]), float(value)))
-    return {label: sorted(points) for label, points in series.items()}
+        fixed = tuple(str(row.get(dim, "")) for dim in ("n", "d", "v") if dim != axis)
+        lines.setdefault(label, {}).setdefault(fixed, []).append((float(row[axis]), float(value)))
+    return {label: [sorted(points) for points in groups.values()] for label, groups in lines.items()}
 
 
 def plot_problem(rows: list[dict], problem: str, path: Path) -> Path:
@@ -35,9 +38,11 @@ def plot_problem(rows: list[dict], problem: str, path: Path) -> Path:
 
     figure, axes = plt.subplots(2, 2, figsize=(13, 9))
     for axis_plot, (metric, axis, ylabel, xlabel) in zip(axes.flat, PANELS, strict=True):
-        for label, points in _series(rows, metric, axis).items():
-            xs, ys = zip(*points, strict=True)
-            axis_plot.plot(xs, ys, marker="o", label=label)
+        for index, (label, lines) in enumerate(_series(rows, metric, axis).items()):
+            color = f"C{index % 10}"
+            for number, points in enumerate(lines):
+                xs, ys = zip(*points, strict=True)
+                axis_plot.plot(xs, ys, marker="o", color=color, label=label if number == 0 else None)
         axis_plot.set_xlabel(xlabel)
         axis_plot.set_ylabel(ylabel)
         axis_plot.set_xscale("log")
