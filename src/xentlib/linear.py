@@ -166,6 +166,58 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, *none
 
 
+TILED_BACKEND = "triton-tiled"
+
+
+def _tiled_linear_cross_entropy(input, weight, bias, lp, return_stats, chunk_size):
+    """backend='triton-tiled': the Triton kernels that never write logits (backends/triton/tiled.py)."""
+    from xentlib.backends import triton as triton_backend
+
+    if chunk_size is not None:
+        raise ValueError("chunk_size does not apply to backend='triton-tiled', which holds no chunk of logits")
+    triton_backend.require(input.device)
+    from xentlib.backends.triton import tiled
+
+    tiled.check_supported(lp.rows, want_stats=return_stats)
+    with torch.autocast(input.device.type, enabled=False):
+        return TiledLinearCrossEntropyFunction.apply(input, weight, bias, lp)
+
+
+def _gathered_rows(lp: sem.LinearProblem) -> Tensor:
+    """The (N, D) input rows the loss rows read: the flat input, or with shift=True a copy of its rows."""
+    return lp.flat_input if lp.input_rows is None else lp.flat_input.index_select(0, lp.input_rows)
+
+
+class TiledLinearCrossEntropyFunction(torch.autograd.Function):
+    """Loss and per-row lse in forward (no logits kept); the backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, lp):
+        from xentlib.backends.triton import tiled
+
+        row_loss, lse = tiled.tiled_forward(_gathered_rows(lp), weight, bias, lp.rows)
+        ctx.lp = lp
+        ctx.save_for_backward(input, weight, bias, lse)
+        return reduce_rows(lp.rows, row_loss).to(lp.rows.output_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from xentlib.backends.triton import tiled
+
+        if torch.is_grad_enabled():
+            raise NotImplementedError("backend='triton-tiled' has no double backward: use backend='torch'")
+        input, weight, bias, lse = ctx.saved_tensors
+        lp = ctx.lp
+        row_scale = grad_loss.reshape(-1) if lp.rows.reduction == "none" else grad_loss
+        needs = tuple(ctx.needs_input_grad[:3])
+        grad_x, grad_w, grad_b = tiled.tiled_backward(_gathered_rows(lp), weight, bias, lp.rows, lse, row_scale, needs)
+        if grad_x is not None and lp.input_rows is not None:  # shift=True: back to the rows they were read from
+            grad_x = torch.zeros_like(lp.flat_input).index_copy_(0, lp.input_rows, grad_x)
+        if grad_x is not None:
+            grad_x = grad_x.view(input.shape)
+        return grad_x, grad_w, grad_b, None
+
+
 def _scale(grad: Tensor | None, grad_loss: Tensor) -> Tensor | None:
     if grad is None or (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
         return grad
@@ -244,7 +296,9 @@ def linear_cross_entropy(
         class_weight: keyword-only per-class weight (the `weight` of `cross_entropy`).
         shift: keyword-only; predict `target[..., 1:]` from `input[..., :-1, :]` (next-token prediction) without
             copying the input.
-        z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`.
+        z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`. `backend="triton-tiled"` also
+            exists here: Triton kernels that never write logits, not even a chunk (class-index targets;
+            backends/triton/tiled.py).
         chunk_size: rows per chunk (default: an eighth of the rows in float32, a sixteenth in half
             precision, at least 128: a chunk's memory is then about an eighth of the logits).
 
@@ -271,6 +325,8 @@ def linear_cross_entropy(
     )  # fmt: skip
     if autocast:  # autocast runs cross_entropy in float32: so does the loss of the fused computation
         lp.rows.output_dtype = torch.promote_types(lp.rows.output_dtype, torch.float32)
+    if backend == TILED_BACKEND:
+        return _tiled_linear_cross_entropy(input, weight, bias, lp, return_stats, chunk_size)
     name, _ = select_backend(input.device, backend, lp.rows)
     count = lp.rows.logits.shape[0]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
