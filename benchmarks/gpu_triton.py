@@ -145,7 +145,12 @@ def linear_impls(x, weight, target) -> dict[str, Callable | None]:
     if hasattr(F, "linear_cross_entropy"):  # torch's own chunked version (recent torch)
         impls["torch F.linear_cross_entropy"] = eager_step(lambda x, w, t: F.linear_cross_entropy(x, w, t))
     try:
+        import xentlib.functional as xf
+
         impls["xentlib triton"] = _xentlib_linear(x, weight, target)
+        impls["xentlib triton-tiled"] = eager_step(
+            lambda x, w, t: xf.linear_cross_entropy(x, w, t, backend="triton-tiled")
+        )
     except ImportError as err:
         print(f"  xentlib not importable ({err}); skipped", file=sys.stderr)
     try:

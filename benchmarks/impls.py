@@ -64,6 +64,7 @@ class Impl:
     unavailable: Callable[[Case], str | None] = lambda case: None  # why it cannot run here, or None
     mutates_input: bool = False  # writes its gradient into the logits: inputs are restored before each call
     compiled: bool = False  # first call compiles: its time is reported as compile_s
+    gpu_only: bool = False  # like the external libraries, left out silently where it cannot run
 
 
 def make_case(shape: Shape, dtype_name: str, device, targets: str, label_smoothing: float, seed: int) -> Case:
@@ -209,6 +210,20 @@ def torch_linear_ce(case: Case) -> Callable:
     return lambda x, weight, target: F.cross_entropy(x @ weight.T, target, **kwargs)
 
 
+def build_xentlib_tiled_linear(case: Case) -> Step:
+    """xentlib's memory-minimal Triton path: no logits in memory at all (backend="triton-tiled")."""
+    linear_cross_entropy = xentlib_function("linear_cross_entropy")
+    kwargs = _ce_kwargs(case) | {"backend": "triton-tiled"}
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    return loss_step(lambda: linear_cross_entropy(x, weight, target, **kwargs))
+
+
+def _tiled_unavailable(case: Case) -> str | None:
+    if getattr(case.device, "type", "cpu") != "cuda":
+        return "GPU only (on CPU the Triton interpreter is for tests, not timings)"
+    return _index_targets_only(case)
+
+
 def build_torch_eager_linear(case: Case) -> Step:
     fn, x, weight, target = torch_linear_ce(case), case.tensors["x"], case.tensors["weight"], case.target
     return loss_step(lambda: fn(x, weight, target))
@@ -298,6 +313,7 @@ IMPLS: tuple[Impl, ...] = (
         mutates_input=True,  # writes the gradient into the logits during forward
     ),
     Impl("xentlib", "linear", "xentlib", build_xentlib_linear, _missing_xentlib("linear_cross_entropy")),
+    Impl("xentlib-tiled", "linear", "xentlib", build_xentlib_tiled_linear, _tiled_unavailable, gpu_only=True),
     Impl("torch-eager", "linear", "baseline", build_torch_eager_linear),
     Impl("torch-compile", "linear", "baseline", build_torch_compile_linear, compiled=True),
     Impl("torch-chunked", "linear", "baseline", build_torch_chunked_linear, _torch_chunked_unavailable),

@@ -64,7 +64,8 @@ def run_worker(spec: dict, env: dict[str, str], timeout: float) -> dict:
 
 
 def planned_configs(config: BenchConfig, device_name: str) -> list[tuple[Shape, str, Impl]]:
-    """Every (shape, dtype, impl) to run; external libraries that cannot run here are left out silently."""
+    """Every (shape, dtype, impl) to run; external libraries and GPU-only paths that cannot run here are left
+    out silently."""
     import torch
 
     plan = []
@@ -72,7 +73,7 @@ def planned_configs(config: BenchConfig, device_name: str) -> list[tuple[Shape, 
         for dtype_name in config.dtypes:
             probe = Case(shape, dtype_name, torch.device(device_name), config.targets, config.label_smoothing)
             for impl in impls_for(shape.problem, config.impls):
-                if impl.role == "external" and impl.unavailable(probe):
+                if (impl.role == "external" or impl.gpu_only) and impl.unavailable(probe):
                     continue
                 plan.append((shape, dtype_name, impl))
     return plan
