@@ -51,6 +51,31 @@ class _Sweep:
     grad_bias: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How the sweep runs: the backend's row function, rows per chunk, and the dtype the weight gradient is
+    accumulated in (float32 on the Triton path, whose GPUs have memory for it; the weight's own dtype on the
+    PyTorch path, where a float32 copy of V x D would cost more than the chunk: docs/numerics.md section 9)."""
+
+    rows_fn: object
+    chunk: int
+    weight_grad_dtype: torch.dtype
+
+
+def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b, where acc may be float32 for half-precision a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        try:  # CUDA: half inputs, float32 output, no temporary
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.add_(torch.mm(a, b))  # elsewhere: the chunk's product rounded once, the sum across chunks in float32
+
+
 def _chunk_problem(problem: sem.CrossEntropyProblem, rows, logits: Tensor) -> sem.CrossEntropyProblem:
     return dataclasses.replace(
         problem,
@@ -61,7 +86,7 @@ def _chunk_problem(problem: sem.CrossEntropyProblem, rows, logits: Tensor) -> se
     )
 
 
-def _sweep(lp: sem.LinearProblem, weight, bias, rows_fn, chunk: int, grads, want_stats: bool, row_scale=None):
+def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: bool, row_scale=None):
     """One pass over the row chunks: per-row losses (and stats), and the gradients flagged in `grads`."""
     problem, x = lp.rows, lp.flat_input
     count, vocab = problem.logits.shape[0], problem.logits.shape[1]
@@ -74,13 +99,14 @@ def _sweep(lp: sem.LinearProblem, weight, bias, rows_fn, chunk: int, grads, want
         out.entropy = torch.zeros(count, dtype=acc, device=x.device)
         out.argmax = torch.zeros(count, dtype=torch.long, device=x.device)
     out.grad_input = torch.zeros_like(x) if want_input else None
-    out.grad_weight = torch.zeros_like(weight) if want_weight else None
+    out.grad_weight = torch.zeros_like(weight, dtype=plan.weight_grad_dtype) if want_weight else None
     out.grad_bias = torch.zeros(vocab, dtype=acc, device=x.device) if want_bias else None
     # Rows with an ignored target contribute nothing: skip them before the matmul (stats need every row).
     active = None
     if not want_stats and not bool(problem.valid.all()):
         active = problem.valid.reshape(-1).nonzero().squeeze(1)
     total = count if active is None else active.numel()
+    chunk = plan.chunk
     buffer = torch.empty(min(chunk, max(total, 1)), vocab, dtype=x.dtype, device=x.device)
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
@@ -96,7 +122,7 @@ def _sweep(lp: sem.LinearProblem, weight, bias, rows_fn, chunk: int, grads, want
         if bias is not None:
             logits.add_(bias)
         sub = _chunk_problem(problem, rows, logits)
-        result = rows_fn(sub, sub.logits if want_any else None, want_stats)
+        result = plan.rows_fn(sub, sub.logits if want_any else None, want_stats)
         out.loss[rows] = result.loss[:, 0]
         if want_stats:
             out.lse[rows] = result.lse[:, 0]
@@ -110,21 +136,23 @@ def _sweep(lp: sem.LinearProblem, weight, bias, rows_fn, chunk: int, grads, want
         if want_input:
             out.grad_input[in_rows] = grad_logits @ weight
         if want_weight:
-            out.grad_weight.addmm_(grad_logits.t(), x_c)
+            accumulate_mm_(out.grad_weight, grad_logits.t(), x_c)
         if want_bias:
             out.grad_bias += grad_logits.sum(0, dtype=acc)
+    if want_weight:
+        out.grad_weight = out.grad_weight.to(weight.dtype)  # rounded once (a no-op without a float32 accumulator)
     return out
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, target, class_weight, lp, rows_fn, chunk, want_stats):
+    def forward(ctx, input, weight, bias, target, class_weight, lp, plan, want_stats):
         problem = lp.rows
         needs = tuple(ctx.needs_input_grad[:3])
         rare = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         grads_now = any(needs) and problem.reduction != "none" and not rare
-        sweep = _sweep(lp, weight, bias, rows_fn, chunk, needs if grads_now else (False,) * 3, want_stats)
-        ctx.lp, ctx.rows_fn, ctx.chunk, ctx.input_shape = lp, rows_fn, chunk, input.shape
+        sweep = _sweep(lp, weight, bias, plan, needs if grads_now else (False,) * 3, want_stats)
+        ctx.lp, ctx.plan, ctx.input_shape = lp, plan, input.shape
         ctx.grads = (sweep.grad_input, sweep.grad_weight, sweep.grad_bias) if grads_now else None
         ctx.save_for_backward(input, weight, bias, target, class_weight)
         ctx.set_materialize_grads(False)
@@ -140,11 +168,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse=None, grad_entropy=None, *_):
         input, weight, bias, target, class_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        none = (None,) * 4
+        none = (None,) * 3  # lp, plan, want_stats
         saved, ctx.grads = ctx.grads, None
         stats_flow = grad_lse is not None or grad_entropy is not None
         if grad_loss is None and not stats_flow:  # every output gradient undefined: nothing flows back
-            return (None,) * 9
+            return (None,) * 8
         if torch.is_grad_enabled() or needs[3] or needs[4] or stats_flow or (saved is None and grad_loss is None):
             tensors = (input, weight, bias, target, class_weight)
             return (*_composite_grads(ctx.lp, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
@@ -156,7 +184,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if ctx.lp.rows.reduction == "none"
                 else grad_loss.expand(ctx.lp.rows.logits.shape[0])
             )
-            sweep = _sweep(ctx.lp, weight, bias, ctx.rows_fn, ctx.chunk, needs[:3], False, row_scale)
+            sweep = _sweep(ctx.lp, weight, bias, ctx.plan, needs[:3], False, row_scale)
             grads = [sweep.grad_input, sweep.grad_weight, sweep.grad_bias]
         grad_input, grad_weight, grad_bias = grads
         if grad_input is not None:
@@ -333,9 +361,9 @@ def linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
     chunk = chunk_size or default_chunk_rows(count, input.element_size())
     with torch.autocast(input.device.type, enabled=False):
-        outputs = LinearCrossEntropyFunction.apply(
-            input, weight, bias, target, class_weight, lp, _rows_for_chunks(name, chunk), chunk, return_stats
-        )
+        weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
+        plan = _Plan(_rows_for_chunks(name, chunk), chunk, weight_grad_dtype)
+        outputs = LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight, lp, plan, return_stats)
     if not return_stats:
         return outputs
     loss, lse, entropy, row_loss, argmax = outputs

@@ -659,3 +659,24 @@ def test_gpu_offsets_beyond_2_pow_31_elements():
     p_tail = torch.softmax(tail, 1)
     p_tail[torch.arange(4), target[-4:]] -= 1
     assert_close(x[-4:].float(), p_tail.cpu(), atol=1e-2)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_public_linear_bfloat16_weight_gradient_accumulates_in_float32(seed):
+    """backend='triton' accumulates dW in float32 across chunks (the PyTorch backend, short of memory on a CPU,
+    rounds per chunk: docs/numerics.md section 9). With 16 chunks its error against float64 stays within 1.25x
+    torch's own bf16 error: on a GPU the chunk products go straight to float32; the interpreter rounds each
+    chunk's product to bf16 once before the float32 sum."""
+    import xentlib
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 16, generator=generator).bfloat16().to(DEVICE).requires_grad_()
+    w = (torch.randn(50, 16, generator=generator) / 2).bfloat16().to(DEVICE).requires_grad_()
+    target = torch.randint(0, 50, (64,), generator=generator).to(DEVICE)
+    x64, w64 = x.detach().cpu().double(), w.detach().cpu().double().requires_grad_()
+    (exact,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x64 @ w64.T, target.cpu()), w64)
+    (ours,) = torch.autograd.grad(xentlib.linear_cross_entropy(x, w, target, backend="triton", chunk_size=4), w)
+    (theirs,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x @ w.T, target), w)
+    assert ours.dtype == torch.bfloat16
+    error = lambda grad: float((grad.cpu().double() - exact).abs().max())  # noqa: E731
+    assert error(ours) <= 1.25 * error(theirs), (error(ours), error(theirs))

@@ -21,6 +21,7 @@ import torch
 import triton
 
 from xentlib.backends.triton import kernels, require, supports_problem
+from xentlib.linear import accumulate_mm_
 
 # Largest class block a program holds at once; rows with more classes loop over blocks.
 MAX_BLOCK_C = 4096
@@ -201,21 +202,6 @@ def _slice_rows(problem, logits_chunk: torch.Tensor, lo: int, hi: int):
     )
 
 
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with a float32 accumulator ``acc`` for any input dtype."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda:
-        try:  # CUDA: half inputs, float32 output, no temporary
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    # Elsewhere: one rounding of the chunk's product to the input dtype, then a float32 sum across chunks.
-    acc.add_(torch.mm(a, b))
-
-
 def linear_cross_entropy_chunked(
     input2d: torch.Tensor,
     weight: torch.Tensor,
@@ -283,7 +269,7 @@ def linear_cross_entropy_chunked(
         if want_input:
             torch.mm(z, weight, out=grad_input[lo:hi])
         if want_weight:
-            _addmm_fp32_(grad_weight_acc, z.t(), x_chunk)
+            accumulate_mm_(grad_weight_acc, z.t(), x_chunk)
         if want_bias:
             grad_bias_acc += z.sum(0, dtype=torch.float32)
 
