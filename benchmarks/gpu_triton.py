@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 
 CE_SHAPES = [(4096, 32_000), (8192, 128_256), (16_384, 256_000)]  # (N tokens, V classes)
-LINEAR_SHAPES = [(8192, 4096, 128_256), (16_384, 2048, 256_000)]  # (N, D hidden, V)
+LINEAR_SHAPES = [(16_384, 4096, 128_256), (8192, 2304, 256_000)]  # (N, D hidden, V): issue 4's two shapes
 QUICK_CE_SHAPES = [(1024, 32_000)]
 QUICK_LINEAR_SHAPES = [(1024, 1024, 32_000)]
 
