@@ -456,8 +456,11 @@ def _logits_tile(
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
         d_ok = d < D
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + d[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :])
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :])
+        # masked lanes load 0 (without `other` they are undefined on a GPU and would enter the sums)
+        w_mask = col_ok[:, None] & d_ok[None, :]
+        x_mask = row_ok[:, None] & d_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + d[None, :] * stride_wd, mask=w_mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd, mask=x_mask, other=0.0)
         if DOT_FP32:
             w = w.to(tl.float32)
             x = x.to(tl.float32)
@@ -563,7 +566,9 @@ def linear_index_backward_kernel(
         d_ok = d < D
         if WANT_X:
             w_blk = tl.load(
-                w_ptr + cols[:, None] * stride_wv + d[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :]
+                w_ptr + cols[:, None] * stride_wv + d[None, :] * stride_wd,
+                mask=col_ok[:, None] & d_ok[None, :],
+                other=0.0,
             )
             if DOT_FP32:
                 w_blk = w_blk.to(tl.float32)
@@ -571,7 +576,9 @@ def linear_index_backward_kernel(
             tl.atomic_add(grad_x_ptr + rows[:, None] * D + d[None, :], part_x, mask=row_ok[:, None] & d_ok[None, :])
         if WANT_W:
             x_blk = tl.load(
-                x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :]
+                x_ptr + rows[:, None] * stride_xn + d[None, :] * stride_xd,
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
             )
             if DOT_FP32:
                 x_blk = x_blk.to(tl.float32)
