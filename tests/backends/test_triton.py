@@ -11,26 +11,11 @@ import subprocess
 import sys
 
 import pytest
+from _triton_setup import DEVICE, MARKS, gpu, torch, triton_backend
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+from xentlib._semantics import as_rows, prepare_cross_entropy
 
-from xentlib._semantics import as_rows, prepare_cross_entropy  # noqa: E402
-from xentlib.backends import triton as triton_backend  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRETED else "cuda"
-AVAILABLE, WHY = triton_backend.is_available(DEVICE)
-
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not AVAILABLE, reason=WHY),
-    # the interpreter evaluates both sides of tl.where in NumPy (e.g. 0 * inf on padding), which warns
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
-]
-gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA without the interpreter")
+pytestmark = MARKS
 
 IGNORE = -100
 

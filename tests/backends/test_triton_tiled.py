@@ -10,27 +10,13 @@ several tiles in every direction.
 import os
 
 import pytest
+import torch.nn.functional as F
+from _triton_setup import DEVICE, MARKS, torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+import xentlib
 
-import torch.nn.functional as F  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-import xentlib  # noqa: E402
-from xentlib.backends import triton as triton_backend  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRETED else "cuda"
-AVAILABLE, WHY = triton_backend.is_available(DEVICE)
-
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not AVAILABLE, reason=WHY),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # the interpreter evaluates both sides of tl.where
-]
+pytestmark = MARKS
 
 TILED = "triton-tiled"
 
