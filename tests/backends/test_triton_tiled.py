@@ -105,6 +105,17 @@ def test_equals_the_default_path_with_leading_dims_shift_and_normalizer():
     assert results[0][1][:, -1].abs().max() == 0  # shift: the last position predicts nothing
 
 
+@pytest.mark.parametrize("rows, hidden", [(0, 5), (3, 1)], ids=["no-rows", "hidden-1"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_edge_shapes_match_torch(rows, hidden, reduction):
+    x, w, b, target, _ = make_case(lead=(rows,), hidden=hidden, vocab=40, ignored=())
+    ours = xentlib.linear_cross_entropy(x, w, target, b, reduction=reduction, backend=TILED)
+    theirs = F.cross_entropy(x @ w.T + b, target, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, equal_nan=True)
+    for got, want in zip(torch.autograd.grad(ours.sum(), (x, w, b)), torch.autograd.grad(theirs.sum(), (x, w, b))):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_all_rows_ignored_gives_nan_mean_and_zero_gradients():
     x, w, b, target, _ = make_case(lead=(5,), ignored=range(5))
     loss = xentlib.linear_cross_entropy(x, w, target, b, backend=TILED)
