@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
+from xentlib.backends import cpu_kernel
 
 # Elements per chunk: 2M float32 = 8 MiB, resident in a large shared L3 cache. Smaller chunks pay torch's per-op
 # overhead (dispatch and a parallel region per op) too often; measured on the 2-core CI machine.
@@ -73,6 +74,9 @@ def cross_entropy_rows(
     if x.numel() == 0:
         if result.lse is not None and classes == 0 and batch * spatial > 0:  # log-sum-exp of nothing
             result.lse.fill_(-math.inf)
+        return result
+    if cpu_kernel.supports(problem, grad_out):
+        cpu_kernel.cross_entropy_rows(problem, grad_out, result)
         return result
     block = chunk_shape(batch, classes, spatial, chunk_size)
     buffers = _ChunkBuffers(problem, block, grad_out)

@@ -1,0 +1,249 @@
+/* xentlib's CPU row kernel: cross-entropy loss, statistics and gradient of class-index rows in one sweep.
+ *
+ * Built at first use by cpu_kernel.py (cc -O3 -march=native) and called through ctypes; the Python side checks
+ * every input, so this file only computes. Rows are float32 or bfloat16, contiguous along the classes; the
+ * arithmetic is float32 and every result is rounded once to its dtype.
+ *
+ * For one row y (C logits), target t, target weight w_t (0 on ignored rows), class weights w_c (1 without),
+ * smoothing eps, z-loss z and the reduction's scale (derivation in docs/numerics.md):
+ *   m = max_c y_c,  e_c = exp(y_c - m),  s = sum_c e_c,  lse = m + log s,  p_c = e_c / s
+ *   loss = (1 - eps) w_t (lse - y_t) + eps / C (W log s - sum_c w_c (y_c - m)) + z lse^2,   W = sum_c w_c
+ *   dloss/dy_c = scale [((1 - eps) w_t + eps W / C + 2 z lse) p_c - eps / C w_c - (1 - eps) w_t [c == t]]
+ *   entropy = -sum_c p_c log p_c = log s - sum_c p_c (y_c - m)
+ * Three passes over the row, which stays in the core's cache: (1) read and convert into a float32 scratch row
+ * while taking the max, (2) exponentiate in place and sum, (3) write the gradient. The logits are read from
+ * memory once and the gradient written once. A row whose max is not finite (a NaN, a +inf, or all -inf) has no
+ * finite softmax: its loss, lse, entropy and gradient are NaN, as torch's log_softmax gives.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+
+enum { XENT_FLOAT32 = 0, XENT_BFLOAT16 = 1 };
+
+static inline vf splat(float a) { return (vf){} + a; }
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7 polynomial (Taylor, with the last
+ * coefficients slightly adjusted; max relative error ~2e-7 on [-ln2/2, ln2/2]), then 2^n added to the exponent
+ * bits. Below -87 (where 2^n would leave the normal range) the result is 0; the true value is < 2e-38. */
+static inline vf exp_nonpositive(vf x) {
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
+    vi tiny = x < splat(-87.0f);
+    x = select(tiny, splat(-87.0f), x);
+    vf shifted = x * splat(1.44269504088896341f) + magic;
+    vf n = shifted - magic;
+    vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f); /* ln 2 in two parts: exact n * hi */
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r * r + r + splat(1.0f);
+    vi scaled = (vi)p + (((vi)shifted - (vi)magic) << 23);
+    return (vf)(scaled & ~tiny);
+}
+
+static inline vf load_bf16(const uint16_t *src) {
+    vh h;
+    memcpy(&h, src, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+/* float32 -> bfloat16, round to nearest even; NaN stays a quiet NaN */
+static inline vh to_bf16(vf v) {
+    vu u = (vu)v;
+    vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    vi nan = v != v;
+    rounded = (rounded & (vu)~nan) | ((vu)nan & 0x7fc0u);
+    return __builtin_convertvector(rounded, vh);
+}
+
+static inline uint16_t to_bf16_scalar(float v) {
+    vh h = to_bf16(splat(v));
+    return h[0];
+}
+
+static inline float load_scalar(const void *row, int dtype, int64_t c) {
+    if (dtype == XENT_FLOAT32) return ((const float *)row)[c];
+    uint32_t bits = (uint32_t)((const uint16_t *)row)[c] << 16;
+    float v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static inline void store_scalar(void *row, int dtype, int64_t c, float v) {
+    if (dtype == XENT_FLOAT32)
+        ((float *)row)[c] = v;
+    else
+        ((uint16_t *)row)[c] = to_bf16_scalar(v);
+}
+
+/* Pass 1: scratch[0:C] = float32(row), scratch[C:padded] = -inf; returns max (NaN if any element is NaN). */
+static float load_row(const void *row, int dtype, int64_t classes, float *scratch) {
+    int64_t full = classes - classes % LANES, c = 0;
+    vf best = splat(-INFINITY);
+    vi nan = (vi){};
+    for (; c < full; c += LANES) {
+        vf v;
+        if (dtype == XENT_FLOAT32)
+            memcpy(&v, (const float *)row + c, sizeof v);
+        else
+            v = load_bf16((const uint16_t *)row + c);
+        memcpy(scratch + c, &v, sizeof v);
+        best = select(v > best, v, best);
+        nan |= v != v;
+    }
+    float m = -INFINITY;
+    int any_nan = 0;
+    for (int lane = 0; lane < LANES; lane++) {
+        m = best[lane] > m ? best[lane] : m;
+        any_nan |= nan[lane];
+    }
+    for (; c < classes; c++) {
+        float v = load_scalar(row, dtype, c);
+        scratch[c] = v;
+        m = v > m ? v : m;
+        any_nan |= v != v;
+    }
+    for (int64_t pad = classes; pad < full + (classes > full ? LANES : 0); pad++) scratch[pad] = -INFINITY;
+    return any_nan ? NAN : m;
+}
+
+static int64_t first_index_of(const float *scratch, int64_t classes, float value) {
+    for (int64_t c = 0; c < classes; c++)
+        if (scratch[c] == value || (value != value && scratch[c] != scratch[c])) return c;
+    return 0;
+}
+
+struct row_sums {
+    float exp_sum;       /* s = sum e_c */
+    float weighted_gap;  /* sum_c w_c (y_c - m), for smoothing */
+    float expected_gap;  /* sum_c e_c (y_c - m), for the entropy */
+};
+
+/* Pass 2: scratch becomes e = exp(y - m) (0 in the padding). */
+static struct row_sums exponentiate(float *scratch, int64_t classes, float m, const float *class_weight,
+                                    int want_weighted_gap, int want_expected_gap) {
+    vf sum = (vf){}, weighted = (vf){}, expected = (vf){};
+    vi lane_index;
+    for (int lane = 0; lane < LANES; lane++) lane_index[lane] = lane;
+    for (int64_t c = 0; c < classes; c += LANES) {
+        vf gap;
+        memcpy(&gap, scratch + c, sizeof gap);
+        gap -= splat(m);
+        vf e = exp_nonpositive(gap);
+        memcpy(scratch + c, &e, sizeof e);
+        sum += e;
+        if (want_weighted_gap) {
+            vi inside = lane_index < (vi){} + (int32_t)(classes - c);
+            vf w = splat(1.0f);
+            if (class_weight != NULL) {
+                float chunk[LANES] = {0};
+                memcpy(chunk, class_weight + c, sizeof(float) * (size_t)(classes - c < LANES ? classes - c : LANES));
+                memcpy(&w, chunk, sizeof w);
+            }
+            weighted += select(inside, w * gap, (vf){});
+        }
+        if (want_expected_gap) expected += select(e > (vf){}, e * gap, (vf){});
+    }
+    struct row_sums out = {0.0f, 0.0f, 0.0f};
+    for (int lane = 0; lane < LANES; lane++) {
+        out.exp_sum += sum[lane];
+        out.weighted_gap += weighted[lane];
+        out.expected_gap += expected[lane];
+    }
+    return out;
+}
+
+/* Pass 3: grad_row = e * coef - smooth * w (before the target slot's own term). */
+static void write_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float coef,
+                           float smooth, const float *class_weight) {
+    int64_t full = classes - classes % LANES, c = 0;
+    for (; c < full; c += LANES) {
+        vf e, w = splat(1.0f);
+        memcpy(&e, scratch + c, sizeof e);
+        if (class_weight != NULL) memcpy(&w, class_weight + c, sizeof w);
+        vf g = e * splat(coef) - splat(smooth) * w;
+        if (dtype == XENT_FLOAT32) {
+            memcpy((float *)grad_row + c, &g, sizeof g);
+        } else {
+            vh h = to_bf16(g);
+            memcpy((uint16_t *)grad_row + c, &h, sizeof h);
+        }
+    }
+    for (; c < classes; c++)
+        store_scalar(grad_row, dtype, c, scratch[c] * coef - smooth * (class_weight ? class_weight[c] : 1.0f));
+}
+
+static void fill_row(void *grad_row, int dtype, int64_t classes, float value) {
+    for (int64_t c = 0; c < classes; c++) store_scalar(grad_row, dtype, c, value);
+}
+
+/* Rows [first, last). Outputs that are NULL are not computed. `scratch` holds classes rounded up to LANES floats. */
+void xent_cross_entropy_rows(
+    const void *logits, int64_t logits_row_stride, int dtype, int64_t first, int64_t last, int64_t classes,
+    const int64_t *target, const float *target_weight, const uint8_t *valid, const float *class_weight,
+    float class_weight_sum, float smoothing, float z_loss, float scale,
+    float *loss, float *lse_out, int64_t *argmax_out, float *entropy_out,
+    void *grad, int64_t grad_row_stride, float *scratch) {
+    size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
+    int want_lse = lse_out != NULL || z_loss != 0.0f;
+    for (int64_t r = first; r < last; r++) {
+        const void *row = (const char *)logits + (size_t)(r * logits_row_stride) * elem;
+        void *grad_row = grad ? (char *)grad + (size_t)(r * grad_row_stride) * elem : NULL;
+        int row_valid = valid[r] != 0;
+        loss[r] = 0.0f;
+        if (!row_valid && lse_out == NULL && argmax_out == NULL && entropy_out == NULL) {
+            if (grad_row) memset(grad_row, 0, (size_t)classes * elem);
+            continue;
+        }
+        float m = load_row(row, dtype, classes, scratch);
+        if (argmax_out) argmax_out[r] = first_index_of(scratch, classes, m);
+        if (!isfinite(m)) { /* no finite softmax: NaN everywhere, as log_softmax gives */
+            if (lse_out) lse_out[r] = NAN;
+            if (entropy_out) entropy_out[r] = NAN;
+            if (row_valid) loss[r] = NAN;
+            if (grad_row) fill_row(grad_row, dtype, classes, row_valid ? NAN : 0.0f);
+            continue;
+        }
+        struct row_sums sums =
+            exponentiate(scratch, classes, m, class_weight, row_valid && smoothing > 0.0f, entropy_out != NULL);
+        float log_s = logf(sums.exp_sum);
+        float lse = m + log_s;
+        if (lse_out) lse_out[r] = lse;
+        if (entropy_out) entropy_out[r] = log_s - sums.expected_gap / sums.exp_sum;
+        if (!row_valid) {
+            if (grad_row) memset(grad_row, 0, (size_t)classes * elem);
+            continue;
+        }
+        int64_t t = target[r];
+        float w_t = target_weight[r];
+        float y_t = load_scalar(row, dtype, t);
+        float row_loss = (1.0f - smoothing) * w_t * (lse - y_t);
+        float q_sum = (1.0f - smoothing) * w_t;
+        if (smoothing > 0.0f) {
+            row_loss += smoothing / (float)classes * (class_weight_sum * log_s - sums.weighted_gap);
+            q_sum += smoothing / (float)classes * class_weight_sum;
+        }
+        if (want_lse && z_loss != 0.0f) {
+            row_loss += z_loss * lse * lse;
+            q_sum += 2.0f * z_loss * lse;
+        }
+        loss[r] = row_loss;
+        if (!grad_row) continue;
+        float coef = q_sum * scale / sums.exp_sum;
+        float smooth = smoothing > 0.0f ? scale * smoothing / (float)classes : 0.0f;
+        write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight);
+        float w_target = class_weight ? class_weight[t] : 1.0f;
+        float g_t = scratch[t] * coef - smooth * w_target - scale * (1.0f - smoothing) * w_t;
+        store_scalar(grad_row, dtype, t, g_t);
+    }
+}

@@ -1,0 +1,227 @@
+"""The compiled CPU row kernel (src/xentlib/backends/cpu_rows.c) against the PyTorch ops it replaces and float64.
+
+The rest of the suite already runs through the kernel wherever it applies (2-D float32/bfloat16 index targets on
+CPU); these tests pin what is specific to it: that it is really built and used, vector tails (classes not a
+multiple of 16), strided rows, non-finite rows, every option and statistic against the PyTorch-ops path of the
+same backend, bfloat16 rounding, its exp approximation, and the fallback when no compiler works.
+"""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xentlib.functional as X
+from xentlib.backends import cpu_kernel
+
+
+@pytest.fixture
+def ops_path(monkeypatch):
+    """A context in which the PyTorch ops run instead of the kernel."""
+
+    def disable():
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+
+    return disable
+
+
+def make_case(rows, classes, dtype, seed=0, scale=3.0, ignore_index=-100):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, classes, generator=generator) * scale).to(dtype)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    if rows > 2:
+        target[1] = ignore_index
+    weight = (torch.rand(classes, generator=generator) + 0.5).to(dtype)
+    return x, target, weight
+
+
+def with_weight(options, weight):
+    return {k: (weight if v == "w" else v) for k, v in options.items()}
+
+
+def run(x, target, **options):
+    """(loss, grad, stats) of xentlib's cross_entropy on a fresh leaf copy of x."""
+    leaf = x.detach().clone().requires_grad_()
+    loss, stats = X.cross_entropy(leaf, target, return_stats=True, **options)
+    (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad, stats
+
+
+def kernel_is_used(x, target, **options) -> bool:
+    calls = []
+    original = cpu_kernel.cross_entropy_rows
+    try:
+        cpu_kernel.cross_entropy_rows = lambda *a: calls.append(1) or original(*a)
+        run(x, target, **options)
+    finally:
+        cpu_kernel.cross_entropy_rows = original
+    return bool(calls)
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    available, why = cpu_kernel.status()
+    assert available, why
+
+
+@pytest.mark.parametrize(
+    "case, used",
+    [
+        (dict(), True),
+        (dict(dtype=torch.bfloat16), True),
+        (dict(options=dict(label_smoothing=0.1, z_loss=1e-3)), True),
+        (dict(dtype=torch.float64), False),
+        (dict(dtype=torch.float16), False),
+        (dict(options=dict(softcap=5.0)), False),
+        (dict(spatial=True), False),
+    ],
+)
+def test_kernel_runs_exactly_the_supported_calls(case, used):
+    if not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    x, target, _ = make_case(6, 20, case.get("dtype", torch.float32))
+    if case.get("spatial"):
+        x, target = x.view(2, 3, 20).transpose(1, 2), target.clamp_min(0).view(2, 3)
+    assert kernel_is_used(x, target, **case.get("options", {})) is used
+
+
+OPTIONS = [
+    {},
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(weight="w"),
+    dict(label_smoothing=0.15),
+    dict(weight="w", label_smoothing=0.3, reduction="sum"),
+    dict(z_loss=1e-2),
+    dict(weight="w", z_loss=1e-3, label_smoothing=0.05, reduction="none"),
+    dict(ignore_index=2),
+]
+
+
+@pytest.mark.parametrize("rows, classes", [(1, 1), (3, 2), (5, 15), (7, 16), (9, 17), (33, 100), (12, 1003)])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_float32_matches_the_pytorch_ops(ops_path, rows, classes, options):
+    x, target, weight = make_case(rows, classes, torch.float32, ignore_index=options.get("ignore_index", -100))
+    options = with_weight(options, weight)
+    fast = run(x, target, **options)
+    ops_path()
+    slow = run(x, target, **options)
+    assert_results_close(fast, slow, rtol=2e-6, atol=2e-7)
+
+
+def assert_results_close(fast, slow, rtol, atol):
+    (loss, grad, stats), (loss_ref, grad_ref, stats_ref) = fast, slow
+    close = dict(rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(loss, loss_ref, **close)
+    torch.testing.assert_close(grad, grad_ref, **close)
+    for name in ("lse", "loss", "entropy"):
+        torch.testing.assert_close(getattr(stats, name).detach(), getattr(stats_ref, name).detach(), **close)
+    torch.testing.assert_close(stats.argmax, stats_ref.argmax)
+    torch.testing.assert_close(stats.correct, stats_ref.correct)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_bfloat16_is_float64_rounded_once(options):
+    """Gradient within one bfloat16 rounding of the float64 gradient of the same bfloat16 logits."""
+    x, target, weight = make_case(24, 515, torch.bfloat16, ignore_index=options.get("ignore_index", -100))
+    options = with_weight(options, weight)
+    _, grad, stats = run(x, target, **options)
+    exact_options = {k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()}
+    _, grad64, stats64 = run(x.double(), target, **exact_options)
+    assert grad.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(grad.double(), grad64, rtol=ulp, atol=1e-30)
+    torch.testing.assert_close(stats.lse.double(), stats64.lse, rtol=1e-6, atol=1e-6)
+
+
+def test_strided_rows_and_a_sliced_gradient(ops_path):
+    """Rows that are not adjacent in memory (a column slice) are read in place, without a copy."""
+    x, target, _ = make_case(10, 70, torch.float32)
+    wide = torch.randn(10, 90)
+    wide[:, :70] = x
+    sliced = wide[:, :70]
+    assert not sliced.is_contiguous()
+    fast = run(sliced, target)
+    ops_path()
+    assert_results_close(fast, run(x, target), rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_rows_match_the_pytorch_ops(ops_path, dtype):
+    x, target, _ = make_case(8, 40, dtype)
+    target[1] = 5  # every row valid
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2] = float("-inf")
+    x[3, :39] = float("-inf")  # one finite logit
+    x[4, target[4]] = float("-inf")  # the target itself impossible: infinite loss
+    x[5] = x[5] * 1e4  # large logits
+    target[6] = -100
+    x[6, 0] = float("nan")  # ignored row: no NaN may leak into loss or gradient
+    for options in ({}, dict(reduction="none"), dict(label_smoothing=0.1, reduction="none")):
+        fast = run(x, target, **options)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(cpu_kernel._state, "fn", None)
+            slow = run(x, target, **options)
+        assert_results_close(fast, slow, rtol=2e-6, atol=2e-7)
+
+
+def test_inplace_gradient_equals_the_out_of_place_one():
+    x, target, _ = make_case(16, 333, torch.bfloat16)
+    expected = run(x, target)[1]
+    logits = x.detach().clone().requires_grad_()
+    X.cross_entropy(logits * 1, target, inplace_backward=True).backward()
+    torch.testing.assert_close(logits.grad, expected, rtol=0, atol=0)
+
+
+def test_many_rows_split_over_threads_equal_one_thread(monkeypatch):
+    x, target, _ = make_case(301, 517, torch.float32)
+    parallel = run(x, target, reduction="none")
+    monkeypatch.setattr(cpu_kernel, "PARALLEL_MIN_ELEMENTS", 1 << 62)
+    serial = run(x, target, reduction="none")
+    assert_results_close(parallel, serial, rtol=0, atol=0)
+
+
+def test_exp_accuracy_over_the_whole_range():
+    """The kernel's exp (a polynomial on [-ln2/2, ln2/2] and an exponent shift) against float64, through p = e / s:
+    with one logit at 0 and the other at y, p_other = exp(y) / (1 + exp(y)). Its error may not exceed torch's
+    float32 softmax by more than a quarter."""
+    y = torch.linspace(-86.9, 0.0, 400_001, dtype=torch.float64)
+    x = torch.stack([torch.zeros_like(y), y], 1).float()
+    target = torch.zeros(len(y), dtype=torch.long)
+    _, grad, _ = run(x, target, reduction="sum")
+    exact = torch.exp(x[:, 1].double()) / (1 + torch.exp(x[:, 1].double()))
+    ours = ((grad[:, 1].double() - exact) / exact).abs().max()
+    torchs = ((torch.softmax(x, 1)[:, 1].double() - exact) / exact).abs().max()
+    assert ours <= 1.25 * torchs, (ours, torchs)
+
+
+def test_loss_against_torch_on_a_large_vocabulary():
+    x, target, weight = make_case(64, 32000, torch.float32)
+    leaf, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    X.cross_entropy(leaf, target, weight=weight, label_smoothing=0.1).backward()
+    F.cross_entropy(ref, target, weight=weight, label_smoothing=0.1).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_without_a_compiler_the_pytorch_ops_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XENTLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    available, why = cpu_kernel.status()
+    assert not available and "no-such-compiler" in why
+    x, target, _ = make_case(5, 9, torch.float32)
+    leaf, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    X.cross_entropy(leaf, target).backward()
+    F.cross_entropy(ref, target).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("XENTLIB_CPU_KERNEL", "0")
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+    assert cpu_kernel.status() == (False, "XENTLIB_CPU_KERNEL=0: the PyTorch ops run instead")
+    x, target, _ = make_case(5, 9, torch.float32)
+    assert not kernel_is_used(x, target)
