@@ -23,21 +23,27 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
-from xentlib.backends import torch_chunked
+from xentlib.backends import cpu_kernel, torch_chunked
 from xentlib.backends.autograd import CrossEntropyStats, as_leaf, composite_rows, reduce_rows
 from xentlib.backends.dispatch import rows_function, select_backend
 
 
-def default_chunk_rows(rows: int, element_size: int = 4) -> int:
-    """Rows per chunk so that a chunk's working memory is about an eighth of the full logits, at least 128 rows.
+def default_chunk_rows(rows: int, element_size: int = 4, in_place_rows: bool = False) -> int:
+    """Rows per chunk: the largest chunk whose working memory stays well inside a quarter of the full logits
+    (issue 3's memory budget), at least 128 rows. Larger chunks mean larger, more efficient matmuls and fewer
+    passes of the weight gradient through memory (one read and write of V x D per chunk).
 
-    float32 and float64 logits are turned into their gradient in place, so a chunk of R rows costs R V element_size
-    bytes: R = N/8. bfloat16/float16 logits (2 bytes) also need two float32 working copies of a quarter of the
-    chunk (2 more bytes per logit), so a row costs 4 V bytes against the logits' 2 N V: R = N/16. Larger chunks
-    mean fewer passes of the weight gradient through memory (one read and write of V x D per chunk) and larger
-    matmuls."""
-    row_bytes_per_class = max(4, element_size)
-    return max(1, min(rows, max(128, -(-rows * element_size // (8 * row_bytes_per_class)))))
+    `in_place_rows`: the rows are computed by the compiled CPU kernel, which turns a chunk of logits of any dtype
+    into its gradient in place with only a row of scratch per thread: a chunk of R rows costs R V element_size
+    bytes, so R = N/5 keeps it at a fifth of the logits. Otherwise (PyTorch ops, Triton) float32 and float64 logits
+    are also turned into their gradient in place (R = N/8, an eighth), while bfloat16/float16 logits need two
+    float32 working copies of a quarter of the chunk (2 more bytes per logit): a row costs 4 V bytes against the
+    logits' 2 N V, R = N/16."""
+    if in_place_rows:
+        wanted = -(-rows // 5)
+    else:
+        wanted = -(-rows * element_size // (8 * max(4, element_size)))
+    return max(1, min(rows, max(128, wanted)))
 
 
 @dataclass
@@ -327,8 +333,9 @@ def linear_cross_entropy(
         z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`. `backend="triton-tiled"` also
             exists here: Triton kernels that never write logits, not even a chunk (class-index targets;
             backends/triton/tiled.py).
-        chunk_size: rows per chunk (default: an eighth of the rows in float32, a sixteenth in half
-            precision, at least 128: a chunk's memory is then about an eighth of the logits).
+        chunk_size: rows per chunk (default: a fifth of the rows where the compiled CPU kernel computes the
+            rows, else an eighth in float32 and a sixteenth in half precision; at least 128. A chunk's memory
+            is then a fifth to an eighth of the logits' memory).
 
     reduction='none' returns the loss per row, of shape `target.shape` (shifted: `target[..., 1:].shape`).
 
@@ -359,7 +366,8 @@ def linear_cross_entropy(
     count = lp.rows.logits.shape[0]
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    chunk = chunk_size or default_chunk_rows(count, input.element_size())
+    in_place_rows = name == "torch" and cpu_kernel.supports_call(input.device, input.dtype, lp.rows)
+    chunk = chunk_size or default_chunk_rows(count, input.element_size(), in_place_rows)
     with torch.autocast(input.device.type, enabled=False):
         weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
         plan = _Plan(_rows_for_chunks(name, chunk), chunk, weight_grad_dtype)

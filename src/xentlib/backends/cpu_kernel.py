@@ -116,19 +116,19 @@ def status() -> tuple[bool, str]:
     return fn is not None, _state["why"]
 
 
-def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> bool:
-    x = problem.logits
-    ok = (
-        x.device.type == "cpu"
-        and problem.kind == "index"
-        and problem.softcap is None
-        and x.dtype in DTYPES
-        and x.shape[2] == 1
-        and x.shape[1] > 0
-        and (x.stride(1) == 1 or x.shape[1] == 1)
-        and (grad_out is None or (grad_out.dtype == x.dtype and (grad_out.stride(1) == 1 or x.shape[1] == 1)))
-    )
+def supports_call(device: torch.device, dtype: torch.dtype, problem: CrossEntropyProblem) -> bool:
+    """Whether the kernel computes this call's rows, given contiguous (R, C) rows: CPU, float32 or bfloat16,
+    class-index targets, no soft-capping, and the kernel built."""
+    ok = device.type == "cpu" and dtype in DTYPES and problem.kind == "index" and problem.softcap is None
     return ok and _load() is not None
+
+
+def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> bool:
+    """`supports_call`, and the logits (and gradient) laid out as rows with contiguous classes."""
+    x = problem.logits
+    rows_ok = x.shape[2] == 1 and x.shape[1] > 0 and (x.stride(1) == 1 or x.shape[1] == 1)
+    grad_ok = grad_out is None or (grad_out.dtype == x.dtype and (grad_out.stride(1) == 1 or x.shape[1] == 1))
+    return rows_ok and grad_ok and supports_call(x.device, x.dtype, problem)
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
