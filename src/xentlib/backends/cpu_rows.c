@@ -195,7 +195,6 @@ void xent_cross_entropy_rows(
     float *loss, float *lse_out, int64_t *argmax_out, float *entropy_out,
     void *grad, int64_t grad_row_stride, float *scratch) {
     size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
-    int want_lse = lse_out != NULL || z_loss != 0.0f;
     for (int64_t r = first; r < last; r++) {
         const void *row = (const char *)logits + (size_t)(r * logits_row_stride) * elem;
         void *grad_row = grad ? (char *)grad + (size_t)(r * grad_row_stride) * elem : NULL;
@@ -233,7 +232,7 @@ void xent_cross_entropy_rows(
             row_loss += smoothing / (float)classes * (class_weight_sum * log_s - sums.weighted_gap);
             q_sum += smoothing / (float)classes * class_weight_sum;
         }
-        if (want_lse && z_loss != 0.0f) {
+        if (z_loss != 0.0f) {
             row_loss += z_loss * lse * lse;
             q_sum += 2.0f * z_loss * lse;
         }
