@@ -68,11 +68,17 @@ class _Plan:
     weight_grad_dtype: torch.dtype
 
 
-def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b, where acc may be float32 for half-precision a and b."""
+def accumulate_mm_(acc: Tensor, a: Tensor, b: Tensor, first: bool = False) -> None:
+    """acc += a @ b, where acc may be float32 for half-precision a and b. `first`: acc holds nothing yet (it may
+    be uninitialized memory) and is overwritten, which saves a pass of zeros and a read of acc."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
         return
+    if first:
+        acc.zero_()
     if a.is_cuda:
         try:  # CUDA: half inputs, float32 output, no temporary
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
@@ -104,14 +110,16 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
         out.lse = torch.zeros(count, dtype=acc, device=x.device)
         out.entropy = torch.zeros(count, dtype=acc, device=x.device)
         out.argmax = torch.zeros(count, dtype=torch.long, device=x.device)
-    out.grad_input = torch.zeros_like(x) if want_input else None
-    out.grad_weight = torch.zeros_like(weight, dtype=plan.weight_grad_dtype) if want_weight else None
-    out.grad_bias = torch.zeros(vocab, dtype=acc, device=x.device) if want_bias else None
     # Rows with an ignored target contribute nothing: skip them before the matmul (stats need every row).
     active = None
     if not want_stats and not bool(problem.valid.all()):
         active = problem.valid.reshape(-1).nonzero().squeeze(1)
     total = count if active is None else active.numel()
+    out.grad_input = torch.zeros_like(x) if want_input else None
+    # The first chunk overwrites the weight gradient (accumulate_mm_(first=True)); with no rows it stays zero.
+    make_weight_grad = torch.empty_like if total > 0 else torch.zeros_like
+    out.grad_weight = make_weight_grad(weight, dtype=plan.weight_grad_dtype) if want_weight else None
+    out.grad_bias = torch.zeros(vocab, dtype=acc, device=x.device) if want_bias else None
     chunk = plan.chunk
     buffer = torch.empty(min(chunk, max(total, 1)), vocab, dtype=x.dtype, device=x.device)
     for start in range(0, total, chunk):
@@ -140,9 +148,12 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
         if row_scale is not None:
             grad_logits.mul_(row_scale[rows].to(grad_logits.dtype).unsqueeze(1))
         if want_input:
-            out.grad_input[in_rows] = grad_logits @ weight
+            if isinstance(in_rows, slice):  # straight into the gradient's rows, no temporary
+                torch.mm(grad_logits, weight, out=out.grad_input[in_rows])
+            else:
+                out.grad_input[in_rows] = grad_logits @ weight
         if want_weight:
-            accumulate_mm_(out.grad_weight, grad_logits.t(), x_c)
+            accumulate_mm_(out.grad_weight, grad_logits.t(), x_c, first=start == 0)
         if want_bias:
             out.grad_bias += grad_logits.sum(0, dtype=acc)
     if want_weight:
