@@ -14,6 +14,7 @@ against torch's own bfloat16 error, and a dispatch-mode check that no (N, V)-siz
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -443,6 +444,21 @@ def test_chunk_sizes_agree(kind, option):
     for i, result in enumerate(results[2:]):
         for a, e in zip(result, first[i % 2], strict=True):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_uninitialized_gradient_memory_is_overwritten(monkeypatch, ignored):
+    """The first chunk writes the weight gradient over uninitialized memory: poison that memory with NaN so a
+    chunk that added to it instead (or a row left unwritten) shows up."""
+    real_empty_like = torch.empty_like
+
+    def poisoned_empty_like(*args, **kwargs):
+        return real_empty_like(*args, **kwargs).fill_(math.nan)
+
+    monkeypatch.setattr(torch, "empty_like", poisoned_empty_like)
+    case = make_case(lead=(11,), vocab=7, ignore_every=3 if ignored else 0)
+    for chunk_size in (1, 4, None):
+        check_linear(case, reduction="mean", chunk_size=chunk_size)
 
 
 def test_non_contiguous_input_and_weight():
