@@ -814,16 +814,23 @@ def test_never_allocates_the_logits(kind, opts):
 def test_default_chunk_is_a_small_fraction_of_the_rows(element_size, in_place_rows):
     """Between 1 and N rows, at least 128 when N allows; for large N a fifth of the rows where the compiled CPU
     kernel turns the chunk into its gradient in place, else an eighth (a sixteenth in half precision, whose chunks
-    also hold float32 working copies), so one chunk's memory stays inside the 0.25x memory budget of issue 3."""
-    from xentlib.linear import default_chunk_rows
+    also hold float32 working copies), so one chunk's memory stays inside the 0.25x memory budget of issue 3;
+    and never more than CHUNK_BYTES_CAP of logits, unless that leaves fewer than 128 rows."""
+    from xentlib.linear import CHUNK_BYTES_CAP, default_chunk_rows
 
     fraction = 5 if in_place_rows else 16 if element_size == 2 else 8
-    for rows in (1, 7, 255, 256, 2049, 8192, 100_000):
-        chunk = default_chunk_rows(rows, element_size, in_place_rows)
-        assert 1 <= chunk <= rows
-        assert chunk >= min(rows, 128)
-        if rows >= 128 * fraction:
-            assert chunk == -(-rows // fraction), (rows, chunk)
+    bytes_per_logit = element_size if in_place_rows else max(4, element_size)
+    for vocab in (1, 1000, 128256, 10_000_000):
+        cap_rows = CHUNK_BYTES_CAP // (vocab * bytes_per_logit)
+        for rows in (1, 7, 255, 256, 2049, 8192, 100_000, 2_000_000):
+            chunk = default_chunk_rows(rows, vocab, element_size, in_place_rows)
+            assert 1 <= chunk <= rows
+            assert chunk >= min(rows, 128)
+            assert chunk <= max(128, cap_rows), (vocab, rows, chunk)
+            if rows >= 128 * fraction and -(-rows // fraction) <= cap_rows:
+                assert chunk == -(-rows // fraction), (vocab, rows, chunk)
+            if cap_rows >= 128 and -(-rows // fraction) > cap_rows:
+                assert chunk == cap_rows, (vocab, rows, chunk)
 
 
 @pytest.mark.parametrize("kind", ["index", "prob"])

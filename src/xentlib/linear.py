@@ -27,11 +27,17 @@ from xentlib.backends import cpu_kernel, torch_chunked
 from xentlib.backends.autograd import CrossEntropyStats, as_leaf, composite_rows, reduce_rows
 from xentlib.backends.dispatch import rows_function, select_backend
 
+# The most memory one chunk of logits may take. Past ~2048 rows a larger chunk makes its matmuls little faster
+# per row (measured on CPU at D=1024, V=32000 fp32: 1024 rows cost up to 5% more per row than 2048), so for large N
+# it would buy little speed for much memory.
+CHUNK_BYTES_CAP = 1 << 30
 
-def default_chunk_rows(rows: int, element_size: int = 4, in_place_rows: bool = False) -> int:
+
+def default_chunk_rows(rows: int, vocab: int, element_size: int = 4, in_place_rows: bool = False) -> int:
     """Rows per chunk: the largest chunk whose working memory stays well inside a quarter of the full logits
-    (issue 3's memory budget), at least 128 rows. Larger chunks mean larger, more efficient matmuls and fewer
-    passes of the weight gradient through memory (one read and write of V x D per chunk).
+    (issue 3's memory budget) and under CHUNK_BYTES_CAP, at least 128 rows. Larger chunks mean larger, more
+    efficient matmuls: each matmul with W pays a fixed cost per call (docs/numerics.md section 9), and the weight
+    gradient is read and written once per chunk.
 
     `in_place_rows`: the rows are computed by the compiled CPU kernel, which turns a chunk of logits of any dtype
     into its gradient in place with only a row of scratch per thread: a chunk of R rows costs R V element_size
@@ -40,10 +46,11 @@ def default_chunk_rows(rows: int, element_size: int = 4, in_place_rows: bool = F
     float32 working copies of a quarter of the chunk (2 more bytes per logit): a row costs 4 V bytes against the
     logits' 2 N V, R = N/16."""
     if in_place_rows:
-        wanted = -(-rows // 5)
+        wanted, bytes_per_logit = -(-rows // 5), element_size
     else:
-        wanted = -(-rows * element_size // (8 * max(4, element_size)))
-    return max(1, min(rows, max(128, wanted)))
+        wanted, bytes_per_logit = -(-rows * element_size // (8 * max(4, element_size))), max(4, element_size)
+    capped = min(wanted, CHUNK_BYTES_CAP // (max(vocab, 1) * bytes_per_logit))
+    return max(1, min(rows, max(128, capped)))
 
 
 @dataclass
@@ -378,7 +385,8 @@ def linear_cross_entropy(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
     in_place_rows = name == "torch" and cpu_kernel.supports_call(input.device, input.dtype, lp.rows)
-    chunk = chunk_size or default_chunk_rows(count, input.element_size(), in_place_rows)
+    vocab = lp.rows.logits.shape[1]
+    chunk = chunk_size or default_chunk_rows(count, vocab, input.element_size(), in_place_rows)
     with torch.autocast(input.device.type, enabled=False):
         weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
         plan = _Plan(_rows_for_chunks(name, chunk), chunk, weight_grad_dtype)
