@@ -1,9 +1,10 @@
 """The compiled CPU row kernel (src/xentlib/backends/cpu_rows.c) against the PyTorch ops it replaces and float64.
 
-The rest of the suite already runs through the kernel wherever it applies (2-D float32/bfloat16 index targets on
-CPU); these tests pin what is specific to it: that it is really built and used, vector tails (classes not a
-multiple of 16), strided rows, non-finite rows, every option and statistic against the PyTorch-ops path of the
-same backend, bfloat16 rounding, its exp approximation, and the fallback when no compiler works.
+The rest of the suite already runs through the kernel wherever it applies (2-D float32/bfloat16 logits with class
+indices or float32/bfloat16 class probabilities, on CPU); these tests pin what is specific to it: that it is really
+built and used, vector tails (classes not a multiple of 16), strided rows, non-finite rows, every option and
+statistic against the PyTorch-ops path of the same backend, bfloat16 rounding, its exp approximation, and the
+fallback when no compiler works.
 """
 
 import shutil
@@ -34,6 +35,11 @@ def make_case(rows, classes, dtype, seed=0, scale=3.0, ignore_index=-100):
         target[1] = ignore_index
     weight = (torch.rand(classes, generator=generator) + 0.5).to(dtype)
     return x, target, weight
+
+
+def make_probs(rows, classes, dtype, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(rows, classes, generator=generator) * 2, 1).to(dtype)
 
 
 def with_weight(options, weight):
@@ -76,6 +82,11 @@ def test_kernel_builds_where_a_compiler_exists():
         (dict(dtype=torch.float16), False),
         (dict(options=dict(softcap=5.0)), False),
         (dict(spatial=True), False),
+        (dict(probs=torch.float32), True),
+        (dict(probs=torch.bfloat16), True),
+        (dict(dtype=torch.bfloat16, probs=torch.float32), True),
+        (dict(probs=torch.float64), False),  # float64 anywhere: the float64 ops
+        (dict(probs=torch.float32, probs_transposed=True), False),  # classes not contiguous in the target
     ],
 )
 def test_kernel_runs_exactly_the_supported_calls(case, used):
@@ -84,6 +95,10 @@ def test_kernel_runs_exactly_the_supported_calls(case, used):
     x, target, _ = make_case(6, 20, case.get("dtype", torch.float32))
     if case.get("spatial"):
         x, target = x.view(2, 3, 20).transpose(1, 2), target.clamp_min(0).view(2, 3)
+    if "probs" in case:
+        target = make_probs(6, 20, case["probs"])
+        if case.get("probs_transposed"):
+            target = target.t().contiguous().t()
     assert kernel_is_used(x, target, **case.get("options", {})) is used
 
 
@@ -134,6 +149,70 @@ def test_bfloat16_is_float64_rounded_once(options):
     ulp = torch.finfo(torch.bfloat16).eps
     torch.testing.assert_close(grad.double(), grad64, rtol=ulp, atol=1e-30)
     torch.testing.assert_close(stats.lse.double(), stats64.lse, rtol=1e-6, atol=1e-6)
+
+
+PROB_OPTIONS = [option for option in OPTIONS if "ignore_index" not in option]
+
+
+@pytest.mark.parametrize("rows, classes", [(1, 1), (3, 2), (5, 15), (7, 16), (9, 17), (33, 100), (12, 1003)])
+@pytest.mark.parametrize("probs_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("options", PROB_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_probabilities_match_the_pytorch_ops(ops_path, rows, classes, probs_dtype, options):
+    x, _, weight = make_case(rows, classes, torch.float32)
+    probs = make_probs(rows, classes, probs_dtype)
+    options = with_weight(options, weight)
+    fast = run(x, probs, **options)
+    ops_path()
+    slow = run(x, probs, **options)
+    assert_results_close(fast, slow, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("options", PROB_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_bfloat16_probabilities_are_float64_rounded_once(options):
+    """bfloat16 logits and probabilities: the gradient within one bfloat16 rounding of the float64 gradient."""
+    x, _, weight = make_case(24, 515, torch.bfloat16)
+    probs = make_probs(24, 515, torch.bfloat16)
+    options = with_weight(options, weight)
+    _, grad, stats = run(x, probs, **options)
+    exact_options = {k: (v.double() if torch.is_tensor(v) else v) for k, v in options.items()}
+    _, grad64, stats64 = run(x.double(), probs.double(), **exact_options)
+    assert grad.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(grad.double(), grad64, rtol=ulp, atol=1e-30)
+    assert stats.loss.dtype == torch.bfloat16  # the row losses in the output dtype: one rounding too
+    torch.testing.assert_close(stats.loss.double(), stats64.loss, rtol=ulp, atol=1e-30)
+
+
+def test_probabilities_with_non_finite_logits_match_the_pytorch_ops(ops_path):
+    """Including a zero probability on a -inf logit: 0 * log 0 is NaN without smoothing (as in torch), and with
+    smoothing that class has a positive probability and the loss is +inf."""
+    x, _, _ = make_case(6, 40, torch.float32)
+    probs = make_probs(6, 40, torch.float32)
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2] = float("-inf")
+    x[3, 5] = float("-inf")
+    probs[3, 5] = 0.0
+    x[4] = x[4] * 1e4
+    cases = []
+    for options in (dict(reduction="none"), dict(label_smoothing=0.1, reduction="none")):
+        cases.append((options, run(x, probs, **options)))
+    ops_path()
+    for options, fast in cases:
+        assert_results_close(fast, run(x, probs, **options), rtol=2e-6, atol=2e-7)
+    assert torch.isnan(cases[0][1][0][3]) and cases[1][1][0][3] == float("inf")
+
+
+def test_strided_probability_rows(ops_path):
+    """Probability rows that are not adjacent in memory (a column slice of a wider tensor) are read in place."""
+    x, _, _ = make_case(10, 70, torch.float32)
+    wide = torch.rand(10, 90)
+    wide[:, :70] = make_probs(10, 70, torch.float32)
+    probs = wide[:, :70]
+    assert not probs.is_contiguous() and kernel_is_used(x, probs)
+    fast = run(x, probs, label_smoothing=0.1)
+    ops_path()
+    assert_results_close(fast, run(x, probs.contiguous(), label_smoothing=0.1), rtol=2e-6, atol=2e-7)
 
 
 def test_strided_rows_and_a_sliced_gradient(ops_path):

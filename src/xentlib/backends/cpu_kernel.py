@@ -10,10 +10,11 @@ cache folder (`$XENTLIB_CACHE_DIR`, else `~/.cache/xentlib`) keyed by the source
 loaded with ctypes (no torch headers, well under a second to build). Where no compiler works the PyTorch ops run
 instead; `XENTLIB_CPU_KERNEL=0` turns the kernel off. `status()` says which and why.
 
-What it covers: class-index targets on rows whose classes are contiguous (2-D input, or any input with a single
-position per sample), float32 and bfloat16, class weights, ignore_index, label smoothing, z-loss, statistics and
-the in-place gradient. Everything else (probability targets, soft-capping, N-d inputs, float16, float64) takes the
-PyTorch ops. The rules (validation, weights, denominators) come from the semantic core as for every backend.
+What it covers: rows whose classes are contiguous (2-D input, or any input with a single position per sample),
+float32 and bfloat16, class-index targets or float32/bfloat16 class probabilities, class weights, ignore_index,
+label smoothing, z-loss, statistics and the in-place gradient. Everything else (soft-capping, N-d inputs, float16,
+float64) takes the PyTorch ops. The rules (validation, weights, denominators) come from the semantic core as for
+every backend.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     library = ctypes.CDLL(str(target))
     fn = library.xent_cross_entropy_rows
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ptr, i64, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ptr, f32, f32, f32, f32,
-                   ptr, ptr, ptr, ptr, ptr, i64, ptr]  # fmt: skip
+    fn.argtypes = [ptr, i64, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int,
+                   f32, f32, f32, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr]  # fmt: skip
     fn.restype = None
     return fn, f"compiled C row kernel ({target})"
 
@@ -117,18 +118,26 @@ def status() -> tuple[bool, str]:
 
 
 def supports_call(device: torch.device, dtype: torch.dtype, problem: CrossEntropyProblem) -> bool:
-    """Whether the kernel computes this call's rows, given contiguous (R, C) rows: CPU, float32 or bfloat16,
-    class-index targets, no soft-capping, and the kernel built."""
-    ok = device.type == "cpu" and dtype in DTYPES and problem.kind == "index" and problem.softcap is None
-    return ok and _load() is not None
+    """Whether the kernel computes this call's rows, given contiguous (R, C) rows: CPU, float32 or bfloat16
+    logits, class indices or float32/bfloat16 class probabilities, float32 arithmetic (no float64 anywhere), no
+    soft-capping, and the kernel built."""
+    targets_ok = problem.kind == "index" or problem.target.dtype in DTYPES
+    ok = device.type == "cpu" and dtype in DTYPES and problem.acc_dtype == torch.float32 and targets_ok
+    return ok and problem.softcap is None and _load() is not None
+
+
+def _classes_contiguous(t: torch.Tensor, classes: int) -> bool:
+    return t.stride(1) == 1 or classes == 1
 
 
 def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> bool:
-    """`supports_call`, and the logits (and gradient) laid out as rows with contiguous classes."""
+    """`supports_call`, and the logits (gradient, class probabilities) laid out as rows with contiguous classes."""
     x = problem.logits
-    rows_ok = x.shape[2] == 1 and x.shape[1] > 0 and (x.stride(1) == 1 or x.shape[1] == 1)
-    grad_ok = grad_out is None or (grad_out.dtype == x.dtype and (grad_out.stride(1) == 1 or x.shape[1] == 1))
-    return rows_ok and grad_ok and supports_call(x.device, x.dtype, problem)
+    classes = x.shape[1]
+    rows_ok = x.shape[2] == 1 and classes > 0 and _classes_contiguous(x, classes)
+    grad_ok = grad_out is None or (grad_out.dtype == x.dtype and _classes_contiguous(grad_out, classes))
+    probs_ok = problem.kind == "index" or _classes_contiguous(problem.target, classes)
+    return rows_ok and grad_ok and probs_ok and supports_call(x.device, x.dtype, problem)
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -149,8 +158,10 @@ def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | No
     x = problem.logits
     batch, classes, _ = x.shape
     contiguous = lambda t: None if t is None else t.contiguous()  # noqa: E731  (B, 1) tensors: already are
-    target = contiguous(problem.target)
-    target_weight = contiguous(problem.target_weight)
+    index = problem.kind == "index"
+    target = contiguous(problem.target) if index else None
+    target_weight = contiguous(problem.target_weight) if index else None
+    probs = None if index else problem.target
     valid = contiguous(problem.valid)
     weight = contiguous(problem.class_weight)
     weight_sum = float(classes) if weight is None else float(weight.sum())
@@ -164,7 +175,8 @@ def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | No
     scratch = torch.empty(workers, padded, dtype=torch.float32)
     args = (
         (x.data_ptr(), row_stride, DTYPES[x.dtype]),
-        (classes, target.data_ptr(), target_weight.data_ptr(), valid.data_ptr(), _pointer(weight)),
+        (classes, _pointer(target), _pointer(target_weight), valid.data_ptr(), _pointer(weight)),
+        (None, 0, 0) if probs is None else (probs.data_ptr(), probs.stride(0), DTYPES[probs.dtype]),
         (weight_sum, problem.smoothing, problem.z_loss, scale),
         tuple(_pointer(t) for t in (result.loss, result.lse, result.argmax, result.entropy)),
         (_pointer(grad_out), grad_stride),
@@ -172,8 +184,8 @@ def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | No
 
     def run(part: int) -> None:
         first, last = batch * part // workers, batch * (part + 1) // workers
-        (data, stride, dtype), rest, numbers, outputs, grad = args
-        fn(data, stride, dtype, first, last, *rest, *numbers, *outputs, *grad, scratch[part].data_ptr())
+        (data, stride, dtype), rest, probs_args, numbers, outputs, grad = args
+        fn(data, stride, dtype, first, last, *rest, *probs_args, *numbers, *outputs, *grad, scratch[part].data_ptr())
 
     if workers == 1:
         run(0)

@@ -1,4 +1,4 @@
-/* xentlib's CPU row kernel: cross-entropy loss, statistics and gradient of class-index rows in one sweep.
+/* xentlib's CPU row kernel: cross-entropy loss, statistics and gradient of rows in one sweep.
  *
  * Built at first use by cpu_kernel.py (cc -O3 -march=native) and called through ctypes; the Python side checks
  * every input, so this file only computes. Rows are float32 or bfloat16, contiguous along the classes; the
@@ -10,6 +10,9 @@
  *   loss = (1 - eps) w_t (lse - y_t) + eps / C (W log s - sum_c w_c (y_c - m)) + z lse^2,   W = sum_c w_c
  *   dloss/dy_c = scale [((1 - eps) w_t + eps W / C + 2 z lse) p_c - eps / C w_c - (1 - eps) w_t [c == t]]
  *   entropy = -sum_c p_c log p_c = log s - sum_c p_c (y_c - m)
+ * With class probabilities q instead of a class index, q'_c = w_c ((1 - eps) q_c + eps / C) and Q = sum_c q'_c:
+ *   loss = -sum_c q'_c log p_c + z lse^2 = Q log s - sum_c q'_c (y_c - m) + z lse^2
+ *   dloss/dy_c = scale [(Q + 2 z lse) p_c - q'_c]
  * Three passes over the row, which stays in the core's cache: (1) read and convert into a float32 scratch row
  * while taking the max, (2) exponentiate in place and sum, (3) write the gradient. The logits are read from
  * memory once and the gradient written once. A row whose max is not finite (a NaN, a +inf, or all -inf) has no
@@ -86,6 +89,19 @@ static inline void store_scalar(void *row, int dtype, int64_t c, float v) {
         ((uint16_t *)row)[c] = to_bf16_scalar(v);
 }
 
+/* LANES elements of a float32/bfloat16 row from class c, zeros past the row's end (no read beyond it). */
+static inline vf load_lanes(const void *row, int dtype, int64_t c, int64_t classes) {
+    if (c + LANES <= classes) {
+        if (dtype == XENT_BFLOAT16) return load_bf16((const uint16_t *)row + c);
+        vf v;
+        memcpy(&v, (const float *)row + c, sizeof v);
+        return v;
+    }
+    vf v = (vf){};
+    for (int64_t k = c; k < classes; k++) v[k - c] = load_scalar(row, dtype, k);
+    return v;
+}
+
 /* Pass 1: scratch[0:C] = float32(row), scratch[C:padded] = -inf; returns max (NaN if any element is NaN). */
 static float load_row(const void *row, int dtype, int64_t classes, float *scratch) {
     int64_t full = classes - classes % LANES, c = 0;
@@ -125,14 +141,24 @@ static int64_t first_index_of(const float *scratch, int64_t classes, float value
 
 struct row_sums {
     float exp_sum;       /* s = sum e_c */
-    float weighted_gap;  /* sum_c w_c (y_c - m), for smoothing */
+    float weighted_gap;  /* sum_c w_c (y_c - m), for smoothing with a class index */
     float expected_gap;  /* sum_c e_c (y_c - m), for the entropy */
+    float q_sum;         /* Q = sum_c q'_c, with class probabilities */
+    float q_gap;         /* sum_c q'_c (y_c - m), with class probabilities */
+};
+
+/* Where the row's class probabilities are (NULL for a class index) and how q' is made of them. */
+struct prob_row {
+    const void *q;
+    int dtype;
+    float keep;   /* 1 - eps */
+    float spread; /* eps / C */
 };
 
 /* Pass 2: scratch becomes e = exp(y - m) (0 in the padding). */
 static struct row_sums exponentiate(float *scratch, int64_t classes, float m, const float *class_weight,
-                                    int want_weighted_gap, int want_expected_gap) {
-    vf sum = (vf){}, weighted = (vf){}, expected = (vf){};
+                                    int want_weighted_gap, int want_expected_gap, struct prob_row prob) {
+    vf sum = (vf){}, weighted = (vf){}, expected = (vf){}, q_sum = (vf){}, q_gap = (vf){};
     vi lane_index;
     for (int lane = 0; lane < LANES; lane++) lane_index[lane] = lane;
     for (int64_t c = 0; c < classes; c += LANES) {
@@ -142,36 +168,40 @@ static struct row_sums exponentiate(float *scratch, int64_t classes, float m, co
         vf e = exp_nonpositive(gap);
         memcpy(scratch + c, &e, sizeof e);
         sum += e;
-        if (want_weighted_gap) {
+        if (want_weighted_gap || prob.q != NULL) {
             vi inside = lane_index < (vi){} + (int32_t)(classes - c);
-            vf w = splat(1.0f);
-            if (class_weight != NULL) {
-                float chunk[LANES] = {0};
-                memcpy(chunk, class_weight + c, sizeof(float) * (size_t)(classes - c < LANES ? classes - c : LANES));
-                memcpy(&w, chunk, sizeof w);
+            vf w = class_weight != NULL ? load_lanes(class_weight, XENT_FLOAT32, c, classes) : splat(1.0f);
+            if (want_weighted_gap) weighted += select(inside, w * gap, (vf){});
+            if (prob.q != NULL) {
+                vf q = w * (load_lanes(prob.q, prob.dtype, c, classes) * splat(prob.keep) + splat(prob.spread));
+                q_sum += select(inside, q, (vf){});
+                q_gap += select(inside, q * gap, (vf){});
             }
-            weighted += select(inside, w * gap, (vf){});
         }
         if (want_expected_gap) expected += select(e > (vf){}, e * gap, (vf){});
     }
-    struct row_sums out = {0.0f, 0.0f, 0.0f};
+    struct row_sums out = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     for (int lane = 0; lane < LANES; lane++) {
         out.exp_sum += sum[lane];
         out.weighted_gap += weighted[lane];
         out.expected_gap += expected[lane];
+        out.q_sum += q_sum[lane];
+        out.q_gap += q_gap[lane];
     }
     return out;
 }
 
-/* Pass 3: grad_row = e * coef - smooth * w (before the target slot's own term). */
+/* Pass 3: grad_row = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot is fixed
+ * after). */
 static void write_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float coef,
-                           float smooth, const float *class_weight) {
+                           float smooth, const float *class_weight, struct prob_row prob, float q_scale) {
     int64_t full = classes - classes % LANES, c = 0;
     for (; c < full; c += LANES) {
         vf e, w = splat(1.0f);
         memcpy(&e, scratch + c, sizeof e);
         if (class_weight != NULL) memcpy(&w, class_weight + c, sizeof w);
         vf g = e * splat(coef) - splat(smooth) * w;
+        if (prob.q != NULL) g -= splat(q_scale) * w * load_lanes(prob.q, prob.dtype, c, classes);
         if (dtype == XENT_FLOAT32) {
             memcpy((float *)grad_row + c, &g, sizeof g);
         } else {
@@ -179,22 +209,30 @@ static void write_gradient(void *grad_row, int dtype, const float *scratch, int6
             memcpy((uint16_t *)grad_row + c, &h, sizeof h);
         }
     }
-    for (; c < classes; c++)
-        store_scalar(grad_row, dtype, c, scratch[c] * coef - smooth * (class_weight ? class_weight[c] : 1.0f));
+    for (; c < classes; c++) {
+        float w = class_weight ? class_weight[c] : 1.0f;
+        float g = scratch[c] * coef - smooth * w;
+        if (prob.q != NULL) g -= q_scale * w * load_scalar(prob.q, prob.dtype, c);
+        store_scalar(grad_row, dtype, c, g);
+    }
 }
 
 static void fill_row(void *grad_row, int dtype, int64_t classes, float value) {
     for (int64_t c = 0; c < classes; c++) store_scalar(grad_row, dtype, c, value);
 }
 
-/* Rows [first, last). Outputs that are NULL are not computed. `scratch` holds classes rounded up to LANES floats. */
+/* Rows [first, last). Outputs that are NULL are not computed. `scratch` holds classes rounded up to LANES floats.
+ * Class probabilities (`probs` not NULL, rows `probs_row_stride` elements apart, of dtype `probs_dtype`) replace
+ * the class index: then `target` and `target_weight` are not read and every row is valid. */
 void xent_cross_entropy_rows(
     const void *logits, int64_t logits_row_stride, int dtype, int64_t first, int64_t last, int64_t classes,
     const int64_t *target, const float *target_weight, const uint8_t *valid, const float *class_weight,
+    const void *probs, int64_t probs_row_stride, int probs_dtype,
     float class_weight_sum, float smoothing, float z_loss, float scale,
     float *loss, float *lse_out, int64_t *argmax_out, float *entropy_out,
     void *grad, int64_t grad_row_stride, float *scratch) {
     size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
+    size_t probs_elem = probs_dtype == XENT_FLOAT32 ? 4 : 2;
     for (int64_t r = first; r < last; r++) {
         const void *row = (const char *)logits + (size_t)(r * logits_row_stride) * elem;
         void *grad_row = grad ? (char *)grad + (size_t)(r * grad_row_stride) * elem : NULL;
@@ -213,14 +251,28 @@ void xent_cross_entropy_rows(
             if (grad_row) fill_row(grad_row, dtype, classes, row_valid ? NAN : 0.0f);
             continue;
         }
+        struct prob_row prob = {NULL, probs_dtype, 1.0f - smoothing, smoothing / (float)classes};
+        if (probs != NULL) prob.q = (const char *)probs + (size_t)(r * probs_row_stride) * probs_elem;
+        int want_weighted_gap = row_valid && smoothing > 0.0f && probs == NULL;
         struct row_sums sums =
-            exponentiate(scratch, classes, m, class_weight, row_valid && smoothing > 0.0f, entropy_out != NULL);
+            exponentiate(scratch, classes, m, class_weight, want_weighted_gap, entropy_out != NULL, prob);
         float log_s = logf(sums.exp_sum);
         float lse = m + log_s;
         if (lse_out) lse_out[r] = lse;
         if (entropy_out) entropy_out[r] = log_s - sums.expected_gap / sums.exp_sum;
         if (!row_valid) {
             if (grad_row) memset(grad_row, 0, (size_t)classes * elem);
+            continue;
+        }
+        if (probs != NULL) {
+            float q_sum = sums.q_sum, row_loss = q_sum * log_s - sums.q_gap;
+            if (z_loss != 0.0f) {
+                row_loss += z_loss * lse * lse;
+                q_sum += 2.0f * z_loss * lse;
+            }
+            loss[r] = row_loss;
+            if (grad_row) write_gradient(grad_row, dtype, scratch, classes, q_sum * scale / sums.exp_sum,
+                                         scale * prob.spread, class_weight, prob, scale * prob.keep);
             continue;
         }
         int64_t t = target[r];
@@ -240,7 +292,7 @@ void xent_cross_entropy_rows(
         if (!grad_row) continue;
         float coef = q_sum * scale / sums.exp_sum;
         float smooth = smoothing > 0.0f ? scale * smoothing / (float)classes : 0.0f;
-        write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight);
+        write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight, prob, 0.0f);
         float w_target = class_weight ? class_weight[t] : 1.0f;
         float g_t = scratch[t] * coef - smooth * w_target - scale * (1.0f - smoothing) * w_t;
         store_scalar(grad_row, dtype, t, g_t);
