@@ -155,8 +155,11 @@ struct prob_row {
     float spread; /* eps / C */
 };
 
+/* A class index: no probabilities. Passed as a constant, so the inlined passes lose their probability branches. */
+#define NO_PROB ((struct prob_row){NULL, XENT_FLOAT32, 1.0f, 0.0f})
+
 /* Pass 2: scratch becomes e = exp(y - m) (0 in the padding). */
-static struct row_sums exponentiate(float *scratch, int64_t classes, float m, const float *class_weight,
+static inline __attribute__((always_inline)) struct row_sums exponentiate(float *scratch, int64_t classes, float m, const float *class_weight,
                                     int want_weighted_gap, int want_expected_gap, struct prob_row prob) {
     vf sum = (vf){}, weighted = (vf){}, expected = (vf){}, q_sum = (vf){}, q_gap = (vf){};
     vi lane_index;
@@ -193,7 +196,7 @@ static struct row_sums exponentiate(float *scratch, int64_t classes, float m, co
 
 /* Pass 3: grad_row = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot is fixed
  * after). */
-static void write_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float coef,
+static inline __attribute__((always_inline)) void write_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float coef,
                            float smooth, const float *class_weight, struct prob_row prob, float q_scale) {
     int64_t full = classes - classes % LANES, c = 0;
     for (; c < full; c += LANES) {
@@ -254,8 +257,11 @@ void xent_cross_entropy_rows(
         struct prob_row prob = {NULL, probs_dtype, 1.0f - smoothing, smoothing / (float)classes};
         if (probs != NULL) prob.q = (const char *)probs + (size_t)(r * probs_row_stride) * probs_elem;
         int want_weighted_gap = row_valid && smoothing > 0.0f && probs == NULL;
+        int want_expected_gap = entropy_out != NULL;
         struct row_sums sums =
-            exponentiate(scratch, classes, m, class_weight, want_weighted_gap, entropy_out != NULL, prob);
+            probs != NULL
+                ? exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, prob)
+                : exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, NO_PROB);
         float log_s = logf(sums.exp_sum);
         float lse = m + log_s;
         if (lse_out) lse_out[r] = lse;
@@ -292,7 +298,7 @@ void xent_cross_entropy_rows(
         if (!grad_row) continue;
         float coef = q_sum * scale / sums.exp_sum;
         float smooth = smoothing > 0.0f ? scale * smoothing / (float)classes : 0.0f;
-        write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight, prob, 0.0f);
+        write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight, NO_PROB, 0.0f);
         float w_target = class_weight ? class_weight[t] : 1.0f;
         float g_t = scratch[t] * coef - smooth * w_target - scale * (1.0f - smoothing) * w_t;
         store_scalar(grad_row, dtype, t, g_t);
