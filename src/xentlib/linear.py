@@ -45,10 +45,9 @@ def default_chunk_rows(rows: int, vocab: int, element_size: int = 4, in_place_ro
     are also turned into their gradient in place (R = N/8, an eighth), while bfloat16/float16 logits need two
     float32 working copies of a quarter of the chunk (2 more bytes per logit): a row costs 4 V bytes against the
     logits' 2 N V, R = N/16."""
-    if in_place_rows:
-        wanted, bytes_per_logit = -(-rows // 5), element_size
-    else:
-        wanted, bytes_per_logit = -(-rows * element_size // (8 * max(4, element_size))), max(4, element_size)
+    # chunk bytes = rows * V * bytes_per_logit <= logits bytes (N V element_size) / fraction, and <= the cap
+    fraction, bytes_per_logit = (5, element_size) if in_place_rows else (8, max(4, element_size))
+    wanted = -(-rows * element_size // (fraction * bytes_per_logit))
     capped = min(wanted, CHUNK_BYTES_CAP // (max(vocab, 1) * bytes_per_logit))
     return max(1, min(rows, max(128, capped)))
 

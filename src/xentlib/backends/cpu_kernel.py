@@ -165,27 +165,24 @@ def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | No
     valid = contiguous(problem.valid)
     weight = contiguous(problem.class_weight)
     weight_sum = float(classes) if weight is None else float(weight.sum())
-    scale = float(problem.grad_scale)
-    row_stride = x.stride(0)
-    grad_stride = 0 if grad_out is None else grad_out.stride(0)
     workers = max(1, min(torch.get_num_threads(), batch))
     if batch * classes < PARALLEL_MIN_ELEMENTS:
         workers = 1
     padded = -(-classes // LANES) * LANES
     scratch = torch.empty(workers, padded, dtype=torch.float32)
-    args = (
-        (x.data_ptr(), row_stride, DTYPES[x.dtype]),
-        (classes, _pointer(target), _pointer(target_weight), valid.data_ptr(), _pointer(weight)),
-        (None, 0, 0) if probs is None else (probs.data_ptr(), probs.stride(0), DTYPES[probs.dtype]),
-        (weight_sum, problem.smoothing, problem.z_loss, scale),
-        tuple(_pointer(t) for t in (result.loss, result.lse, result.argmax, result.entropy)),
-        (_pointer(grad_out), grad_stride),
-    )
+    # The C signature in order, around each part's [first, last) rows and its scratch row.
+    logits_args = (x.data_ptr(), x.stride(0), DTYPES[x.dtype])
+    probs_args = (None, 0, 0) if probs is None else (probs.data_ptr(), probs.stride(0), DTYPES[probs.dtype])
+    rest_args = (
+        classes, _pointer(target), _pointer(target_weight), valid.data_ptr(), _pointer(weight), *probs_args,
+        weight_sum, problem.smoothing, problem.z_loss, float(problem.grad_scale),
+        *(_pointer(t) for t in (result.loss, result.lse, result.argmax, result.entropy)),
+        _pointer(grad_out), 0 if grad_out is None else grad_out.stride(0),
+    )  # fmt: skip
 
     def run(part: int) -> None:
         first, last = batch * part // workers, batch * (part + 1) // workers
-        (data, stride, dtype), rest, probs_args, numbers, outputs, grad = args
-        fn(data, stride, dtype, first, last, *rest, *probs_args, *numbers, *outputs, *grad, scratch[part].data_ptr())
+        fn(*logits_args, first, last, *rest_args, scratch[part].data_ptr())
 
     if workers == 1:
         run(0)

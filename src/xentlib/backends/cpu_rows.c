@@ -159,8 +159,9 @@ struct prob_row {
 #define NO_PROB ((struct prob_row){NULL, XENT_FLOAT32, 1.0f, 0.0f})
 
 /* Pass 2: scratch becomes e = exp(y - m) (0 in the padding). */
-static inline __attribute__((always_inline)) struct row_sums exponentiate(float *scratch, int64_t classes, float m, const float *class_weight,
-                                    int want_weighted_gap, int want_expected_gap, struct prob_row prob) {
+static inline __attribute__((always_inline)) struct row_sums exponentiate(
+    float *scratch, int64_t classes, float m, const float *class_weight, int want_weighted_gap,
+    int want_expected_gap, struct prob_row prob) {
     vf sum = (vf){}, weighted = (vf){}, expected = (vf){}, q_sum = (vf){}, q_gap = (vf){};
     vi lane_index;
     for (int lane = 0; lane < LANES; lane++) lane_index[lane] = lane;
@@ -196,8 +197,9 @@ static inline __attribute__((always_inline)) struct row_sums exponentiate(float 
 
 /* Pass 3: grad_row = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot is fixed
  * after). */
-static inline __attribute__((always_inline)) void write_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float coef,
-                           float smooth, const float *class_weight, struct prob_row prob, float q_scale) {
+static inline __attribute__((always_inline)) void write_gradient(
+    void *grad_row, int dtype, const float *scratch, int64_t classes, float coef, float smooth,
+    const float *class_weight, struct prob_row prob, float q_scale) {
     int64_t full = classes - classes % LANES, c = 0;
     for (; c < full; c += LANES) {
         vf e, w = splat(1.0f);
@@ -270,25 +272,18 @@ void xent_cross_entropy_rows(
             if (grad_row) memset(grad_row, 0, (size_t)classes * elem);
             continue;
         }
+        /* Q (the targets' total weight) and the loss before the z-loss, per kind of target */
+        float q_sum, row_loss;
+        int64_t t = 0;
         if (probs != NULL) {
-            float q_sum = sums.q_sum, row_loss = q_sum * log_s - sums.q_gap;
-            if (z_loss != 0.0f) {
-                row_loss += z_loss * lse * lse;
-                q_sum += 2.0f * z_loss * lse;
-            }
-            loss[r] = row_loss;
-            if (grad_row) write_gradient(grad_row, dtype, scratch, classes, q_sum * scale / sums.exp_sum,
-                                         scale * prob.spread, class_weight, prob, scale * prob.keep);
-            continue;
-        }
-        int64_t t = target[r];
-        float w_t = target_weight[r];
-        float y_t = load_scalar(row, dtype, t);
-        float row_loss = (1.0f - smoothing) * w_t * (lse - y_t);
-        float q_sum = (1.0f - smoothing) * w_t;
-        if (smoothing > 0.0f) {
-            row_loss += smoothing / (float)classes * (class_weight_sum * log_s - sums.weighted_gap);
-            q_sum += smoothing / (float)classes * class_weight_sum;
+            q_sum = sums.q_sum;
+            row_loss = q_sum * log_s - sums.q_gap;
+        } else {
+            t = target[r];
+            float w_t = target_weight[r];
+            q_sum = prob.keep * w_t + prob.spread * class_weight_sum;
+            row_loss = prob.keep * w_t * (lse - load_scalar(row, dtype, t));
+            if (smoothing > 0.0f) row_loss += prob.spread * (class_weight_sum * log_s - sums.weighted_gap);
         }
         if (z_loss != 0.0f) {
             row_loss += z_loss * lse * lse;
@@ -296,11 +291,14 @@ void xent_cross_entropy_rows(
         }
         loss[r] = row_loss;
         if (!grad_row) continue;
-        float coef = q_sum * scale / sums.exp_sum;
-        float smooth = smoothing > 0.0f ? scale * smoothing / (float)classes : 0.0f;
-        write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight, NO_PROB, 0.0f);
-        float w_target = class_weight ? class_weight[t] : 1.0f;
-        float g_t = scratch[t] * coef - smooth * w_target - scale * (1.0f - smoothing) * w_t;
-        store_scalar(grad_row, dtype, t, g_t);
+        float coef = q_sum * scale / sums.exp_sum, smooth = scale * prob.spread;
+        if (probs != NULL) {
+            write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight, prob, scale * prob.keep);
+        } else {  /* every class gets p_c coef - smooth w_c; the target slot also - scale (1 - eps) w_t */
+            write_gradient(grad_row, dtype, scratch, classes, coef, smooth, class_weight, NO_PROB, 0.0f);
+            float w_target = class_weight ? class_weight[t] : 1.0f;
+            float g_t = scratch[t] * coef - smooth * w_target - scale * prob.keep * target_weight[r];
+            store_scalar(grad_row, dtype, t, g_t);
+        }
     }
 }
