@@ -625,6 +625,47 @@ def test_module_matches_torch_module_and_state_dict_round_trips(options):
         assert torch.equal(back.state_dict()[key], value), key
 
 
+OLD_TORCH_MODULE_CHECK = """
+import torch
+Real = torch.nn.LinearCrossEntropyLoss
+del torch.nn.LinearCrossEntropyLoss  # as on torch < 2.13, which has no such module
+import xentlib.nn
+assert xentlib.nn.LinearCrossEntropyLoss.__mro__[1].__module__ == "xentlib.nn"
+weight = torch.rand(9, dtype=torch.float64) + 0.5
+for options in [dict(), dict(bias=True, weight=weight, ignore_index=2, label_smoothing=0.1, reduction="sum")]:
+    torch.manual_seed(0)
+    theirs = Real(6, 9, dtype=torch.float64, **options)
+    torch.manual_seed(0)
+    mine = xentlib.nn.LinearCrossEntropyLoss(6, 9, dtype=torch.float64, **options)
+    for name in ["reduction", "ignore_index", "label_smoothing", "num_classes", "out_features", "options"]:
+        assert getattr(mine, name) == getattr(theirs, name), name
+    assert mine.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(mine.state_dict()[key], value), key
+    x, t = torch.randn(5, 6, dtype=torch.float64), torch.tensor([0, 2, 8, 1, 2])
+    assert torch.allclose(mine(x, t), theirs(x, t), rtol=1e-12, atol=1e-12)
+for bad in [dict(weight=torch.ones(3)), dict(label_smoothing=1.5)]:
+    messages = []
+    for make in (Real, xentlib.nn.LinearCrossEntropyLoss):
+        try:
+            make(6, 9, **bad)
+        except RuntimeError as err:
+            messages.append(str(err))
+    assert len(messages) == 2 and messages[0] == messages[1], messages
+print("same as torch's module")
+"""
+
+
+def test_module_works_on_torch_without_its_own_module():
+    """torch < 2.13 has no nn.LinearCrossEntropyLoss: xentlib's module then builds the same state itself (the
+    import of xentlib failed on torch 2.11 before). Run in a fresh interpreter with the class removed."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", OLD_TORCH_MODULE_CHECK], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "same as torch's module" in done.stdout, done.stderr[-3000:]
+
+
 def test_module_extensions_and_normalizer():
     hidden, vocab = 4, 7
     mine = xentlib.nn.LinearCrossEntropyLoss(

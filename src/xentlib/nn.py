@@ -115,7 +115,36 @@ class Softmax(torch.nn.Softmax):
         return F.softmax(input, self.dim, _stacklevel=5)
 
 
-class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+if hasattr(torch.nn, "LinearCrossEntropyLoss"):
+    _LinearCrossEntropyBase = torch.nn.LinearCrossEntropyLoss
+else:  # torch < 2.13 has no such module: the same constructor checks and state, for out_features=()
+
+    class _LinearCrossEntropyBase(torch.nn.modules.loss._WeightedLoss):
+        def __init__(
+            self,
+            in_features: int,
+            num_classes: int,
+            *,
+            bias: bool = False,
+            device=None,
+            dtype=None,
+            reduction: str = "mean",
+            weight: Tensor | None = None,
+            ignore_index: int | None = None,
+            label_smoothing: float = 0.0,
+        ) -> None:
+            if weight is not None and weight.shape != (num_classes,):
+                raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+            if not 0.0 <= label_smoothing <= 1.0:
+                raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+            super().__init__(weight=weight, reduction=reduction)
+            self.num_classes, self.out_features = num_classes, ()
+            self.ignore_index, self.label_smoothing = ignore_index, label_smoothing
+            self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+            self.options = None
+
+
+class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
     """`torch.nn.LinearCrossEntropyLoss` (it owns `self.linear`) computed by `xentlib.linear_cross_entropy`.
 
     The (N, V) logits are never held. Same constructor, buffers and `state_dict` keys as torch's module
