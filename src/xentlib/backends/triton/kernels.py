@@ -25,6 +25,8 @@ because ``ref`` is the row maximum, so nothing cancels, unlike ``A * lse - sum a
 digits when the logits are large. When ``ref`` grows, ``G += (ref_new - ref_old) * A_old``.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -75,15 +77,22 @@ def _load_block(row_ptr, stride_c, start, C, softcap, HAS_SOFTCAP: tl.constexpr,
     return offs, mask, x, y
 
 
+# Triton's CPU interpreter converts float32 to bfloat16 by truncation; a GPU rounds to nearest even. Read when
+# the kernels are decorated, which is also when triton picks interpreter or compiler.
+ROUND_BF16_IN_SOFTWARE = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
+
+
 @triton.jit
 def _round_to(value, dtype: tl.constexpr):
-    # float32 -> the gradient's dtype, rounding to nearest even. For bfloat16 this is done on the bits
-    # (add 0x7FFF plus the lowest kept bit, drop the low 16 bits; NaN and inf keep their class), which is what
-    # the GPU's own conversion does, while Triton's CPU interpreter would truncate.
-    if dtype == tl.bfloat16:
+    # float32 -> the gradient's dtype, rounding to nearest even: the GPU's own conversion. Under the interpreter,
+    # bfloat16 is rounded on the bits (add 0x7FFF plus the lowest kept bit, drop the low 16 bits; inf keeps its
+    # class). A NaN's payload could carry into the sign there (0x7FFFFFFF + 0x7FFF gives -0.0), so NaNs take the
+    # plain conversion.
+    if ROUND_BF16_IN_SOFTWARE and dtype == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(value != value, value.to(tl.bfloat16), rounded)
     else:
         return value.to(dtype)
 
@@ -146,6 +155,23 @@ def _merge_entropy_sum(t, s_old, ref_old, ref_new, e, y):
 def _finish_entropy(t, s):
     # p_c = e_c / s and log p_c = (y_c - ref) - log s, so H = -sum p log p = log s - T / s.
     return tl.log(s) - t / s
+
+
+@triton.jit
+def scale_unless_one_kernel(buffer_ptr, numel, scale_ptr, BLOCK: tl.constexpr):
+    """buffer *= scale, for a scale that lives on the device (autograd's grad_output of a reduced loss).
+    When the scale is 1, the usual ``loss.backward()``, every program returns before touching the buffer: the
+    backward pass then costs no sweep over the gradient and no host synchronisation to find that out.
+    ``scale_ptr`` holds the scale already rounded to the buffer's dtype, so the product is the one torch's
+    ``buffer.mul_(scale)`` makes (float32 arithmetic, rounded once). Grid-stride loop over a capped grid."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, numel, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < numel
+            value = tl.load(buffer_ptr + offs, mask=mask).to(tl.float32) * scale
+            tl.store(buffer_ptr + offs, _round_to(value, buffer_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
