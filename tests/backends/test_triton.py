@@ -258,6 +258,30 @@ def test_per_row_grad_scale():
     assert_close(grad, as_rows(float64_grad(leaf, loss, scale.cpu().double())), atol=2e-6)
 
 
+@pytest.mark.parametrize("max_programs", [4096, 2], ids=["one-block-per-program", "grid-stride"])
+@pytest.mark.parametrize("scale", [1.0, 0.5, 3.7, 0.0, -2.0, float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_backward_scale_is_torchs_mul(dtype, scale, max_programs, monkeypatch):
+    """The backward's device-side scale gives torch's buffer.mul_(scale) bit for bit, over several blocks
+    and a tail, non-finite entries included (a scale of 1 leaves them as they are)."""
+    from xentlib.backends.triton import ops
+
+    monkeypatch.setattr(ops, "SCALE_MAX_PROGRAMS", max_programs)
+    buffer = torch.randn(3 * ops.SCALE_BLOCK + 5, generator=torch.Generator().manual_seed(3)).to(dtype)
+    buffer[7], buffer[8], buffer[-1] = float("nan"), float("inf"), -float("inf")
+    scale = torch.tensor(scale)
+    expected = buffer.clone().mul_(scale.to(dtype))
+    ours = ops.scale_unless_one_(buffer.to(DEVICE), scale.to(DEVICE)).cpu()
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_backward_scale_refuses_what_it_cannot_take():
+    from xentlib.backends.triton import ops
+
+    with pytest.raises(ValueError, match="contiguous buffer and a one-element scale"):
+        ops.scale_unless_one_(torch.ones(4, 3, device=DEVICE).t(), torch.tensor(2.0, device=DEVICE))
+
+
 def test_bit_identical_between_runs():
     x, target = make_inputs((4, 200), "index", seed=6)
     problem = problem_for(x, target, {"eps": 0.1})

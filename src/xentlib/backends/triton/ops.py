@@ -34,6 +34,23 @@ TILE_MAX_CLASSES = 128
 TILE_ELEMENTS = 4096
 
 
+SCALE_BLOCK = 4096
+SCALE_MAX_PROGRAMS = 4096
+
+
+def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``buffer.mul_(scale)`` for a contiguous buffer and a one-element scale, without a pass over the buffer
+    (nor a host synchronisation) when the scale is 1."""
+    if not buffer.is_contiguous() or scale.numel() != 1:
+        raise ValueError("scale_unless_one_ takes a contiguous buffer and a one-element scale")
+    numel = buffer.numel()
+    if numel:
+        scale = scale.to(device=buffer.device, dtype=buffer.dtype).reshape(1)
+        grid = (min(triton.cdiv(numel, SCALE_BLOCK), SCALE_MAX_PROGRAMS),)
+        kernels.scale_unless_one_kernel[grid](buffer, numel, scale, BLOCK=SCALE_BLOCK, num_warps=8)
+    return buffer
+
+
 def _row_result_type():
     from xentlib.backends.torch_chunked import RowResult
 
