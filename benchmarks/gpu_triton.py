@@ -106,30 +106,23 @@ def ce_impls(logits, target) -> dict[str, Callable | None]:
     return impls
 
 
-def _xentlib_linear(x, weight, target):
-    """xentlib's linear cross-entropy with backend='triton': the public function when it exists, else the
-    chunked Triton op driven by hand (forward and gradients in one call)."""
-    import xentlib.functional as xf
+def three_matmuls(x, weight) -> Callable[[], None]:
+    """The physical floor of linear_cross_entropy: Z = X W^T, dX = dZ W, dW = dZ^T X (6NDV FLOPs) into
+    preallocated outputs, with Z standing in for dZ."""
+    import torch
 
-    if hasattr(xf, "linear_cross_entropy"):
-
-        def step():
-            xf.linear_cross_entropy(x, weight, target, backend="triton").backward()
-            x.grad = weight.grad = None
-
-        return step
-    from xentlib._semantics import prepare_cross_entropy
-    from xentlib.backends.triton import linear_cross_entropy_chunked
+    z = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    grad_x, grad_w = torch.empty_like(x), torch.empty_like(weight)
 
     def step():
-        placeholder = x.new_empty(()).expand(x.shape[0], weight.shape[0])
-        problem = prepare_cross_entropy(placeholder, target, None, -100, "mean", 0.0)
-        linear_cross_entropy_chunked(x.detach(), weight.detach(), None, problem, needs_input_grad=(True, True, False))
+        torch.mm(x.detach(), weight.detach().t(), out=z)
+        torch.mm(z, weight.detach(), out=grad_x)
+        torch.mm(z.t(), x.detach(), out=grad_w)
 
     return step
 
 
-def linear_impls(x, weight, target) -> dict[str, Callable | None]:
+def linear_impls(x, weight, target, chunk_sizes=()) -> dict[str, Callable | None]:
     import torch
     import torch.nn.functional as F
 
@@ -141,13 +134,21 @@ def linear_impls(x, weight, target) -> dict[str, Callable | None]:
         return step
 
     eager = lambda x, w, t: F.cross_entropy(x @ w.T, t)  # noqa: E731
-    impls = {"torch eager": eager_step(eager), "torch.compile": eager_step(torch.compile(eager))}
+    impls = {
+        "3 matmuls": three_matmuls(x, weight),
+        "torch eager": eager_step(eager),
+        "torch.compile": eager_step(torch.compile(eager)),
+    }
     if hasattr(F, "linear_cross_entropy"):  # torch's own chunked version (recent torch)
         impls["torch F.linear_cross_entropy"] = eager_step(lambda x, w, t: F.linear_cross_entropy(x, w, t))
     try:
         import xentlib.functional as xf
 
-        impls["xentlib triton"] = _xentlib_linear(x, weight, target)
+        impls["xentlib triton"] = eager_step(lambda x, w, t: xf.linear_cross_entropy(x, w, t, backend="triton"))
+        for chunk in chunk_sizes:
+            impls[f"xentlib triton chunk={chunk}"] = eager_step(
+                lambda x, w, t, chunk=chunk: xf.linear_cross_entropy(x, w, t, backend="triton", chunk_size=chunk)
+            )
         impls["xentlib triton-tiled"] = eager_step(
             lambda x, w, t: xf.linear_cross_entropy(x, w, t, backend="triton-tiled")
         )
@@ -172,6 +173,20 @@ def linear_impls(x, weight, target) -> dict[str, Callable | None]:
 # ----------------------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------------------
+
+
+def machine_limits() -> tuple[float, float]:
+    """Measured on this GPU: dense bf16 matmul TFLOP/s (8192^3, random data) and device-to-device copy GB/s
+    (bytes read + written), each from the fastest of ten runs after three warm-ups: the denominators of the
+    fractions printed below."""
+    import torch
+
+    square = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    matmul_ms = measure(lambda: square @ square, warmup=3, repeats=10)["min_ms"]
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    copy = torch.empty_like(source)
+    copy_ms = measure(lambda: copy.copy_(source), warmup=3, repeats=10)["min_ms"]
+    return 2 * 8192**3 / (matmul_ms * 1e-3) / 1e12, 2 * 2**30 / (copy_ms * 1e-3) / 1e9
 
 
 def run_case(op: str, shape: tuple, impls: dict, limit: Callable[[float], str], args) -> list[dict]:
@@ -202,6 +217,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", choices=["ce", "linear"], help="run one operation's shapes")
+    parser.add_argument(
+        "--chunk-sizes", default="", help="comma-separated extra chunk sizes for xentlib's linear rows, e.g. 1024,4096"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -216,29 +235,38 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name()
     versions = f"torch {torch.__version__} | triton {triton.__version__} | python {platform.python_version()}"
     print(f"{device} | {versions}")
+    peak_tflops, copy_gbs = machine_limits()
+    print(f"limits: bf16 matmul {peak_tflops:.0f} TFLOP/s (8192^3), device copy {copy_gbs:.0f} GB/s (read + write)")
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
     results = []
 
-    for n, v in QUICK_CE_SHAPES if args.quick else CE_SHAPES:
+    ce_shapes = QUICK_CE_SHAPES if args.quick else CE_SHAPES
+    linear_shapes = QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES
+    for n, v in ce_shapes if args.only != "linear" else []:
         logits = torch.randn(n, v, device="cuda", dtype=dtype)
         target = torch.randint(0, v, (n,), device="cuda")
         bytes_moved = 2 * n * v * element  # read the logits once, write the gradient once
 
         def bandwidth(ms, bytes_moved=bytes_moved):
-            return f"{bytes_moved / (ms * 1e-3) / 1e9:7.1f} GB/s effective (2 x N x V x bytes)"
+            rate = bytes_moved / (ms * 1e-3) / 1e9
+            return f"{rate:7.1f} GB/s effective (2 x N x V x bytes), {rate / copy_gbs:4.0%} of copy"
 
         results += run_case("cross_entropy", (n, v), ce_impls(logits, target), bandwidth, args)
         del logits, target
 
-    for n, d, v in QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES:
+    for n, d, v in linear_shapes if args.only != "ce" else []:
         x = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
         weight = (torch.randn(v, d, device="cuda", dtype=dtype) / d**0.5).requires_grad_(True)
         target = torch.randint(0, v, (n,), device="cuda")
         flops = 6 * n * d * v
 
         def throughput(ms, flops=flops):
-            return f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s (6 x N x D x V)"
+            rate = flops / (ms * 1e-3) / 1e12
+            return f"{rate:7.1f} TFLOP/s (6 x N x D x V), {rate / peak_tflops:4.0%} of matmul"
 
-        results += run_case("linear_cross_entropy", (n, d, v), linear_impls(x, weight, target), throughput, args)
+        results += run_case(
+            "linear_cross_entropy", (n, d, v), linear_impls(x, weight, target, chunk_sizes), throughput, args
+        )
         del x, weight, target
 
     if args.csv:
