@@ -296,6 +296,27 @@ def test_float32_and_float64_inputs(kind, dtype):
     check_linear(case, reduction="none", z_loss=1e-3, softcap=3.0, chunk_size=5)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-mm"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(), dict(shift=True, label_smoothing=0.1), dict(reduction="none", z_loss=1e-3), dict(return_stats=True)],
+    ids=["plain", "shift-smoothing", "none-zloss", "stats"],
+)
+def test_float32_chunk_matmuls_through_onednn_or_torch_mm(onednn, opts, monkeypatch):
+    """Float32 on CPU: the two chunk matmuls that read W (Z = X W^T + b, dX = dZ W) go through oneDNN when
+    torch has it (faster here: docs/numerics.md section 9), else torch.mm. Both ways match torch and the
+    reference, with ignored rows, the shifted (index_select) rows and the backward that sweeps again."""
+    from xentlib import linear
+
+    if onednn and not linear._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(linear, "_ONEDNN_LINEAR", onednn)
+    case = make_case(lead=(3, 7), hidden=6, vocab=23, dtype=torch.float32, class_weight=True, ignore_every=4, seed=7)
+    with AllocationLog() as log:
+        check_linear(case, chunk_size=5, **opts)
+    assert any("mkldnn._linear_pointwise" in op for op, *_ in log.outputs) == onednn
+
+
 def test_class_index_target_with_class_weight_requiring_grad_raises_like_torch():
     case = make_case(class_weight=True)
     cw = case.class_weight.detach().requires_grad_()

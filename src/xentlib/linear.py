@@ -105,13 +105,68 @@ def _chunk_problem(problem: sem.CrossEntropyProblem, rows, logits: Tensor) -> se
     )
 
 
+def _sweep_chunk(lp: sem.LinearProblem, weight, bias, plan, grads, want_stats, row_scale, out, rows, buffer, first):
+    """One chunk of rows: its logits, their per-row results, and its share of the gradients. Its tensors die when
+    it returns, so a chunk's fresh logits (oneDNN) are freed before the next chunk's are made."""
+    problem, x = lp.rows, lp.flat_input
+    want_input, want_weight, want_bias = grads
+    if lp.input_rows is None:
+        in_rows = rows
+        x_c = x[rows]
+    else:
+        in_rows = lp.input_rows[rows]
+        x_c = x.index_select(0, in_rows)
+    if buffer is None:
+        logits = torch.ops.mkldnn._linear_pointwise(x_c, weight, bias, "none", [], "")
+    else:
+        logits = buffer[: x_c.shape[0]]
+        torch.mm(x_c, weight.t(), out=logits)
+        if bias is not None:
+            logits.add_(bias)
+    sub = _chunk_problem(problem, rows, logits)
+    result = plan.rows_fn(sub, sub.logits if any(grads) else None, want_stats)
+    out.loss[rows] = result.loss[:, 0]
+    if want_stats:
+        out.lse[rows] = result.lse[:, 0]
+        out.entropy[rows] = result.entropy[:, 0]
+        out.argmax[rows] = result.argmax[:, 0]
+    if not any(grads):
+        return
+    grad_logits = logits  # now holds dZ
+    if row_scale is not None:
+        grad_logits.mul_(row_scale[rows].to(grad_logits.dtype).unsqueeze(1))
+    if want_input:
+        if buffer is None:
+            out.grad_input[in_rows] = torch.ops.mkldnn._linear_pointwise(grad_logits, weight.t(), None, "none", [], "")
+        elif isinstance(in_rows, slice):  # straight into the gradient's rows, no temporary
+            torch.mm(grad_logits, weight, out=out.grad_input[in_rows])
+        else:
+            out.grad_input[in_rows] = grad_logits @ weight
+    if want_weight:
+        accumulate_mm_(out.grad_weight, grad_logits.t(), x_c, first=first)
+    if want_bias:
+        out.grad_bias += grad_logits.sum(0, dtype=problem.acc_dtype)
+
+
+def _by_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether the chunk matmuls that read W (Z = X W^T + b and dX = dZ W) go through oneDNN: float32 on CPU.
+    There torch.mm (MKL) pays a fixed cost per call that grows with W, most likely packing W anew: about 20 ms
+    for a 131 MB W on the 2-core AMD EPYC of docs/numerics.md section 9, twice per chunk. In alternating
+    processes there, oneDNN made the whole float32 step 4-15% faster: 2048x1024x32000 2.18-2.24 s against
+    2.28-2.49, 2048x2048x128256 17.5-18.2 s against 18.9-20.7, 4096x2048x50257 13.7 s against 15.9-16.1."""
+    float32_cpu = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+    return _ONEDNN_LINEAR and float32_cpu and x.is_contiguous() and weight.is_contiguous()
+
+
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: bool, row_scale=None):
     """One pass over the row chunks: per-row losses (and stats), and the gradients flagged in `grads`."""
     problem, x = lp.rows, lp.flat_input
     count, vocab = problem.logits.shape[0], problem.logits.shape[1]
     acc = problem.acc_dtype
     want_input, want_weight, want_bias = grads
-    want_any = any(grads)
     out = _Sweep(loss=torch.zeros(count, dtype=acc, device=x.device))
     if want_stats:
         out.lse = torch.zeros(count, dtype=acc, device=x.device)
@@ -128,41 +183,14 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     out.grad_weight = make_weight_grad(weight, dtype=plan.weight_grad_dtype) if want_weight else None
     out.grad_bias = torch.zeros(vocab, dtype=acc, device=x.device) if want_bias else None
     chunk = plan.chunk
-    buffer = torch.empty(min(chunk, max(total, 1)), vocab, dtype=x.dtype, device=x.device)
+    # the chunk's logits: one reused buffer, or, where oneDNN computes them, the matmul's own fresh output
+    buffer = None
+    if not _by_onednn(x, weight):
+        buffer = torch.empty(min(chunk, max(total, 1)), vocab, dtype=x.dtype, device=x.device)
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         rows = slice(start, stop) if active is None else active[start:stop]
-        if lp.input_rows is None:
-            in_rows = rows
-            x_c = x[rows]
-        else:
-            in_rows = lp.input_rows[rows]
-            x_c = x.index_select(0, in_rows)
-        logits = buffer[: stop - start]
-        torch.mm(x_c, weight.t(), out=logits)
-        if bias is not None:
-            logits.add_(bias)
-        sub = _chunk_problem(problem, rows, logits)
-        result = plan.rows_fn(sub, sub.logits if want_any else None, want_stats)
-        out.loss[rows] = result.loss[:, 0]
-        if want_stats:
-            out.lse[rows] = result.lse[:, 0]
-            out.entropy[rows] = result.entropy[:, 0]
-            out.argmax[rows] = result.argmax[:, 0]
-        if not want_any:
-            continue
-        grad_logits = logits  # now holds dZ
-        if row_scale is not None:
-            grad_logits.mul_(row_scale[rows].to(grad_logits.dtype).unsqueeze(1))
-        if want_input:
-            if isinstance(in_rows, slice):  # straight into the gradient's rows, no temporary
-                torch.mm(grad_logits, weight, out=out.grad_input[in_rows])
-            else:
-                out.grad_input[in_rows] = grad_logits @ weight
-        if want_weight:
-            accumulate_mm_(out.grad_weight, grad_logits.t(), x_c, first=start == 0)
-        if want_bias:
-            out.grad_bias += grad_logits.sum(0, dtype=acc)
+        _sweep_chunk(lp, weight, bias, plan, grads, want_stats, row_scale, out, rows, buffer, first=start == 0)
     if want_weight:
         out.grad_weight = out.grad_weight.to(weight.dtype)  # rounded once (a no-op without a float32 accumulator)
     return out
