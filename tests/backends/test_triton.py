@@ -413,7 +413,7 @@ def test_low_precision_at_least_as_accurate_as_torch(dtype, kind, options, class
 
 
 # ----------------------------------------------------------------------------------------------------------
-# linear_cross_entropy_chunked against torch's cross_entropy(x @ W.T + b)
+# linear_cross_entropy(backend="triton") against the float64 composition of x @ W.T + b
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -430,9 +430,22 @@ def linear_case(kind, dtype=torch.float32, bias=True, rows=9, hidden=12, classes
     return [t if t is None else t.to(DEVICE) for t in (x, w, b, target)]
 
 
-def linear_problem(x, w, target, options, reduction="mean"):
-    placeholder = x.new_empty(()).expand(x.shape[0], w.shape[0])  # logits are never read
-    return problem_for(placeholder, target, options, reduction)
+def public_linear(x, w, b, target, options, **kwargs):
+    """xentlib.linear_cross_entropy with backend='triton' and the test's options."""
+    import xentlib
+
+    return xentlib.linear_cross_entropy(
+        x,
+        w,
+        target,
+        b,
+        class_weight=options.get("weight"),
+        label_smoothing=options.get("eps", 0.0),
+        z_loss=options.get("z_loss", 0.0),
+        softcap=options.get("softcap"),
+        backend="triton",
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(
@@ -444,71 +457,48 @@ def linear_problem(x, w, target, options, reduction="mean"):
         ("prob", {"weight": True}, True, 2),
     ],
 )
-def test_linear_chunked_matches_torch(kind, options, bias, chunk):
+def test_linear_chunks_match_float64(kind, options, bias, chunk):
+    """Per-row losses, lse, argmax and every gradient (under a random per-row grad_output) of the chunked
+    Triton path against the float64 composition of x @ W.T + b."""
     x, w, b, target = linear_case(kind, bias=bias)
     options = resolve(options, w.shape[0])
-    problem = linear_problem(x, w, target, options)
-    out = triton_backend.linear_cross_entropy_chunked(
-        x,
-        w,
-        b,
-        problem,
-        needs_input_grad=(True, True, bias),
-        want_stats=True,
-        chunk_size=chunk,
-        block_size=16,
-    )
+    ours = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    loss, stats = public_linear(
+        ours[0], ours[1], ours[2] if bias else None, target, options,
+        reduction="none", return_stats=True, chunk_size=chunk,
+    )  # fmt: skip
+    scale = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ours_grads = torch.autograd.grad((loss * scale).sum(), ours)
 
     leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
     logits = leaves[0] @ leaves[1].T + (leaves[2] if bias else 0)
-    _, loss, lse, y, _ = float64_rows(logits, target.cpu(), **{**options, "weight": options.get("weight")})
-    scale = problem.grad_scale.cpu().double()
-    grads = torch.autograd.grad((loss * scale).sum(), leaves)
-    assert_close(out.rows.loss.squeeze(1), loss, atol=1e-5)
-    assert_close(out.rows.lse.squeeze(1), lse, atol=1e-5)
-    assert torch.equal(out.rows.argmax.squeeze(1).cpu(), y.argmax(1))
-    assert_close(out.grad_input, grads[0], atol=1e-5)
-    assert_close(out.grad_weight, grads[1], atol=1e-5)
-    if bias:
-        assert_close(out.grad_bias, grads[2], atol=1e-5)
-    else:
-        assert out.grad_bias is None
-
+    _, expected, lse, y, _ = float64_rows(logits, target.cpu(), **options)
+    expected_grads = torch.autograd.grad((expected * scale.cpu().double()).sum(), leaves)
+    assert_close(loss, expected, atol=1e-5)
+    assert_close(stats.lse, lse, atol=1e-5)
+    assert torch.equal(stats.argmax.cpu(), y.argmax(1))
+    for got, want in zip(ours_grads, expected_grads, strict=True):
+        assert_close(got, want, atol=1e-5)
     if kind == "index" and not options:  # plain case: also the literal torch expression
-        expected = torch.nn.functional.cross_entropy(x @ w.T + b, target, reduction="none")
-        assert_close(out.rows.loss.squeeze(1), expected.cpu(), atol=1e-5)
+        literal = torch.nn.functional.cross_entropy(x @ w.T + b, target, reduction="none")
+        assert_close(loss, literal.cpu(), atol=1e-5)
 
 
-def test_linear_chunked_only_requested_gradients_and_per_row_scale():
-    x, w, b, target = linear_case("index", rows=7)
-    problem = linear_problem(x, w, target, {}, reduction="none")
-    scale = torch.rand(7, 1, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    problem = dataclasses.replace(problem, grad_scale=scale)
-    out = triton_backend.linear_cross_entropy_chunked(
-        x, w, b, problem, needs_input_grad=(True, False, False), chunk_size=3
-    )
-    assert out.grad_weight is None and out.grad_bias is None and out.rows.argmax is None
-    leaf = x.detach().cpu().double().requires_grad_()
-    logits = leaf @ w.cpu().double().T + b.cpu().double()
-    _, loss, _, _, _ = float64_rows(logits, target.cpu())
-    (expected,) = torch.autograd.grad((loss * scale.cpu().double().squeeze(1)).sum(), leaf)
-    assert_close(out.grad_input, expected, atol=1e-5)
-
-
-def test_linear_chunked_bfloat16_close_to_float64():
+def test_linear_bfloat16_close_to_float64():
     x, w, b, target = linear_case("index", dtype=torch.bfloat16, rows=8, hidden=16, classes=45)
-    problem = linear_problem(x, w, target, {"eps": 0.1})
-    out = triton_backend.linear_cross_entropy_chunked(
-        x, w, b, problem, needs_input_grad=(True, True, True), chunk_size=3
-    )
-    assert out.grad_input.dtype == out.grad_weight.dtype == out.grad_bias.dtype == torch.bfloat16
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = public_linear(*ours, target, {"eps": 0.1}, chunk_size=3)
+    loss.backward()
+    assert all(t.grad.dtype == torch.bfloat16 for t in ours)
     leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
-    _, loss, _, _, _ = float64_rows(leaves[0] @ leaves[1].T + leaves[2], target.cpu(), eps=0.1)
-    grads = torch.autograd.grad(loss.sum() * problem.grad_scale.cpu().double(), leaves)
+    keep = target.cpu() != IGNORE
+    _, rows, _, _, _ = float64_rows(leaves[0] @ leaves[1].T + leaves[2], target.cpu(), eps=0.1)
+    expected = rows.sum() / keep.sum()
+    expected.backward()
     # bf16 logits carry a relative error of 2^-8: the bounds are a few ulps of the values compared
-    assert_close(out.rows.loss.squeeze(1), loss, atol=0.05, rtol=0.02)
-    for ours, expected in zip((out.grad_input, out.grad_weight, out.grad_bias), grads, strict=True):
-        assert_close(ours, expected, atol=0.01, rtol=0.05)
+    assert_close(loss, expected, atol=0.05, rtol=0.02)
+    for ours_leaf, leaf in zip(ours, leaves, strict=True):
+        assert_close(ours_leaf.grad, leaf.grad, atol=0.01, rtol=0.05)
 
 
 # ----------------------------------------------------------------------------------------------------------

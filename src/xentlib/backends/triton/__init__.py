@@ -1,7 +1,7 @@
 """xentlib's Triton backend: fused row-wise cross-entropy kernels.
 
-Importing this package imports neither triton nor torch; ``cross_entropy_rows``,
-``linear_cross_entropy_chunked`` and the other names of ``ops`` load triton on first access.
+Importing this package imports neither triton nor torch; ``cross_entropy_rows`` and the other names of
+``ops`` load triton on first access.
 
 Triton runs on CUDA/ROCm tensors, or on CPU tensors under Triton's interpreter, which must be switched on
 with ``TRITON_INTERPRET=1`` in the environment *before* ``xentlib.backends.triton.kernels`` is first
@@ -14,13 +14,7 @@ import importlib.util
 import os
 import sys
 
-_LAZY_OPS = {
-    "cross_entropy_rows",
-    "linear_cross_entropy_chunked",
-    "LinearCrossEntropyResult",
-    "choose_block_size",
-    "default_chunk_size",
-}
+_LAZY_OPS = {"cross_entropy_rows", "scale_unless_one_", "choose_block_size"}
 
 __all__ = ["is_available", "require", "supports_problem", *sorted(_LAZY_OPS)]
 

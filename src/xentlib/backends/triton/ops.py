@@ -4,30 +4,21 @@ Two entry points, both free of host synchronisation (no ``.item()``):
 
 * ``cross_entropy_rows(problem, grad_out, want_stats)``: per-row loss / lse / stats of a canonical
   ``(B, C, S)`` problem and, optionally, the scaled gradient written into ``grad_out`` (which may be the
-  logits themselves).
-* ``linear_cross_entropy_chunked(input2d, weight, bias, problem, ...)``: the same for
-  ``logits = input2d @ weight.T + bias`` without ever holding all ``(N, V)`` logits: token chunks of logits
-  are computed into one reused buffer, the kernel overwrites the buffer with ``dlogits``, and the chunk's
-  contribution to every gradient is taken before the buffer is reused.
+  logits themselves). ``linear_cross_entropy`` (``xentlib/linear.py``) calls it on each chunk of logits.
+* ``scale_unless_one_(buffer, scale)``: the backward's multiplication by grad_output.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 
 from xentlib.backends.triton import kernels, require, supports_problem
-from xentlib.linear import accumulate_mm_
 
 # Largest class block a program holds at once; rows with more classes loop over blocks.
 MAX_BLOCK_C = 4096
-# Logits elements held by one chunk of linear_cross_entropy_chunked by default (2**26: 128 MiB in bf16).
-DEFAULT_CHUNK_ELEMENTS = 2**26
-MIN_CHUNK_ROWS = 256
 # Class-index problems with at most this many classes use the tile kernel (several rows per program, read
 # along the contiguous axis); a tile holds about TILE_ELEMENTS logits.
 TILE_MAX_CLASSES = 128
@@ -183,116 +174,3 @@ def cross_entropy_rows(
     else:
         raise ValueError(f"unknown target kind {problem.kind!r}, expected 'index' or 'prob'")
     return result
-
-
-@dataclass
-class LinearCrossEntropyResult:
-    """Output of ``linear_cross_entropy_chunked``: per-row results of shape (N, 1) and the gradients
-    (already multiplied by ``problem.grad_scale``) of the inputs that asked for one, else None."""
-
-    rows: object  # RowResult with (N, 1) fields
-    grad_input: torch.Tensor | None
-    grad_weight: torch.Tensor | None
-    grad_bias: torch.Tensor | None
-
-
-def default_chunk_size(num_rows: int, num_classes: int) -> int:
-    """Token rows per chunk: about DEFAULT_CHUNK_ELEMENTS logits, at least MIN_CHUNK_ROWS rows (smaller
-    chunks make the matmuls inefficient), never more than the number of rows."""
-    rows = max(MIN_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // max(num_classes, 1))
-    return max(1, min(num_rows, rows))
-
-
-def _slice_rows(problem, logits_chunk: torch.Tensor, lo: int, hi: int):
-    """The problem of rows [lo, hi) of an (N, V, 1) problem, with the chunk's logits."""
-    grad_scale = problem.grad_scale
-    if torch.is_tensor(grad_scale) and grad_scale.dim() > 0:
-        grad_scale = grad_scale[lo:hi]
-    target_weight = problem.target_weight
-    return dataclasses.replace(
-        problem,
-        logits=logits_chunk,
-        target=problem.target[lo:hi],
-        valid=problem.valid[lo:hi],
-        target_weight=None if target_weight is None else target_weight[lo:hi],
-        grad_scale=grad_scale,
-    )
-
-
-def linear_cross_entropy_chunked(
-    input2d: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    problem,
-    *,
-    needs_input_grad: tuple[bool, bool, bool] = (False, False, False),
-    want_stats: bool = False,
-    chunk_size: int | None = None,
-    block_size: int | None = None,
-) -> LinearCrossEntropyResult:
-    """Cross-entropy of ``logits = input2d @ weight.T (+ bias)`` in token chunks.
-
-    ``problem`` is the ``CrossEntropyProblem`` of the (N, V, 1) logits (built as for cross_entropy on an
-    (N, V) input); its ``logits`` field is never read (a zero-stride placeholder such as
-    ``input2d.new_empty(()).expand(N, V, 1)`` is fine). Its per-row fields (target, valid, target_weight, a
-    (N, 1) grad_scale) are sliced per chunk. ``needs_input_grad`` = (input, weight, bias) as in autograd's
-    ``ctx.needs_input_grad``.
-
-    Per chunk of rows X_k: Z_k = X_k W^T + b into a reused buffer; the kernel replaces Z_k by
-    dZ_k = grad_scale * dl/dZ_k; then dX_k = dZ_k W, dW += dZ_k^T X_k (float32 accumulator),
-    db += sum_rows dZ_k (float32). Chunks run in a fixed order, so the result is deterministic.
-    Extra memory: chunk x V logits + V x D float32 (+ V) accumulators, independent of N.
-    """
-    num_rows, hidden = input2d.shape
-    num_classes = weight.shape[0]
-    want_input, want_weight, want_bias = needs_input_grad
-    want_bias = want_bias and bias is not None
-    want_grad = want_input or want_weight or want_bias
-    device, dtype = input2d.device, input2d.dtype
-    chunk = chunk_size or default_chunk_size(num_rows, num_classes)
-
-    row_result = _row_result_type()
-    loss = torch.empty((num_rows, 1), dtype=torch.float32, device=device)
-    lse = torch.empty_like(loss)
-    argmax = torch.empty((num_rows, 1), dtype=torch.int64, device=device) if want_stats else None
-    entropy = torch.empty_like(loss) if want_stats else None
-    grad_input = torch.empty_like(input2d) if want_input else None
-    fp32 = dict(dtype=torch.float32, device=device)
-    grad_weight_acc = torch.zeros((num_classes, hidden), **fp32) if want_weight else None
-    grad_bias_acc = torch.zeros(num_classes, **fp32) if want_bias else None
-
-    buffer = torch.empty((min(chunk, num_rows), num_classes), dtype=dtype, device=device)
-    weight_t = weight.t()
-    for lo in range(0, num_rows, chunk):
-        hi = min(lo + chunk, num_rows)
-        x_chunk = input2d[lo:hi]
-        z = buffer[: hi - lo]
-        if bias is None:
-            torch.mm(x_chunk, weight_t, out=z)
-        else:
-            torch.addmm(bias, x_chunk, weight_t, out=z)
-        logits3d = z.unsqueeze(-1)
-        part = cross_entropy_rows(
-            _slice_rows(problem, logits3d, lo, hi),
-            logits3d if want_grad else None,
-            want_stats,
-            block_size=block_size,
-        )
-        loss[lo:hi] = part.loss
-        lse[lo:hi] = part.lse
-        if want_stats:
-            argmax[lo:hi] = part.argmax
-            entropy[lo:hi] = part.entropy
-        if want_input:
-            torch.mm(z, weight, out=grad_input[lo:hi])
-        if want_weight:
-            accumulate_mm_(grad_weight_acc, z.t(), x_chunk)
-        if want_bias:
-            grad_bias_acc += z.sum(0, dtype=torch.float32)
-
-    return LinearCrossEntropyResult(
-        rows=row_result(loss=loss, lse=lse, argmax=argmax, entropy=entropy),
-        grad_input=grad_input,
-        grad_weight=None if grad_weight_acc is None else grad_weight_acc.to(weight.dtype),
-        grad_bias=None if grad_bias_acc is None else grad_bias_acc.to(bias.dtype),
-    )

@@ -1,6 +1,6 @@
 """linear_cross_entropy that never writes logits to memory: `backend="triton-tiled"`.
 
-The chunked path (`linear_cross_entropy_chunked`, the default) holds one chunk of logits and runs its matmuls on
+The chunked path (`backend="triton"`, the default on GPUs) holds one chunk of logits and runs its matmuls on
 cuBLAS; this one holds none. Its kernels (`linear_index_*_kernel` in kernels.py) compute each
 [BLOCK_V classes x BLOCK_N rows] tile of Z = X W^T + b on the fly:
 
