@@ -280,6 +280,8 @@ def test_backward_scale_refuses_what_it_cannot_take():
 
     with pytest.raises(ValueError, match="contiguous buffer and a one-element scale"):
         ops.scale_unless_one_(torch.ones(4, 3, device=DEVICE).t(), torch.tensor(2.0, device=DEVICE))
+    with pytest.raises(ValueError, match="not torch.float64"):  # float32 arithmetic would round float64 away
+        ops.scale_unless_one_(torch.ones(4, dtype=torch.float64, device=DEVICE), torch.tensor(2.0, device=DEVICE))
 
 
 def test_bit_identical_between_runs():

@@ -135,7 +135,8 @@ def scale_by_grad_output_(grad: Tensor, grad_loss: Tensor) -> Tensor:
     the step)."""
     if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
         return grad
-    if grad.device.type == "cuda" and grad.is_contiguous() and _triton_runs_on(grad.device):
+    float32_or_half = grad.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in float32
+    if grad.device.type == "cuda" and float32_or_half and grad.is_contiguous() and _triton_runs_on(grad.device):
         from xentlib.backends.triton.ops import scale_unless_one_
 
         return scale_unless_one_(grad, grad_loss)

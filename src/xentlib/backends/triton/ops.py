@@ -34,6 +34,8 @@ def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     (nor a host synchronisation) when the scale is 1."""
     if not buffer.is_contiguous() or scale.numel() != 1:
         raise ValueError("scale_unless_one_ takes a contiguous buffer and a one-element scale")
+    if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"scale_unless_one_ computes in float32: it takes float32/half buffers, not {buffer.dtype}")
     numel = buffer.numel()
     if numel:
         scale = scale.to(device=buffer.device, dtype=buffer.dtype).reshape(1)
