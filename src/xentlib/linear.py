@@ -116,7 +116,7 @@ def _sweep_chunk(lp: sem.LinearProblem, weight, bias, plan, grads, want_stats, r
     else:
         in_rows = lp.input_rows[rows]
         x_c = x.index_select(0, in_rows)
-    if buffer is None:
+    if buffer is None:  # no reused buffer: the matmuls that read W run in oneDNN (_by_onednn)
         logits = torch.ops.mkldnn._linear_pointwise(x_c, weight, bias, "none", [], "")
     else:
         logits = buffer[: x_c.shape[0]]
