@@ -21,6 +21,10 @@ import platform
 import statistics
 import sys
 from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/gpu_triton.py`: make the benchmarks package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CE_SHAPES = [(4096, 32_000), (8192, 128_256), (16_384, 256_000)]  # (N tokens, V classes)
 LINEAR_SHAPES = [(16_384, 4096, 128_256), (8192, 2304, 256_000)]  # (N, D hidden, V): issue 4's two shapes
@@ -107,19 +111,19 @@ def ce_impls(logits, target) -> dict[str, Callable | None]:
 
 
 def three_matmuls(x, weight) -> Callable[[], None]:
-    """The physical floor of linear_cross_entropy: Z = X W^T, dX = dZ W, dW = dZ^T X (6NDV FLOPs) into
-    preallocated outputs, with Z standing in for dZ."""
-    import torch
+    """The physical floor of linear_cross_entropy (6NDV FLOPs): `xentlib bench`'s own 3-matmuls step."""
+    from benchmarks.config import Shape
+    from benchmarks.impls import Case, build_three_matmuls
 
-    z = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    grad_x, grad_w = torch.empty_like(x), torch.empty_like(weight)
+    shape = Shape("linear", x.shape[0], weight.shape[0], x.shape[1])
+    case = Case(shape, "", x.device, "index", 0.0, tensors={"x": x, "weight": weight})
+    step = build_three_matmuls(case)
 
-    def step():
-        torch.mm(x.detach(), weight.detach().t(), out=z)
-        torch.mm(z, weight.detach(), out=grad_x)
-        torch.mm(z.t(), x.detach(), out=grad_w)
+    def run():
+        step.backward(step.forward())
+        x.grad = weight.grad = None
 
-    return step
+    return run
 
 
 def linear_impls(x, weight, target, chunk_sizes=()) -> dict[str, Callable | None]:
@@ -176,17 +180,14 @@ def linear_impls(x, weight, target, chunk_sizes=()) -> dict[str, Callable | None
 
 
 def machine_limits() -> tuple[float, float]:
-    """Measured on this GPU: dense bf16 matmul TFLOP/s (8192^3, random data) and device-to-device copy GB/s
-    (bytes read + written), each from the fastest of ten runs after three warm-ups: the denominators of the
-    fractions printed below."""
+    """This GPU's dense bf16 matmul TFLOP/s (8192^3) and device copy GB/s (1 GiB, bytes read + written), measured
+    by `xentlib bench`'s own probes: the denominators of the fractions printed below."""
     import torch
 
-    square = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    matmul_ms = measure(lambda: square @ square, warmup=3, repeats=10)["min_ms"]
-    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    copy = torch.empty_like(source)
-    copy_ms = measure(lambda: copy.copy_(source), warmup=3, repeats=10)["min_ms"]
-    return 2 * 8192**3 / (matmul_ms * 1e-3) / 1e12, 2 * 2**30 / (copy_ms * 1e-3) / 1e9
+    from benchmarks.machine import copy_bandwidth_gbs, matmul_gflops
+
+    gpu = torch.device("cuda")  # a torch.device: the probes synchronize only on one whose type is cuda
+    return matmul_gflops(gpu, "bf16", 8192) / 1000, copy_bandwidth_gbs(gpu, 2**28, fresh=False)
 
 
 def run_case(op: str, shape: tuple, impls: dict, limit: Callable[[float], str], args) -> list[dict]:
