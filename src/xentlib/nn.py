@@ -120,19 +120,9 @@ if hasattr(torch.nn, "LinearCrossEntropyLoss"):
 else:  # torch < 2.13 has no such module: the same constructor checks and state, for out_features=()
 
     class _LinearCrossEntropyBase(torch.nn.modules.loss._WeightedLoss):
-        def __init__(
-            self,
-            in_features: int,
-            num_classes: int,
-            *,
-            bias: bool = False,
-            device=None,
-            dtype=None,
-            reduction: str = "mean",
-            weight: Tensor | None = None,
-            ignore_index: int | None = None,
-            label_smoothing: float = 0.0,
-        ) -> None:
+        # called only by LinearCrossEntropyLoss below, which passes every argument by name
+        def __init__(self, in_features, num_classes, *, bias, device, dtype, reduction, weight, ignore_index,
+                     label_smoothing) -> None:  # fmt: skip
             if weight is not None and weight.shape != (num_classes,):
                 raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
             if not 0.0 <= label_smoothing <= 1.0:

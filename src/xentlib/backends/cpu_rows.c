@@ -195,18 +195,25 @@ static inline __attribute__((always_inline)) struct row_sums exponentiate(
     return out;
 }
 
-/* Pass 3: grad_row = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot is fixed
- * after). */
+/* Pass 3, LANES classes from c: g = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot
+ * is fixed after). The scratch row is padded to whole vectors; the loads of w and q stop at the row's end. */
+static inline __attribute__((always_inline)) vf gradient_lanes(
+    const float *scratch, int64_t c, int64_t classes, float coef, float smooth, const float *class_weight,
+    struct prob_row prob, float q_scale) {
+    vf e;
+    memcpy(&e, scratch + c, sizeof e);
+    vf w = class_weight != NULL ? load_lanes(class_weight, XENT_FLOAT32, c, classes) : splat(1.0f);
+    vf g = e * splat(coef) - splat(smooth) * w;
+    if (prob.q != NULL) g -= splat(q_scale) * w * load_lanes(prob.q, prob.dtype, c, classes);
+    return g;
+}
+
 static inline __attribute__((always_inline)) void write_gradient(
     void *grad_row, int dtype, const float *scratch, int64_t classes, float coef, float smooth,
     const float *class_weight, struct prob_row prob, float q_scale) {
     int64_t full = classes - classes % LANES, c = 0;
     for (; c < full; c += LANES) {
-        vf e, w = splat(1.0f);
-        memcpy(&e, scratch + c, sizeof e);
-        if (class_weight != NULL) memcpy(&w, class_weight + c, sizeof w);
-        vf g = e * splat(coef) - splat(smooth) * w;
-        if (prob.q != NULL) g -= splat(q_scale) * w * load_lanes(prob.q, prob.dtype, c, classes);
+        vf g = gradient_lanes(scratch, c, classes, coef, smooth, class_weight, prob, q_scale);
         if (dtype == XENT_FLOAT32) {
             memcpy((float *)grad_row + c, &g, sizeof g);
         } else {
@@ -214,11 +221,9 @@ static inline __attribute__((always_inline)) void write_gradient(
             memcpy((uint16_t *)grad_row + c, &h, sizeof h);
         }
     }
-    for (; c < classes; c++) {
-        float w = class_weight ? class_weight[c] : 1.0f;
-        float g = scratch[c] * coef - smooth * w;
-        if (prob.q != NULL) g -= q_scale * w * load_scalar(prob.q, prob.dtype, c);
-        store_scalar(grad_row, dtype, c, g);
+    if (c < classes) {  /* the last, partial vector */
+        vf g = gradient_lanes(scratch, c, classes, coef, smooth, class_weight, prob, q_scale);
+        for (int64_t k = c; k < classes; k++) store_scalar(grad_row, dtype, k, g[k - c]);
     }
 }
 
