@@ -135,11 +135,11 @@ def scale_by_grad_output_(grad: Tensor, grad_loss: Tensor) -> Tensor:
     the step)."""
     if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
         return grad
-    float32_or_half = grad.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel computes in float32
-    if grad.device.type == "cuda" and float32_or_half and grad.is_contiguous() and _triton_runs_on(grad.device):
-        from xentlib.backends.triton.ops import scale_unless_one_
+    if grad.device.type == "cuda" and grad.is_contiguous() and _triton_runs_on(grad.device):
+        from xentlib.backends.triton.ops import SCALE_DTYPES, scale_unless_one_
 
-        return scale_unless_one_(grad, grad_loss)
+        if grad.dtype in SCALE_DTYPES:
+            return scale_unless_one_(grad, grad_loss)
     return grad.mul_(grad_loss.to(grad.dtype))
 
 

@@ -27,6 +27,8 @@ TILE_ELEMENTS = 4096
 
 SCALE_BLOCK = 4096
 SCALE_MAX_PROGRAMS = 4096
+# The scale kernel computes in float32, so it takes float32 and half buffers only (float64 would be rounded).
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -34,7 +36,7 @@ def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     (nor a host synchronisation) when the scale is 1."""
     if not buffer.is_contiguous() or scale.numel() != 1:
         raise ValueError("scale_unless_one_ takes a contiguous buffer and a one-element scale")
-    if buffer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if buffer.dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_unless_one_ computes in float32: it takes float32/half buffers, not {buffer.dtype}")
     numel = buffer.numel()
     if numel:
