@@ -44,8 +44,7 @@ def default_chunk_rows(rows: int, vocab: int, element_size: int = 4, in_place_ro
     bytes, so R = N/5 keeps it at a fifth of the logits. Otherwise (PyTorch ops) float32 and float64 logits are
     also turned into their gradient in place (R = N/8, an eighth), while bfloat16/float16 logits need two float32
     working copies of a quarter of the chunk (2 more bytes per logit): a row costs 4 V bytes against the logits'
-    2 N V, R = N/16. On an H200 (bf16, 16384x4096x128256 and 8192x2304x256000) 1024-row chunks ran the step at
-    79% and 71% of the three matmuls' speed, 2048-4096 rows at 86-89% and 81-83%."""
+    2 N V, R = N/16. Why larger chunks pay, on CPU and GPU: docs/numerics.md section 9."""
     # chunk bytes = rows * V * bytes_per_logit <= logits bytes (N V element_size) / fraction, and <= the cap
     fraction, bytes_per_logit = (5, element_size) if in_place_rows else (8, max(4, element_size))
     wanted = -(-rows * element_size // (fraction * bytes_per_logit))
@@ -150,10 +149,8 @@ def _sweep_chunk(lp: sem.LinearProblem, weight, bias, plan, grads, want_stats, r
 
 def _by_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether the chunk matmuls that read W (Z = X W^T + b and dX = dZ W) go through oneDNN: float32 on CPU.
-    There torch.mm (MKL) pays a fixed cost per call that grows with W, most likely packing W anew: about 20 ms
-    for a 131 MB W on the 2-core AMD EPYC of docs/numerics.md section 9, twice per chunk. In alternating
-    processes there, oneDNN made the whole float32 step 4-15% faster: 2048x1024x32000 2.18-2.24 s against
-    2.28-2.49, 2048x2048x128256 17.5-18.2 s against 18.9-20.7, 4096x2048x50257 13.7 s against 15.9-16.1."""
+    There torch.mm (MKL) pays a fixed cost per call that grows with W, twice per chunk; oneDNN does not, and made
+    the whole float32 step 4-15% faster (measurements: docs/numerics.md section 9)."""
     float32_cpu = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
     return _ONEDNN_LINEAR and float32_cpu and x.is_contiguous() and weight.is_contiguous()
 
