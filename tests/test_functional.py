@@ -928,10 +928,31 @@ def test_inplace_backward_gives_the_same_gradient(kind, reduction, options, dtyp
         w.requires_grad_(False)
     t = t.detach()
     check_against_torch(
-        lambda x, *a, **k: X.cross_entropy(x, *a, inplace_backward=True, **k),
-        lambda x, *a, **k: X.cross_entropy(x, *a, **k),
+        lambda x, *a, **k: X.cross_entropy(x.clone(), *a, inplace_backward=True, **k),
+        lambda x, *a, **k: X.cross_entropy(x.clone(), *a, **k),
         x, t, w, reduction=reduction, **options,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x: x, "leaf Variable that requires grad"),
+        (lambda x: (x[0] * 1).expand(8, 6), "more than one element"),
+        (lambda x: (x * 1).as_strided((8, 6), (3, 1)), "more than one element"),
+    ],
+    ids=["leaf", "expanded", "overlapping"],
+)
+def test_inplace_backward_refuses_what_torch_refuses(make, match, request):
+    """Writing the gradient over a parameter, or over memory several logits share, is what torch's in-place ops
+    refuse: the loss and gradient would be wrong (or the parameter destroyed)."""
+    name = request.node.callspec.id
+    x = torch.randn(8, 6, requires_grad=True)
+    with pytest.raises(RuntimeError, match=match):
+        X.cross_entropy(make(x), torch.randint(0, 6, (8,)), inplace_backward=True)
+    if name != "overlapping":  # torch's own verdict on an in-place write there (rows that partly overlap are
+        with pytest.raises(RuntimeError, match=match):  # too hard for it to tell; we refuse them too)
+            make(x).mul_(2)
 
 
 def test_inplace_backward_marks_the_logits_modified():

@@ -189,7 +189,7 @@ def check_linear(case: Case, *, seed=0, tol=None, **opts):
     names = ("x", "weight", "target", "bias", "class_weight")
     ours_in = [fresh(t) for t in case.tensors()]
     x, w, t, b, cw = ours_in
-    out = xentlib.linear_cross_entropy(x, w, t, b, class_weight=cw, **opts)
+    out = xentlib.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, **opts)
     loss, stats = out if opts.get("return_stats") else (out, None)
     tol = tol or TOL[case.x.dtype]
     assert loss.dtype == case.x.dtype, f"loss dtype {loss.dtype}"
@@ -322,7 +322,7 @@ def test_class_index_target_with_class_weight_requiring_grad_raises_like_torch()
     cw = case.class_weight.detach().requires_grad_()
     logits = case.x @ case.weight.T + case.bias
     assert_same_error(
-        lambda: xentlib.linear_cross_entropy(case.x, case.weight, case.target, case.bias, class_weight=cw),
+        lambda: xentlib.linear_cross_entropy(case.x, case.weight, case.target, linear_bias=case.bias, weight=cw),
         lambda: F.cross_entropy(logits, case.target, weight=cw),
     )
 
@@ -335,7 +335,7 @@ def test_legacy_size_average_and_reduce():
     case = make_case()
     expected = F.cross_entropy(case.x @ case.weight.T + case.bias, case.target, reduction="none")
     with pytest.warns(UserWarning):
-        out = xentlib.linear_cross_entropy(case.x, case.weight, case.target, case.bias, reduce=False)
+        out = xentlib.linear_cross_entropy(case.x, case.weight, case.target, linear_bias=case.bias, reduce=False)
     assert_close(out, expected, "reduce=False", TOL[torch.float64])
 
 
@@ -374,7 +374,7 @@ def test_stats_correct_is_false_on_ignored_rows_and_true_on_hits():
     predicted = (case.x @ case.weight.T + case.bias).argmax(-1)
     target = predicted.clone()
     target[::4] = -100
-    _, stats = xentlib.linear_cross_entropy(case.x, case.weight, target, case.bias, return_stats=True)
+    _, stats = xentlib.linear_cross_entropy(case.x, case.weight, target, linear_bias=case.bias, return_stats=True)
     assert stats.correct.tolist() == (target != -100).tolist()
     assert stats.argmax.tolist() == predicted.tolist()
 
@@ -390,7 +390,7 @@ def test_all_rows_ignored(reduction):
     else:
         assert not out.any()
     x, w, b = (fresh(t) for t in (case.x, case.weight, case.bias))
-    loss = xentlib.linear_cross_entropy(x, w, case.target, b, reduction=reduction)
+    loss = xentlib.linear_cross_entropy(x, w, case.target, linear_bias=b, reduction=reduction)
     grads = torch.autograd.grad(loss.sum(), [x, w, b])
     assert all(not g.isnan().any() and not g.any() for g in grads), "ignored rows must give exact zeros"
     _, stats = check_linear(case, reduction=reduction, return_stats=True, chunk_size=3)
@@ -454,10 +454,10 @@ def test_chunk_sizes_agree(kind, option):
                 x,
                 w,
                 case.target,
-                b,
+                linear_bias=b,
                 chunk_size=chunk_size,
                 reduction=reduction,
-                class_weight=case.class_weight,
+                weight=case.class_weight,
                 **opts,
             )
             results.append((out.detach(), *torch.autograd.grad(loss.sum(), [x, w, b])))
@@ -517,7 +517,7 @@ def test_no_gradient_needed():
     with torch.no_grad():
         out = xentlib.linear_cross_entropy(*case.tensors()[:2], case.target, case.bias)
     detached = [t.detach() for t in (case.x, case.weight, case.bias)]
-    out2 = xentlib.linear_cross_entropy(detached[0], detached[1], case.target, detached[2])
+    out2 = xentlib.linear_cross_entropy(detached[0], detached[1], case.target, linear_bias=detached[2])
     assert not out.requires_grad and not out2.requires_grad
     torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
     torch.testing.assert_close(out2, expected.detach(), rtol=0, atol=0)
@@ -547,7 +547,7 @@ def composite(x, w, t, b=None, *, class_weight=None, **kwargs):
 
 
 def ours(x, w, t, b=None, **kwargs):
-    return xentlib.linear_cross_entropy(x, w, t, b, **kwargs)
+    return xentlib.linear_cross_entropy(x, w, t, linear_bias=b, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -735,7 +735,7 @@ def test_gradcheck_and_gradgradcheck(kind, opts):
         target[1] = -100
 
     def fn(x, w, b):
-        return xentlib.linear_cross_entropy(x, w, target, b, class_weight=case.class_weight, **opts)
+        return xentlib.linear_cross_entropy(x, w, target, linear_bias=b, weight=case.class_weight, **opts)
 
     inputs = tuple(fresh(t) for t in (case.x, case.weight, case.bias))
     assert torch.autograd.gradcheck(fn, inputs)
@@ -746,7 +746,7 @@ def test_double_backward_through_stats():
     case = make_case(lead=(3,), hidden=2, vocab=4, seed=8)
 
     def fn(x, w, b):
-        loss, stats = xentlib.linear_cross_entropy(x, w, case.target, b, return_stats=True, chunk_size=2)
+        loss, stats = xentlib.linear_cross_entropy(x, w, case.target, linear_bias=b, return_stats=True, chunk_size=2)
         return loss, stats.lse, stats.entropy
 
     inputs = tuple(fresh(t) for t in (case.x, case.weight, case.bias))
@@ -775,7 +775,7 @@ def bf16_errors(kind, chunk_size, rows=1024, hidden=64, vocab=1000, smoothing=0.
         return F.cross_entropy(x @ w.T + b, t, label_smoothing=smoothing)
 
     def xentlib_linear(x, w, t, b):
-        return xentlib.linear_cross_entropy(x, w, t, b, label_smoothing=smoothing, chunk_size=chunk_size)
+        return xentlib.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=smoothing, chunk_size=chunk_size)
 
     truth = [v.double() for v in run(torch_composite, torch.float64)]
     mine, theirs = run(xentlib_linear, None), run(torch_composite, None)

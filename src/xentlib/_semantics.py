@@ -224,18 +224,54 @@ def as_rows(input: Tensor) -> Tensor:
     return input.reshape(batch, classes, spatial)
 
 
-def prepare_cross_entropy(
-    input,
-    target,
-    weight,
-    ignore_index,
-    reduction: str,
-    label_smoothing,
-    *,
-    z_loss=0.0,
-    softcap=None,
-    normalizer=None,
-) -> CrossEntropyProblem:
+@dataclass
+class CrossEntropyCall:
+    """A validated cross-entropy call before any of its data is read: what the checks that need only shapes,
+    dtypes and Python values found. `problem_tensors` turns it into a `CrossEntropyProblem` (reading the targets,
+    inside the torch op on the device that holds them)."""
+
+    logits: Tensor  # (B, C, S) view of the input
+    target: Tensor  # index: (B, S) view of the class indices; prob: (B, C, S) view of the probabilities
+    weight: Tensor | None  # (C,) class weight as given
+    normalizer: Tensor | float | None
+    ignore_index: int
+    reduction: str
+    smoothing: float
+    z_loss: float
+    softcap: float | None
+    output_shape: tuple[int, ...]
+    output_dtype: torch.dtype
+
+    @property
+    def kind(self) -> str:
+        return "prob" if self.target.is_floating_point() else "index"
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.logits.requires_grad
+
+
+def prepare_cross_entropy(input, target, weight, ignore_index, reduction: str, label_smoothing, **extensions):
+    """Validate a cross_entropy call and build its problem (reads the targets: use `check_cross_entropy` and
+    `problem_tensors` separately where the data must not be read on the host)."""
+    call = check_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, **extensions)
+    return problem_from_call(call)
+
+
+def problem_from_call(call: CrossEntropyCall, check_targets: bool = True) -> CrossEntropyProblem:
+    problem = problem_tensors(
+        call.logits, call.target, call.weight, call.normalizer, call.ignore_index, call.reduction, call.smoothing,
+        call.z_loss, call.softcap, call.output_dtype, check_targets=check_targets,
+    )  # fmt: skip
+    problem.output_shape = call.output_shape
+    return problem
+
+
+def check_cross_entropy(
+    input, target, weight, ignore_index, reduction: str, label_smoothing, *, z_loss=0.0, softcap=None,
+    normalizer=None, autocast=False,
+) -> CrossEntropyCall:  # fmt: skip
+    """Every check of torch's cross_entropy that needs no data, in torch's order."""
     fn = "cross_entropy_loss"
     check_tensor(fn, "input", 1, input)
     check_tensor(fn, "target", 2, target)
@@ -243,34 +279,31 @@ def prepare_cross_entropy(
     ignore_index = check_ignore_index(fn, ignore_index)
     eps = check_label_smoothing(fn, label_smoothing, check_range=False)
     z_loss, softcap = check_extensions(reduction, z_loss, softcap, normalizer)
+    extensions = dict(z_loss=z_loss, softcap=softcap, normalizer=normalizer)
     if input.shape == target.shape:
-        return _prepare_probability_target(
-            input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer
-        )
+        return _check_probability_target(input, target, weight, ignore_index, reduction, eps, **extensions)
     check_smoothing_range(eps)  # class indices: torch checks it before anything else
     if input.dim() == 0:  # torch's log_softmax(input, 1) fails before any target check
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     check_floating_input("log_softmax", input)
-    problem = _prepare_class_index(
-        "nll_loss_forward", input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer
+    return _check_class_index(
+        "nll_loss_forward", input, target, weight, ignore_index, reduction, eps, **extensions, autocast=autocast
     )
-    problem.smoothing = eps
-    return problem
 
 
-def prepare_nll_loss(input, target, weight, ignore_index, reduction: str) -> CrossEntropyProblem:
+def check_nll_loss(input, target, weight, ignore_index, reduction: str) -> CrossEntropyCall:
     fn = "nll_loss_nd"
     check_tensor(fn, "input", 1, input)
     check_tensor(fn, "target", 2, target)
     check_tensor(fn, "weight", 3, weight, optional=True)
     ignore_index = check_ignore_index(fn, ignore_index)
-    return _prepare_class_index(
-        "nll_loss_forward", input, target, weight, ignore_index, reduction, 0.0, None, None,
+    return _check_class_index(
+        "nll_loss_forward", input, target, weight, ignore_index, reduction, 0.0,
         input_kernel="nll_loss_out_frame",
     )  # fmt: skip
 
 
-def _prepare_probability_target(input, target, weight, ignore_index, reduction, eps, z_loss, softcap, normalizer):
+def _check_probability_target(input, target, weight, ignore_index, reduction, eps, **extensions):
     if not target.is_floating_point():
         raise RuntimeError(
             f"Expected floating point type for target with class probabilities, got {dtype_name(target.dtype)} "
@@ -292,37 +325,20 @@ def _prepare_probability_target(input, target, weight, ignore_index, reduction, 
         )
     check_floating_input("log_softmax", input)  # torch's order: weight size, log_softmax, smoothing range
     check_smoothing_range(eps)
-    dtypes = [input.dtype, target.dtype] + ([weight.dtype] if weight is not None else [])
     output_dtype = torch.promote_types(input.dtype, target.dtype)
     if weight is not None:
         output_dtype = torch.promote_types(output_dtype, weight.dtype)
-    acc = accumulation_dtype(*dtypes)
-    logits = as_rows(input)
     output_shape = tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.dim() > 1 else ()
-    mean_count = input.numel() / classes if classes else math.nan  # torch's numel / C: 0 / 0 without classes
-    denominator = _denominator(reduction, mean_count, normalizer, acc, input.device)
-    return CrossEntropyProblem(
-        logits=logits,
-        kind="prob",
-        target=as_rows(target),
-        valid=torch.ones(logits.shape[0], logits.shape[2], dtype=torch.bool, device=input.device),
-        target_weight=None,
-        class_weight=None if weight is None else weight.detach().to(acc),
-        smoothing=eps,
-        z_loss=z_loss,
-        softcap=softcap,
-        reduction=reduction,
-        denominator=denominator,
-        grad_scale=1.0 / denominator,
-        output_shape=output_shape,
-        output_dtype=output_dtype,
-        acc_dtype=acc,
-    )
+    return CrossEntropyCall(
+        as_rows(input), as_rows(target), weight, extensions["normalizer"], ignore_index, reduction, eps,
+        extensions["z_loss"], extensions["softcap"], output_shape, output_dtype,
+    )  # fmt: skip
 
 
-def _prepare_class_index(
-    fn, input, target, weight, ignore_index, reduction, z_loss, softcap, normalizer, input_kernel=None
-):
+def _check_class_index(
+    fn, input, target, weight, ignore_index, reduction, eps, z_loss=0.0, softcap=None, normalizer=None,
+    input_kernel=None, autocast=False,
+):  # fmt: skip
     """`input_kernel`: for nll_loss, torch's kernel rejects a non-float input after the weight-size check and
     before the weight-dtype and bounds checks (cross_entropy's log_softmax checks it before everything)."""
     if input.dim() == 0:
@@ -347,39 +363,79 @@ def _prepare_class_index(
         raise RuntimeError(f"weight tensor should be defined either for {detail}")
     if input_kernel is not None:
         check_floating_input(input_kernel, input)
-    if weight is not None and weight.dtype != input.dtype:
+    # under autocast torch casts the input and the weight to float32 first, so any floating pair agrees
+    if weight is not None and weight.dtype != input.dtype and not (autocast and weight.is_floating_point()):
         raise RuntimeError(
             f"expected scalar type {dtype_name(input.dtype)} but found {dtype_name(weight.dtype)} "
             f"(the class weight must have the input's dtype)"
         )
-    acc = accumulation_dtype(input.dtype)
     logits = as_rows(input)
-    index = target.reshape(logits.shape[0], logits.shape[2]).long()
-    valid = index != ignore_index
-    _check_bounds(index, valid, classes, ignore_index)
-    safe_index = torch.where(valid, index, torch.zeros((), dtype=torch.long, device=index.device))
-    class_weight = None if weight is None else weight.detach().to(acc)
-    if class_weight is None:
-        target_weight = valid.to(acc)
-    else:
-        target_weight = torch.where(valid, class_weight[safe_index], torch.zeros((), dtype=acc, device=index.device))
     output_shape = () if input.dim() == 1 else tuple(target.shape)
-    denominator = _denominator(reduction, target_weight.sum(), normalizer, acc, input.device)
+    return CrossEntropyCall(
+        logits, target.reshape(logits.shape[0], logits.shape[2]), weight, normalizer, ignore_index, reduction,
+        eps, z_loss, softcap, output_shape, input.dtype,
+    )  # fmt: skip
+
+
+def problem_tensors(
+    logits,
+    target,
+    weight,
+    normalizer,
+    ignore_index,
+    reduction,
+    smoothing,
+    z_loss,
+    softcap,
+    output_dtype,
+    check_targets: bool = True,
+) -> CrossEntropyProblem:
+    """The problem's tensors from a validated call's canonical views: the ignore mask, the safe class indices,
+    the weights of the targets and the reduction's denominator. Class indices are checked against the number of
+    classes here (torch's IndexError on CPU; a device-side assertion elsewhere, which does not synchronise).
+    `output_shape` is the rows' (B, S): callers that know the caller's shape set it."""
+    batch, classes, spatial = logits.shape
+    prob = target.is_floating_point()
+    dtypes = [logits.dtype] + ([target.dtype] if prob else []) + ([weight.dtype] if weight is not None else [])
+    acc = accumulation_dtype(*dtypes)
+    class_weight = None if weight is None else weight.detach().to(acc)
+    if prob:
+        valid = torch.ones(batch, spatial, dtype=torch.bool, device=logits.device)
+        safe_index, target_weight, target_rows = None, None, target
+        count = batch * spatial if classes else math.nan  # torch's numel / C: 0 / 0 without classes
+    else:
+        index = target.long()
+        valid = index != ignore_index
+        if not check_targets:
+            safe_index = _safe_class_indices(index, valid)
+        elif torch.compiler.is_compiling():  # the data is read inside an op, where the tracer does not follow
+            safe_index = torch.ops.xentlib.class_indices(index, ignore_index, classes)
+        else:
+            safe_index = class_indices(index, ignore_index, classes)
+        if class_weight is None:
+            target_weight = valid.to(acc)
+        else:
+            target_weight = torch.where(
+                valid, class_weight[safe_index], torch.zeros((), dtype=acc, device=index.device)
+            )
+        target_rows = safe_index
+        count = target_weight.sum()
+    denominator = _denominator(reduction, count, normalizer, acc, logits.device)
     return CrossEntropyProblem(
         logits=logits,
-        kind="index",
-        target=safe_index,
+        kind="prob" if prob else "index",
+        target=target_rows,
         valid=valid,
         target_weight=target_weight,
         class_weight=class_weight,
-        smoothing=0.0,
+        smoothing=smoothing,
         z_loss=z_loss,
         softcap=softcap,
         reduction=reduction,
         denominator=denominator,
         grad_scale=1.0 / denominator,
-        output_shape=output_shape,
-        output_dtype=input.dtype,
+        output_shape=(batch, spatial),
+        output_dtype=output_dtype,
         acc_dtype=acc,
     )
 
@@ -434,14 +490,34 @@ def _check_index_target_dtype(input: Tensor, target: Tensor) -> None:
     )
 
 
-def _check_bounds(index: Tensor, valid: Tensor, classes: int, ignore_index: int) -> None:
+@torch.library.custom_op("xentlib::class_indices", mutates_args=())
+def class_indices(index: Tensor, ignore_index: int, classes: int) -> Tensor:
+    """The class indices with ignored positions replaced by 0, after checking the others are in [0, C): on CPU
+    torch's IndexError with the first bad value; on an accelerator a device-side assertion (reading the data on
+    the host would synchronise). A torch op, so that the check stays inside a compiled graph."""
+    valid = index != ignore_index
     out_of_range = valid & ((index < 0) | (index >= classes))
-    if bool(out_of_range.any()):
+    if index.device.type != "cpu":
+        torch._assert_async(
+            ~out_of_range.any(),
+            f"a target is out of bounds (expected class indices in [0, {classes - 1}] or ignore_index={ignore_index})",
+        )
+    elif bool(out_of_range.any()):
         bad = int(index[out_of_range][0])
         raise IndexError(
             f"Target {bad} is out of bounds. (expected class indices in [0, {classes - 1}] for {classes} classes, "
             f"or ignore_index={ignore_index})"
         )
+    return _safe_class_indices(index, valid)
+
+
+@class_indices.register_fake
+def _(index, ignore_index, classes):
+    return torch.empty_like(index)
+
+
+def _safe_class_indices(index: Tensor, valid: Tensor) -> Tensor:
+    return torch.where(valid, index, torch.zeros((), dtype=torch.long, device=index.device))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -452,31 +528,48 @@ def _check_bounds(index: Tensor, valid: Tensor, classes: int, ignore_index: int)
 @dataclass
 class LinearProblem:
     """A validated linear_cross_entropy call. `rows` describes the (N, V) logits problem (its `logits` is a
-    zero-stride placeholder holding no memory); `input_rows[i]` is the row of `flat_input` that row i reads."""
+    zero-stride placeholder holding no memory): a `CrossEntropyCall` before the data is read, a
+    `CrossEntropyProblem` after. `input_rows[i]` is the row of `flat_input` that row i reads."""
 
-    rows: CrossEntropyProblem
+    rows: CrossEntropyCall | CrossEntropyProblem
     flat_input: Tensor  # (M, D) view of the input
     input_rows: Tensor | None  # (N,) int64 row ids into flat_input, or None for the identity (N == M)
 
 
-def prepare_linear_cross_entropy(
+def logits_placeholder(rows: int, vocab: int, like: Tensor) -> Tensor:
+    """A (rows, vocab) tensor of `like`'s dtype and device that holds no memory: the shape of logits that are
+    never materialized."""
+    return torch.empty((), dtype=like.dtype, device=like.device).expand(rows, vocab)
+
+
+def check_linear_cross_entropy(
     input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-    *, shift=False, z_loss=0.0, softcap=None, normalizer=None,
+    *, shift=False, z_loss=0.0, softcap=None, normalizer=None, autocast=False,
 ) -> LinearProblem:  # fmt: skip
+    """Every check of linear_cross_entropy that needs no data; `rows` is a `CrossEntropyCall`."""
     fn = "linear_cross_entropy"
     check_tensor(fn, "input", 1, input)
-    check_tensor(fn, "weight", 2, weight)
+    check_tensor(fn, "linear_weight", 2, weight)
     check_tensor(fn, "target", 3, target)
-    check_tensor(fn, "bias", 4, bias, optional=True)
+    check_tensor(fn, "linear_bias", 4, bias, optional=True)
+    if not isinstance(shift, bool):
+        raise TypeError(
+            f"linear_cross_entropy: shift must be a bool (True: position t predicts target t + 1), got {shift!r}"
+        )
+    if weight.dim() > 2:
+        raise NotImplementedError(
+            f"linear_cross_entropy: a K-dimensional linear_weight {tuple(weight.shape)} is not supported; "
+            "xentlib takes a (C, in_features) weight (rows of the input are flattened instead)"
+        )
     if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
         raise RuntimeError(
-            f"linear_cross_entropy: input {tuple(input.shape)} and weight {tuple(weight.shape)} cannot be multiplied "
-            "(expected input (..., D) and weight (V, D))"
+            f"linear_cross_entropy: input {tuple(input.shape)} and linear_weight {tuple(weight.shape)} cannot be "
+            "multiplied (expected input (..., in_features) and linear_weight (C, in_features))"
         )
     vocab, hidden = weight.shape
     if bias is not None and tuple(bias.shape) != (vocab,):
-        raise RuntimeError(f"linear_cross_entropy: bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    for name, other in (("weight", weight), ("bias", bias)):
+        raise RuntimeError(f"linear_cross_entropy: linear_bias must have shape ({vocab},), got {tuple(bias.shape)}")
+    for name, other in (("linear_weight", weight), ("linear_bias", bias)):
         if other is not None and other.dtype != input.dtype:
             raise RuntimeError(
                 f"linear_cross_entropy: expected {name} to have the input's dtype {dtype_name(input.dtype)}, "
@@ -503,11 +596,17 @@ def prepare_linear_cross_entropy(
         target = target[..., 1:, :] if prob else target[..., 1:]
     rows_lead = target.shape[:-1] if prob else target.shape
     count = math.prod(rows_lead)
-    placeholder = torch.empty((), dtype=input.dtype, device=input.device).expand(count, vocab)
     flat_target = target.reshape(count, vocab) if prob else target.reshape(count)
-    problem = prepare_cross_entropy(
-        placeholder, flat_target, class_weight, ignore_index, reduction, label_smoothing,
-        z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+    call = check_cross_entropy(
+        logits_placeholder(count, vocab, input), flat_target, class_weight, ignore_index, reduction,
+        label_smoothing, z_loss=z_loss, softcap=softcap, normalizer=normalizer, autocast=autocast,
     )  # fmt: skip
-    problem.output_shape = tuple(rows_lead)
-    return LinearProblem(rows=problem, flat_input=flat_input, input_rows=input_rows)
+    call.output_shape = tuple(rows_lead)
+    return LinearProblem(rows=call, flat_input=flat_input, input_rows=input_rows)
+
+
+def prepare_linear_cross_entropy(*args, **kwargs) -> LinearProblem:
+    """`check_linear_cross_entropy`, with the rows' problem built (reads the targets)."""
+    lp = check_linear_cross_entropy(*args, **kwargs)
+    lp.rows = problem_from_call(lp.rows)
+    return lp

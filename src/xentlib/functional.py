@@ -7,16 +7,17 @@ keyword-only and off by default: `z_loss`, `softcap`, `normalizer`, `return_stat
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xentlib.*)
 from xentlib.backends import torch_chunked
-from xentlib.backends.autograd import CrossEntropyStats, FusedCrossEntropy
-from xentlib.backends.dispatch import rows_function, select_backend
+from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
+from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
+from xentlib.backends.inplace import InplaceCrossEntropy, check_writable
 
 __all__ = [
     "CrossEntropyStats",
@@ -81,29 +82,84 @@ def cross_entropy(
         tensor([1.5210, 0.6247])
     """
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
-    problem = sem.prepare_cross_entropy(
+    autocast = _runs_in_float32(input)
+    call = sem.check_cross_entropy(
         input, target, weight, ignore_index, reduction, label_smoothing,
-        z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+        z_loss=z_loss, softcap=softcap, normalizer=normalizer, autocast=autocast,
     )  # fmt: skip
-    if inplace_backward:
-        _check_inplace(target, weight, return_stats)
-    name, _ = select_backend(input.device, backend, problem)
-    rows_fn = rows_function(name)
-    if name == "torch" and chunk_size is not None:
-        rows_fn = functools.partial(torch_chunked.cross_entropy_rows, chunk_size=_check_chunk_size(chunk_size))
-    loss, lse, entropy, *aux = FusedCrossEntropy.apply(
-        input, target, weight, problem, rows_fn, return_stats, inplace_backward
-    )
+    if autocast:  # torch's autocast runs cross_entropy in float32: so do we, from the logits as they are
+        call.output_dtype = torch.promote_types(call.output_dtype, torch.float32)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    chunk = 0 if chunk_size is None else _check_chunk_size(chunk_size)
+    if _transformed(input, target, weight):
+        loss, stats = _composite_cross_entropy(call, return_stats)
+    elif inplace_backward and not torch.compiler.is_compiling():
+        _check_inplace(input, target, weight, return_stats)
+        problem = sem.problem_from_call(call)
+        name, _ = select_backend(input.device, backend, problem)
+        loss, stats = InplaceCrossEntropy.apply(input, problem, rows_function(name, chunk_size)), None
+    else:
+        loss, stats = _fused_cross_entropy(call, backend, chunk, return_stats)
     if not return_stats:
         return loss
-    row_loss, argmax = aux
-    return loss, CrossEntropyStats(
-        lse=lse,
-        loss=row_loss.to(problem.output_dtype),
-        argmax=argmax,
-        correct=_correct(problem, input, target, argmax),
-        entropy=entropy,
-    )
+    return loss, CrossEntropyStats(**stats, correct=_correct(call, target, stats["argmax"]))
+
+
+def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, return_stats: bool):
+    """The op of backends/ops.py: the loss, and the statistics reshaped to the caller's shape."""
+    with_grad = torch.is_grad_enabled() and call.logits.requires_grad
+    normalizer = call.normalizer if isinstance(call.normalizer, Tensor) else None
+    normalizer_value = 0.0 if normalizer is not None or call.normalizer is None else float(call.normalizer)
+    loss, _, lse, entropy, row_loss, argmax = torch.ops.xentlib.cross_entropy(
+        call.logits, call.target, call.weight, normalizer, normalizer_value, call.ignore_index, call.reduction,
+        call.smoothing, call.z_loss, call.softcap, call.output_dtype, with_grad, return_stats, backend, chunk,
+    )  # fmt: skip
+    if call.reduction == "none":
+        loss = loss.reshape(call.output_shape)
+    if not return_stats:
+        return loss, None
+    shape = call.output_shape
+    stats = dict(lse=lse, loss=row_loss, argmax=argmax, entropy=entropy)
+    return loss, {name: value.reshape(shape) for name, value in stats.items()}
+
+
+def _composite_cross_entropy(call: sem.CrossEntropyCall, return_stats: bool):
+    """Plain differentiable torch ops (backends/composite.py), for the torch.func transforms and forward-mode
+    AD, which differentiate them like any torch code. The targets are not bounds-checked here: a transform has
+    no single value to report (an out-of-range index fails in the gather)."""
+    problem = sem.problem_from_call(call, check_targets=False)
+    rows, lse, entropy = composite_rows(problem, problem.logits, problem.target, call.weight)
+    loss = reduce_rows(problem, rows).to(call.output_dtype)
+    if not return_stats:
+        return loss, None
+    shape = call.output_shape
+    argmax = problem.logits.detach().argmax(1)
+    stats = dict(lse=lse, loss=rows.to(call.output_dtype), argmax=argmax, entropy=entropy)
+    return loss, {name: value.reshape(shape) for name, value in stats.items()}
+
+
+def _runs_in_float32(input: Tensor) -> bool:
+    """Whether torch's autocast would run the loss in float32 for this input (it does on every device)."""
+    return input.is_floating_point() and torch.is_autocast_enabled(input.device.type)
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) or forward-mode AD is active on these tensors:
+    then the composite runs, which those transforms differentiate like any torch code."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _has_tangent(tensors)
+
+
+def _has_tangent(tensors) -> bool:
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_chunk_size(chunk_size) -> int:
@@ -112,20 +168,22 @@ def _check_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
-def _check_inplace(target: Tensor, weight: Tensor | None, return_stats: bool) -> None:
+def _check_inplace(input: Tensor, target: Tensor, weight: Tensor | None, return_stats: bool) -> None:
     """In-place gradients overwrite the logits, so nothing else may need them later."""
     if return_stats:
         raise ValueError("inplace_backward=True cannot be combined with return_stats=True (stats need the logits)")
     for name, tensor in (("target", target), ("weight", weight)):
         if tensor is not None and tensor.requires_grad:
             raise ValueError(f"inplace_backward=True cannot compute a gradient for the {name}; detach it")
+    if input.requires_grad and torch.is_grad_enabled():
+        check_writable(input)
 
 
-def _correct(problem: sem.CrossEntropyProblem, input: Tensor, target: Tensor, argmax: Tensor) -> Tensor:
-    if problem.kind == "prob":
-        return argmax == target.detach().argmax(sem.class_dim_of(input))
-    valid = problem.valid.reshape(problem.output_shape)
-    return (argmax == problem.target.reshape(problem.output_shape)) & valid
+def _correct(call: sem.CrossEntropyCall, target: Tensor, argmax: Tensor) -> Tensor:
+    if call.kind == "prob":
+        return argmax == target.detach().argmax(sem.class_dim_of(target))
+    index = call.target.reshape(call.output_shape)
+    return (argmax == index) & (index != call.ignore_index)
 
 
 def nll_loss(
@@ -146,10 +204,11 @@ def nll_loss(
 
         >>> log_p = log_softmax(torch.tensor([[2.0, 0.5, 0.3], [0.2, 2.0, 0.5]]), dim=1)
         >>> nll_loss(log_p, torch.tensor([0, 1]))
-        tensor(0.3603)
+        tensor(0.3344)
     """
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
-    problem = sem.prepare_nll_loss(input, target, weight, ignore_index, reduction)
+    call = sem.check_nll_loss(input, target, weight, ignore_index, reduction)
+    problem = sem.problem_from_call(call, check_targets=not _transformed(input))
     # A gather is the whole computation, so plain differentiable torch ops are the fused path here.
     rows_view = sem.as_rows(input)
     if rows_view.shape[1] == 0:  # no classes: all targets were ignored (others raised); sum() keeps the graph
@@ -159,7 +218,7 @@ def nll_loss(
     rows = -(picked.to(problem.acc_dtype) * problem.target_weight)
     rows = torch.where(problem.valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
-        return rows.reshape(problem.output_shape).to(input.dtype)
+        return rows.reshape(call.output_shape).to(input.dtype)
     return (rows.sum() / problem.denominator).to(input.dtype)
 
 

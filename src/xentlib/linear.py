@@ -7,10 +7,12 @@ cross-entropy"). For a chunk of R rows X_c:
     dX_c = dZ W                  (R, D)   each input row is written once
     dW  += dZ^T X_c              (V, D)   accumulated in the weight gradient itself
     db  += sum_r dZ              (V,)     float32
-Rows whose target is ignored are dropped before the matmul. The backward pass then only scales the saved
-gradients by grad_output. reduction='none' (a gradient per row) recomputes the sweep in backward with the row
-scales; the rare paths (gradients wrt probability targets or class weights, through the statistics, double
-backward) materialize the logits and use the composite of `backends.autograd`.
+The sweep is the torch op `torch.ops.xentlib.linear_cross_entropy`, so torch.compile sees one node. On CPU rows
+whose target is ignored are dropped before the matmul; on accelerators they are masked (no host read), and the
+chunk buffer has the same shape from call to call. The backward pass only scales the saved gradients by
+grad_output. reduction='none' (a gradient per row) runs the sweep again with the row scales; the rare paths
+(gradients wrt probability targets or class weights, through the statistics, double backward) materialize the
+logits and differentiate the composite of `backends/composite.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
-from xentlib.backends import cpu_kernel, torch_chunked
-from xentlib.backends.autograd import CrossEntropyStats, as_leaf, composite_rows, reduce_rows, scale_by_grad_output_
-from xentlib.backends.dispatch import rows_function, select_backend
+from xentlib.backends import composite, torch_chunked
+from xentlib.backends.composite import CrossEntropyStats, as_leaf, composite_rows, reduce_rows
+from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
 
 # The most memory one chunk of logits may take. Past ~2048 rows a larger chunk makes its matmuls little faster
 # per row (measured on CPU at D=1024, V=32000 fp32: 1024 rows cost up to 5% more per row than 2048), so for large N
@@ -35,7 +37,7 @@ CHUNK_BYTES_CAP = 1 << 30
 
 def default_chunk_rows(rows: int, vocab: int, element_size: int = 4, in_place_rows: bool = False) -> int:
     """Rows per chunk: the largest chunk whose working memory stays well inside a quarter of the full logits
-    (issue 3's memory budget) and under CHUNK_BYTES_CAP, at least 128 rows. Larger chunks mean larger, more
+    and under CHUNK_BYTES_CAP, at least 128 rows. Larger chunks mean larger, more
     efficient matmuls: each matmul with W pays a fixed cost per call (docs/numerics.md section 9), and the weight
     gradient is read and written once per chunk.
 
@@ -169,9 +171,10 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
         out.lse = torch.zeros(count, dtype=acc, device=x.device)
         out.entropy = torch.zeros(count, dtype=acc, device=x.device)
         out.argmax = torch.zeros(count, dtype=torch.long, device=x.device)
-    # Rows with an ignored target contribute nothing: skip them before the matmul (stats need every row).
+    # On CPU rows with an ignored target contribute nothing: skip them before the matmul (stats need every row).
+    # On an accelerator that would read the mask on the host: there the kernels give ignored rows zeros.
     active = None
-    if not want_stats and not bool(problem.valid.all()):
+    if x.device.type == "cpu" and not want_stats and not bool(problem.valid.all()):
         active = problem.valid.reshape(-1).nonzero().squeeze(1)
     total = count if active is None else active.numel()
     out.grad_input = torch.zeros_like(x) if want_input else None
@@ -182,8 +185,8 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     chunk = plan.chunk
     # the chunk's logits: one reused buffer, or, where oneDNN computes them, the matmul's own fresh output
     buffer = None
-    if not _by_onednn(x, weight):
-        buffer = torch.empty(min(chunk, max(total, 1)), vocab, dtype=x.dtype, device=x.device)
+    if not _by_onednn(x, weight):  # sized by all rows, not the active ones: the same shape from step to step
+        buffer = torch.empty(min(chunk, max(count, 1)), vocab, dtype=x.dtype, device=x.device)
     for start in range(0, total, chunk):
         stop = min(start + chunk, total)
         rows = slice(start, stop) if active is None else active[start:stop]
@@ -193,54 +196,124 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     return out
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, weight, bias, target, class_weight, lp, plan, want_stats):
-        problem = lp.rows
-        needs = tuple(ctx.needs_input_grad[:3])
-        rare = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        grads_now = any(needs) and problem.reduction != "none" and not rare
-        sweep = _sweep(lp, weight, bias, plan, needs if grads_now else (False,) * 3, want_stats)
-        ctx.lp, ctx.plan, ctx.input_shape = lp, plan, input.shape
-        ctx.grads = (sweep.grad_input, sweep.grad_weight, sweep.grad_bias) if grads_now else None
-        ctx.save_for_backward(input, weight, bias, target, class_weight)
-        ctx.set_materialize_grads(False)
-        loss = reduce_rows(problem, sweep.loss).to(problem.output_dtype)
-        if not want_stats:
-            return loss
-        shape = problem.output_shape
-        row_loss, argmax = sweep.loss.reshape(shape).to(problem.output_dtype), sweep.argmax.reshape(shape)
-        ctx.mark_non_differentiable(row_loss, argmax)
-        return loss, sweep.lse.reshape(shape), sweep.entropy.reshape(shape), row_loss, argmax
+@torch.library.custom_op("xentlib::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    normalizer: Tensor | None,
+    input_rows: Tensor | None,
+    row_scale: Tensor | None,
+    normalizer_value: float,
+    ignore_index: int,
+    reduction: str,
+    smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    output_dtype: torch.dtype,
+    grad_input: bool,
+    grad_weight: bool,
+    grad_bias: bool,
+    with_stats: bool,
+    backend: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_input, grad_weight, grad_bias, lse, entropy, row_loss, argmax) of a flat (M, D) input, a
+    (V, D) weight and flat (N,) or (N, V) targets. The gradients are for grad_output = 1, or, with `row_scale`
+    (N,), for those per-row upstream gradients; a gradient not asked for (and the statistics without
+    `with_stats`) is an empty tensor."""
+    vocab = weight.shape[0]
+    count = target.shape[0]
+    norm = normalizer if normalizer is not None else (normalizer_value if normalizer_value > 0 else None)
+    problem = sem.problem_tensors(
+        sem.as_rows(sem.logits_placeholder(count, vocab, input)), target, class_weight, norm, ignore_index, reduction, smoothing,
+        z_loss, softcap, output_dtype,
+    )  # fmt: skip
+    lp = sem.LinearProblem(rows=problem, flat_input=input, input_rows=input_rows)
+    grads = (grad_input, grad_weight, grad_bias)
+    sweep = _sweep(lp, weight, bias, _plan(input, weight, problem, backend, chunk_size), grads, with_stats, row_scale)
+    loss = reduce_rows(problem, sweep.loss).to(output_dtype)
+    empty = lambda: input.new_empty((0,))  # noqa: E731  (outputs of an op may not alias each other)
+    grad_b = sweep.grad_bias.to(bias.dtype) if grad_bias else empty()
+    outputs = (loss, sweep.grad_input if grad_input else empty(), sweep.grad_weight if grad_weight else empty(), grad_b)
+    if not with_stats:
+        stats = sweep.loss.new_empty((0,))
+        return (*outputs, stats, stats.clone(), stats.clone(), stats.new_empty((0,), dtype=torch.long))
+    return (*outputs, sweep.lse, sweep.entropy, sweep.loss.to(output_dtype, copy=True), sweep.argmax)
 
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse=None, grad_entropy=None, *_):
-        input, weight, bias, target, class_weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:5]
-        none = (None,) * 3  # lp, plan, want_stats
-        saved, ctx.grads = ctx.grads, None
-        stats_flow = grad_lse is not None or grad_entropy is not None
-        if grad_loss is None and not stats_flow:  # every output gradient undefined: nothing flows back
-            return (None,) * 8
-        if torch.is_grad_enabled() or needs[3] or needs[4] or stats_flow or (saved is None and grad_loss is None):
-            tensors = (input, weight, bias, target, class_weight)
-            return (*_composite_grads(ctx.lp, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
-        if saved is not None:
-            grads = [_scale(g, grad_loss) for g in saved]
-        else:  # reduction='none', or a second backward: sweep again with the row scales
-            row_scale = (
-                grad_loss.reshape(-1)
-                if ctx.lp.rows.reduction == "none"
-                else grad_loss.expand(ctx.lp.rows.logits.shape[0])
-            )
-            sweep = _sweep(ctx.lp, weight, bias, ctx.plan, needs[:3], False, row_scale)
-            grads = [sweep.grad_input, sweep.grad_weight, sweep.grad_bias]
-        grad_input, grad_weight, grad_bias = grads
-        if grad_input is not None:
-            grad_input = grad_input.view(ctx.input_shape)
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, *none
+
+@linear_cross_entropy_op.register_fake
+def _(input, weight, bias, target, class_weight, normalizer, input_rows, row_scale, normalizer_value, ignore_index,
+      reduction, smoothing, z_loss, softcap, output_dtype, grad_input, grad_weight, grad_bias, with_stats, backend,
+      chunk_size):  # fmt: skip
+    count = target.shape[0]
+    dtypes = [input.dtype] + ([target.dtype] if target.is_floating_point() else [])
+    acc = sem.accumulation_dtype(*dtypes, *([class_weight.dtype] if class_weight is not None else []))
+    loss = input.new_empty((count,) if reduction == "none" else (), dtype=output_dtype)
+    empty = input.new_empty((0,))
+    grads = (
+        torch.empty_like(input) if grad_input else empty,
+        torch.empty_like(weight) if grad_weight else empty,
+        torch.empty_like(bias) if grad_bias else empty,
+    )
+    shape = (count,) if with_stats else (0,)
+    stats = [input.new_empty(shape, dtype=dtype) for dtype in (acc, acc, output_dtype, torch.long)]
+    return (loss, *grads, *stats)
+
+
+def _plan(input: Tensor, weight: Tensor, problem, backend: str, chunk_size: int) -> _Plan:
+    """The backend's row function, the rows per chunk and the weight gradient's accumulation dtype."""
+    name, _ = select_backend(input.device, backend, problem)
+    count, vocab = problem.logits.shape[0], problem.logits.shape[1]
+    # the Triton kernels, like the compiled CPU kernel, turn a chunk of logits into its gradient in place
+    in_place_rows = name in ("triton", "cpu")
+    chunk = chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size(), in_place_rows)
+    weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
+    return _Plan(_rows_for_chunks(name, chunk), chunk, weight_grad_dtype)
+
+
+_LINEAR_SCALARS = (
+    "normalizer_value", "ignore_index", "reduction", "smoothing", "z_loss", "softcap", "output_dtype",
+    "grad_input", "grad_weight", "grad_bias", "with_stats", "backend", "chunk_size",
+)  # fmt: skip
+
+
+def _linear_setup_context(ctx, inputs, output):
+    *tensors, row_scale = inputs[:8]
+    ctx.call = dict(zip(_LINEAR_SCALARS, inputs[8:]))
+    loss, grad_input, grad_weight, grad_bias, lse, entropy, row_loss, argmax = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias, row_loss, argmax)
+    made = ctx.call["grad_input"] or ctx.call["grad_weight"] or ctx.call["grad_bias"]
+    # the gradients made in forward (not for reduction='none') are handed to autograd once
+    ctx.grads = (grad_input, grad_weight, grad_bias) if made and ctx.call["reduction"] != "none" else None
+    ctx.save_for_backward(*tensors)
+
+
+def _linear_backward(ctx, grad_loss, _gi, _gw, _gb, grad_lse, grad_entropy, _row_loss, _argmax):
+    tensors = ctx.saved_tensors  # input, weight, bias, target, class_weight, normalizer, input_rows
+    needs = ctx.needs_input_grad[:5]
+    saved, ctx.grads = ctx.grads, None
+    none = (None,) * 16
+    if grad_loss is None and grad_lse is None and grad_entropy is None:
+        return (None,) * 5 + none
+    stats_flow = grad_lse is not None or grad_entropy is not None
+    if torch.is_grad_enabled() or needs[3] or needs[4] or stats_flow:
+        return (*_composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
+    if saved is not None:
+        grads = [None if g.numel() == 0 and not need else _scale(g, grad_loss) for g, need in zip(saved, needs)]
+    else:  # reduction='none', or a second backward: sweep again with the row scales
+        count = tensors[3].shape[0]
+        row_scale = grad_loss.reshape(-1) if ctx.call["reduction"] == "none" else grad_loss.expand(count)
+        call = dict(ctx.call, grad_input=needs[0], grad_weight=needs[1], grad_bias=needs[2], with_stats=False)
+        out = torch.ops.xentlib.linear_cross_entropy(*tensors, row_scale.contiguous(), *call.values())
+        grads = list(out[1:4])
+    return (*[g if need else None for g, need in zip(grads, needs[:3])], None, None, *none)
+
+
+linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 TILED_BACKEND = "triton-tiled"
@@ -295,28 +368,36 @@ class TiledLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _scale(grad: Tensor | None, grad_loss: Tensor) -> Tensor | None:
-    return None if grad is None else scale_by_grad_output_(grad, grad_loss)
+def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
+    return composite.scale_by_grad_output_("sum", grad, grad_loss)
 
 
-def _composite_grads(lp: sem.LinearProblem, tensors, needs, grad_loss, grad_lse, grad_entropy):
+def _composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy):
     """The rare paths: materialize the logits and differentiate `composite_rows` (differentiable itself)."""
-    problem = lp.rows
+    input, weight, bias, target, class_weight, normalizer, input_rows = tensors
+    call = ctx.call
+    norm = normalizer if normalizer is not None else (call["normalizer_value"] or None)
+    count, vocab = target.shape[0], weight.shape[0]
+    problem = sem.problem_tensors(
+        sem.as_rows(sem.logits_placeholder(count, vocab, input)), target.detach(), class_weight, norm, call["ignore_index"],
+        call["reduction"], call["smoothing"], call["z_loss"], call["softcap"], call["output_dtype"],
+    )  # fmt: skip
     create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():
-        leaves = [as_leaf(t) if need else t for t, need in zip(tensors, needs)]
-        input, weight, bias, target, class_weight = leaves
-        x = input.reshape(lp.flat_input.shape)
-        if lp.input_rows is not None:
-            x = x.index_select(0, lp.input_rows)
-        logits = torch.nn.functional.linear(x, weight, bias).unsqueeze(2)
+        leaves = [as_leaf(t) if need else t for t, need in zip(tensors[:5], needs)]
+        x, w, b, t, cw = leaves
+        if input_rows is not None:
+            x = x.index_select(0, input_rows)
+        logits = torch.nn.functional.linear(x, w, b).unsqueeze(2)
         if problem.kind == "prob":
-            if lp.input_rows is not None:  # shift=True: positions 1.. of the target
-                target = target[..., 1:, :]
-            target = target.reshape(-1, target.shape[-1], 1)
-        loss_rows, lse, entropy = composite_rows(problem, logits, target, class_weight)
-        pairs = [(reduce_rows(problem, loss_rows), grad_loss), (lse, grad_lse), (entropy, grad_entropy)]
-        pairs = [(out.reshape(problem.output_shape) if out.dim() else out, g) for out, g in pairs if g is not None]
+            t = t.reshape(count, vocab, 1)
+        loss_rows, lse, entropy = composite_rows(problem, logits, t, cw)
+        pairs = [
+            (reduce_rows(problem, loss_rows), grad_loss),
+            (lse.reshape(-1), grad_lse),
+            (entropy.reshape(-1), grad_entropy),
+        ]
+        pairs = [(out, g) for out, g in pairs if g is not None]
         outputs, grads = zip(*pairs)
         sources = [leaf for leaf, need in zip(leaves, needs) if need]
         found = iter(torch.autograd.grad(outputs, sources, grads, create_graph=create_graph, allow_unused=True))
@@ -343,16 +424,15 @@ def _rows_for_chunks(name: str, chunk: int):
 
 def linear_cross_entropy(
     input: Tensor,
-    weight: Tensor,
+    linear_weight: Tensor,
     target: Tensor,
-    bias: Tensor | None = None,
-    size_average: bool | None = None,
-    ignore_index: int = -100,
-    reduce: bool | None = None,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
     *,
-    class_weight: Tensor | None = None,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options=None,
     shift: bool = False,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -361,22 +441,28 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     backend: str = "auto",
 ):
-    r"""`cross_entropy(input @ weight.T + bias, target, ...)` computed in row chunks, never holding (N, V) logits.
+    r"""`cross_entropy(linear(input, linear_weight, linear_bias), target, ...)` computed in row chunks, never
+    holding the (N, C) logits. torch 2.13's `F.linear_cross_entropy` signature, then xentlib's extensions.
 
     Args:
-        input: (..., D) hidden states; the leading dimensions are flattened into rows.
-        weight: (V, D) output projection (e.g. an LM head); `bias`: optional (V,).
-        target: class indices of shape (...) or class probabilities of shape (..., V).
-        size_average, ignore_index, reduce, reduction, label_smoothing: as `cross_entropy`.
-        class_weight: keyword-only per-class weight (the `weight` of `cross_entropy`).
+        input: (in_features), (N, in_features), or (..., in_features): leading dimensions are flattened into rows.
+        linear_weight: (C, in_features) output projection (e.g. an LM head); `linear_bias`: optional (C,).
+        target: class indices of shape (...) or class probabilities of shape (..., C).
+        weight: per-class weight (C,), as `cross_entropy`'s `weight`.
+        reduction, label_smoothing: as `cross_entropy`.
+        ignore_index: as `cross_entropy`; None (torch's default here) means -100.
+        options: a `torch.nn.LinearCrossEntropyOptions` (or None). xentlib always chunks; `batch_chunk_size`
+            sets the rows per chunk when `chunk_size` is not given. The other fields (`chunking_method`,
+            `acc_policy`, `acc_dtype`, `allow_retain_graph`) have no effect: xentlib chunks over rows,
+            accumulates in float32 (rounded once) and supports retain_graph and double backward always.
         shift: keyword-only; predict `target[..., 1:]` from `input[..., :-1, :]` (next-token prediction) without
             copying the input.
         z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`. `backend="triton-tiled"` also
             exists here: Triton kernels that never write logits, not even a chunk (class-index targets;
             backends/triton/tiled.py).
-        chunk_size: rows per chunk (default: a fifth of the rows where the compiled CPU kernel computes the
-            rows, else an eighth in float32 and a sixteenth in half precision; at least 128. A chunk's memory
-            is then a fifth to an eighth of the logits' memory).
+        chunk_size: rows per chunk (default: a fifth of the rows where the compiled CPU kernel or Triton
+            computes the rows, else an eighth in float32 and a sixteenth in half precision; at least 128 rows,
+            so calls of fewer rows run in one chunk).
 
     reduction='none' returns the loss per row, of shape `target.shape` (shifted: `target[..., 1:].shape`).
 
@@ -388,43 +474,58 @@ def linear_cross_entropy(
         >>> torch.allclose(linear_cross_entropy(x, w, t), ref)
         True
     """
-    reduction = sem.resolve_reduction(size_average, reduce, reduction)
+    reduction = sem.check_reduction(reduction)
+    ignore_index = -100 if ignore_index is None else ignore_index
+    chunk_size = _chunk_rows(options, chunk_size)
+    if backend not in BACKENDS + (TILED_BACKEND,):
+        raise ValueError(
+            f"backend must be one of {', '.join(repr(b) for b in BACKENDS + (TILED_BACKEND,))}, got {backend!r}"
+        )
     autocast = torch.is_autocast_enabled(input.device.type)
-    input, weight, bias = _autocast_operands(input, weight, bias)
-    if autocast and class_weight is not None and class_weight.is_floating_point():
-        # autocast runs cross_entropy in float32 whatever the class weight's float dtype; the fused problem
-        # checks it against the (autocast-dtype) operands, so cast it like them (differentiably)
-        class_weight = class_weight.to(input.dtype)
-    lp = sem.prepare_linear_cross_entropy(
-        input, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing,
-        shift=shift, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
+    input, linear_weight, linear_bias = _autocast_operands(input, linear_weight, linear_bias)
+    lp = sem.check_linear_cross_entropy(
+        input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing,
+        shift=shift, z_loss=z_loss, softcap=softcap, normalizer=normalizer, autocast=autocast,
     )  # fmt: skip
+    call = lp.rows
     if autocast:  # autocast runs cross_entropy in float32: so does the loss of the fused computation
-        lp.rows.output_dtype = torch.promote_types(lp.rows.output_dtype, torch.float32)
+        call.output_dtype = torch.promote_types(call.output_dtype, torch.float32)
     if backend == TILED_BACKEND:
-        return _tiled_linear_cross_entropy(input, weight, bias, lp, return_stats, chunk_size)
-    name, _ = select_backend(input.device, backend, lp.rows)
-    count = lp.rows.logits.shape[0]
+        lp.rows = sem.problem_from_call(call)
+        return _tiled_linear_cross_entropy(input, linear_weight, linear_bias, lp, return_stats, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    wants = [grad_on and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)]
+    normalizer_tensor = call.normalizer if isinstance(call.normalizer, Tensor) else None
+    normalizer_value = 0.0 if normalizer_tensor is not None or call.normalizer is None else float(call.normalizer)
+    with torch.autocast(input.device.type, enabled=False):
+        outputs = torch.ops.xentlib.linear_cross_entropy(
+            lp.flat_input, linear_weight, linear_bias, call.target, call.weight, normalizer_tensor, lp.input_rows,
+            None, normalizer_value, call.ignore_index, call.reduction, call.smoothing, call.z_loss, call.softcap,
+            call.output_dtype, *wants, return_stats, backend, chunk_size or 0,
+        )  # fmt: skip
+    loss, *_, lse, entropy, row_loss, argmax = outputs
+    shape = call.output_shape
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    if not return_stats:
+        return loss
+    argmax = argmax.reshape(shape)
+    if call.kind == "prob":
+        correct = argmax == call.target.reshape(*shape, -1).argmax(-1)
+    else:
+        index = call.target.reshape(shape)
+        correct = (argmax == index) & (index != call.ignore_index)
+    stats = CrossEntropyStats(
+        lse=lse.reshape(shape), loss=row_loss.reshape(shape), argmax=argmax, correct=correct,
+        entropy=entropy.reshape(shape),
+    )  # fmt: skip
+    return loss, stats
+
+
+def _chunk_rows(options, chunk_size) -> int | None:
+    """`chunk_size`, else the `batch_chunk_size` of torch's `LinearCrossEntropyOptions`; validated."""
+    if chunk_size is None and options is not None:
+        chunk_size = getattr(options, "batch_chunk_size", None)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    # the Triton kernels, like the compiled CPU kernel, turn a chunk of logits into its gradient in place
-    in_place_rows = name == "triton" or (
-        name == "torch" and cpu_kernel.supports_call(input.device, input.dtype, lp.rows)
-    )
-    vocab = lp.rows.logits.shape[1]
-    chunk = chunk_size or default_chunk_rows(count, vocab, input.element_size(), in_place_rows)
-    with torch.autocast(input.device.type, enabled=False):
-        weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
-        plan = _Plan(_rows_for_chunks(name, chunk), chunk, weight_grad_dtype)
-        outputs = LinearCrossEntropyFunction.apply(input, weight, bias, target, class_weight, lp, plan, return_stats)
-    if not return_stats:
-        return outputs
-    loss, lse, entropy, row_loss, argmax = outputs
-    problem = lp.rows
-    if problem.kind == "prob":
-        probs = target[..., 1:, :] if shift else target
-        correct = argmax == probs.argmax(-1)
-    else:
-        shape = problem.output_shape
-        correct = (argmax == problem.target.reshape(shape)) & problem.valid.reshape(shape)
-    return loss, CrossEntropyStats(lse=lse, loss=row_loss, argmax=argmax, correct=correct, entropy=entropy)
+    return chunk_size

@@ -66,7 +66,7 @@ def _resolve(options, class_weight, dtype=None):
 def test_matches_float64(options, reduction):
     x, w, b, target, class_weight = make_case()
     ours = xentlib.linear_cross_entropy(
-        x, w, target, b, reduction=reduction, backend=TILED, **_resolve(options, class_weight)
+        x, w, target, linear_bias=b, reduction=reduction, backend=TILED, **_resolve(options, class_weight)
     )
     upstream = torch.rand(ours.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     grads = gradients(ours, (x, w, b), upstream)
@@ -96,8 +96,8 @@ def test_equals_the_default_path_with_leading_dims_shift_and_normalizer():
     for backend in (TILED, "torch"):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
         loss = xentlib.linear_cross_entropy(
-            leaves[0], leaves[1], target, leaves[2], reduction="sum", normalizer=17.0, shift=True,
-            class_weight=class_weight, label_smoothing=0.05, backend=backend,
+            leaves[0], leaves[1], target, linear_bias=leaves[2], reduction="sum", normalizer=17.0, shift=True,
+            weight=class_weight, label_smoothing=0.05, backend=backend,
         )  # fmt: skip
         results.append((loss, *torch.autograd.grad(loss, leaves)))
     for name, ours, default in zip(("loss", "input", "weight", "bias"), *results):
@@ -109,7 +109,7 @@ def test_equals_the_default_path_with_leading_dims_shift_and_normalizer():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_edge_shapes_match_torch(rows, hidden, reduction):
     x, w, b, target, _ = make_case(lead=(rows,), hidden=hidden, vocab=40, ignored=())
-    ours = xentlib.linear_cross_entropy(x, w, target, b, reduction=reduction, backend=TILED)
+    ours = xentlib.linear_cross_entropy(x, w, target, linear_bias=b, reduction=reduction, backend=TILED)
     theirs = F.cross_entropy(x @ w.T + b, target, reduction=reduction)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5, equal_nan=True)
     for got, want in zip(torch.autograd.grad(ours.sum(), (x, w, b)), torch.autograd.grad(theirs.sum(), (x, w, b))):
@@ -118,7 +118,7 @@ def test_edge_shapes_match_torch(rows, hidden, reduction):
 
 def test_all_rows_ignored_gives_nan_mean_and_zero_gradients():
     x, w, b, target, _ = make_case(lead=(5,), ignored=range(5))
-    loss = xentlib.linear_cross_entropy(x, w, target, b, backend=TILED)
+    loss = xentlib.linear_cross_entropy(x, w, target, linear_bias=b, backend=TILED)
     assert torch.isnan(loss)
     for grad in torch.autograd.grad(loss, (x, w, b)):
         assert torch.equal(grad, torch.zeros_like(grad))
@@ -131,7 +131,7 @@ def test_bfloat16_error_close_to_torchs_own():
     leaves = float64_leaves(x, w, b)
     truth = F.cross_entropy(leaves[0] @ leaves[1].T + leaves[2], target.cpu())
     exact = torch.autograd.grad(truth, leaves)
-    ours = xentlib.linear_cross_entropy(x, w, target, b, backend=TILED)
+    ours = xentlib.linear_cross_entropy(x, w, target, linear_bias=b, backend=TILED)
     ours_grads = torch.autograd.grad(ours, (x, w, b))
     theirs = F.cross_entropy(x @ w.T + b, target)
     their_grads = torch.autograd.grad(theirs, (x, w, b))
@@ -167,7 +167,7 @@ def test_never_allocates_logits():
     rows, hidden, vocab = 64, 4, 300
     x, w, b, target, _ = make_case(lead=(rows,), hidden=hidden, vocab=vocab)
     with _AllocationLog() as log:
-        loss = xentlib.linear_cross_entropy(x, w, target, b, backend=TILED, label_smoothing=0.1)
+        loss = xentlib.linear_cross_entropy(x, w, target, linear_bias=b, backend=TILED, label_smoothing=0.1)
         grads = torch.autograd.grad(loss, (x, w, b))
     assert len(grads) == 3 and log.sizes, "the log saw nothing"
     largest = max(log.sizes)
@@ -178,16 +178,16 @@ def test_never_allocates_logits():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, torch.softmax(x @ w.T, -1).detach(), b,
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, torch.softmax(x @ w.T, -1).detach(), linear_bias=b,
                                                               backend=TILED), NotImplementedError, "probability"),
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, b, backend=TILED, return_stats=True),
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend=TILED, return_stats=True),
          NotImplementedError, "return_stats"),
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, b, backend=TILED, chunk_size=4),
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend=TILED, chunk_size=4),
          ValueError, "chunk_size"),
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x.double(), w.double(), t, b.double(), backend=TILED),
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x.double(), w.double(), t, linear_bias=b.double(), backend=TILED),
          RuntimeError, "float64"),
         (lambda x, w, t, b, cw: xentlib.cross_entropy(x @ w.T, t, backend=TILED), ValueError, "backend must be"),
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, b, backend="tiled"), ValueError,
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend="tiled"), ValueError,
          "backend must be"),
     ],
     ids=["prob-targets", "stats", "chunk-size", "float64", "cross-entropy", "unknown-name"],
@@ -200,7 +200,7 @@ def test_unsupported_calls_raise_clearly(call, error, match):
 
 def test_double_backward_is_refused():
     x, w, b, target, _ = make_case(lead=(6,), ignored=())
-    loss = xentlib.linear_cross_entropy(x, w, target, b, backend=TILED)
+    loss = xentlib.linear_cross_entropy(x, w, target, linear_bias=b, backend=TILED)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(loss, x, create_graph=True)
 

@@ -190,3 +190,36 @@ def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | No
         list(_executor(workers).map(run, range(workers)))
     if grad_out is not None:  # written through a raw pointer: tell autograd, as an in-place torch op would
         torch.autograd.graph.increment_version(grad_out)
+
+
+def supports_layout(problem: CrossEntropyProblem) -> bool:
+    """Whether the kernel computes this problem's rows, with a gradient buffer made like its logits."""
+    return supports(problem, None)
+
+
+def coverage() -> str:
+    return (
+        "CPU, float32/bfloat16 logits with contiguous classes, one position per sample, class indices or "
+        "float32/bfloat16 probabilities, no soft-capping"
+    )
+
+
+def rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, want_stats: bool):
+    """The "cpu" backend's `cross_entropy_rows` (backends/base.py): the compiled kernel, or the PyTorch ops for
+    a call it does not cover (a gradient buffer laid out otherwise, an empty problem)."""
+    from xentlib.backends import torch_chunked
+    from xentlib.backends.base import RowResult
+
+    x = problem.logits
+    if x.numel() == 0 or not supports(problem, grad_out):
+        return torch_chunked.cross_entropy_rows(problem, grad_out, want_stats)
+    batch = x.shape[0]
+    empty = lambda dtype=torch.float32: torch.empty(batch, 1, dtype=dtype)  # noqa: E731
+    result = RowResult(
+        loss=empty(),
+        lse=empty() if want_stats or problem.z_loss else None,
+        argmax=empty(torch.long) if want_stats else None,
+        entropy=empty() if want_stats else None,
+    )
+    cross_entropy_rows(problem, grad_out, result)
+    return result

@@ -1,30 +1,38 @@
 """Which backend runs a call, and why.
 
-An explicit `backend="torch"` or `backend="triton"` is obeyed or fails with a clear error, never silently replaced;
-`backend="auto"` picks Triton for CUDA/ROCm tensors when it can run there, and otherwise the PyTorch backend, with
-one warning per reason when a GPU tensor falls back.
+Backends, each computing the rows of a validated problem through the contract of `backends/base.py`:
+  "cpu"     the compiled C row kernel (backends/cpu_kernel.py): CPU, float32/bfloat16, rows with contiguous
+            classes, no soft-capping
+  "torch"   chunked PyTorch ops (backends/torch_chunked.py): any device, dtype and option
+  "triton"  Triton row kernels (backends/triton/): CUDA/ROCm, or CPU tensors in the Triton interpreter
+`backend="auto"` picks triton on a GPU where it can run, cpu where the compiled kernel covers the call, and torch
+otherwise. An explicit name is obeyed or fails with a clear error, never silently replaced; "cpu" falls back to
+the PyTorch ops only for the calls the kernel does not cover (and says so in `explain_dispatch`).
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "cpu", "torch", "triton")
 _warned: set[str] = set()
 
 
 def select_backend(device: torch.device, backend: str = "auto", problem=None) -> tuple[str, str]:
     """(name, reason) of the backend that runs on `device` for the requested `backend` (and `problem`, when
-    given: the Triton kernels accumulate in float32, so float64 work stays on the PyTorch backend)."""
+    given: its dtype, layout and options decide between the compiled CPU kernel and the PyTorch ops, and the
+    Triton kernels accumulate in float32, so float64 work stays on the PyTorch backend)."""
+    from xentlib.backends import cpu_kernel
     from xentlib.backends import triton as triton_backend
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
     if backend == "torch":
-        return "torch", "backend='torch' was requested"
+        return "torch", "backend='torch' was requested: chunked PyTorch ops"
     if backend == "triton":
         triton_backend.require(device)
         if problem is not None:
@@ -32,37 +40,60 @@ def select_backend(device: torch.device, backend: str = "auto", problem=None) ->
             if not ok:
                 raise RuntimeError(f"backend='triton' cannot run this call: {why}")
         return "triton", "backend='triton' was requested: " + triton_backend.is_available(device)[1]
-    if device.type != "cuda":
-        return "torch", (
-            f"{device.type} tensors use the PyTorch chunked backend (Triton runs on CPU tensors only in its "
-            "interpreter, with TRITON_INTERPRET=1 and backend='triton')"
-        )
+    if device.type == "cpu" or backend == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' runs on CPU tensors, not on {device.type!r} tensors")
+        ok, why = cpu_kernel.status()
+        if ok and problem is not None and not cpu_kernel.supports_layout(problem):
+            ok, why = False, "the compiled kernel does not cover this call (" + cpu_kernel.coverage() + ")"
+        if ok:
+            return "cpu", why
+        return "torch", f"chunked PyTorch ops: {why}"
     ok, reason = triton_backend.is_available(device)
     if ok and problem is not None:
         ok, why = triton_backend.supports_problem(problem)
         if not ok:
-            return "torch", f"PyTorch backend: {why}"
+            return "torch", f"chunked PyTorch ops: {why}"
     if ok:
         return "triton", f"CUDA/ROCm tensor: {reason}"
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"xentlib: falling back to the PyTorch backend: {reason}", RuntimeWarning, stacklevel=4)
-    return "torch", f"fell back to the PyTorch backend: {reason}"
+    return "torch", f"fell back to chunked PyTorch ops: {reason}"
 
 
-def rows_function(name: str) -> Callable:
-    """The backend's `cross_entropy_rows(problem, grad_out, want_stats)`."""
+def rows_function(name: str, chunk_size: int | None = None) -> Callable:
+    """The backend's `cross_entropy_rows(problem, grad_out, want_stats) -> RowResult` (backends/base.py)."""
     if name == "triton":
         from xentlib.backends.triton import ops
 
         return ops.cross_entropy_rows
-    from xentlib.backends import torch_chunked
+    from xentlib.backends import cpu_kernel, torch_chunked
 
+    if name == "cpu":
+        return cpu_kernel.rows
+    if chunk_size is not None:
+        return functools.partial(torch_chunked.cross_entropy_rows, chunk_size=chunk_size)
     return torch_chunked.cross_entropy_rows
 
 
 def explain_dispatch(tensor_or_device, backend: str = "auto") -> str:
-    """One line saying which backend a call on this tensor (or device) would use, and why."""
-    device = tensor_or_device.device if isinstance(tensor_or_device, torch.Tensor) else torch.device(tensor_or_device)
-    name, reason = select_backend(device, backend)
+    """One line saying which backend a call on this tensor (or device) would use, and why. For a tensor of
+    logits (rows along dim 0, classes along dim 1) the answer accounts for its dtype and layout."""
+    if isinstance(tensor_or_device, torch.Tensor):
+        problem = _probe_problem(tensor_or_device)
+        name, reason = select_backend(tensor_or_device.device, backend, problem)
+    else:
+        name, reason = select_backend(torch.device(tensor_or_device), backend)
     return f"{name}: {reason}"
+
+
+def _probe_problem(logits: torch.Tensor):
+    """The problem of a plain class-index call on these logits, built without reading them."""
+    from xentlib import _semantics as sem
+
+    if logits.dim() == 0 or not logits.is_floating_point():
+        return None
+    rows = sem.as_rows(logits)
+    target = torch.zeros(rows.shape[0], rows.shape[2], dtype=torch.long, device=logits.device)
+    return sem.problem_tensors(rows, target, None, None, -100, "mean", 0.0, 0.0, None, logits.dtype)

@@ -17,26 +17,17 @@ gradient; its float32 work buffers are allocated once per call and reused.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
-from xentlib.backends import cpu_kernel
+from xentlib.backends.base import RowResult
 
 # Elements per chunk: 2M float32 = 8 MiB, resident in a large shared L3 cache. Smaller chunks pay torch's per-op
 # overhead (dispatch and a parallel region per op) too often; measured on the 2-core CI machine.
 CHUNK_ELEMENTS = 1 << 21
-
-
-@dataclass
-class RowResult:
-    loss: Tensor  # (B, S) accumulation dtype, per-row loss incl. class weight and z-loss, 0 on ignored rows
-    lse: Tensor | None  # (B, S) accumulation dtype, when z-loss or stats need it
-    argmax: Tensor | None = None  # (B, S) int64, with stats
-    entropy: Tensor | None = None  # (B, S) accumulation dtype, with stats
 
 
 def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:
@@ -74,9 +65,6 @@ def cross_entropy_rows(
     if x.numel() == 0:
         if result.lse is not None and classes == 0 and batch * spatial > 0:  # log-sum-exp of nothing
             result.lse.fill_(-math.inf)
-        return result
-    if cpu_kernel.supports(problem, grad_out):
-        cpu_kernel.cross_entropy_rows(problem, grad_out, result)
         return result
     block = chunk_shape(batch, classes, spatial, chunk_size)
     buffers = _ChunkBuffers(problem, block, grad_out)
@@ -190,8 +178,7 @@ def _process_chunk(problem, rows, cols, grad_out, result, buffers):
     if cap is not None:  # dy/dz = 1 - tanh^2 = 1 - (y / softcap)^2
         y.div_(cap).square_().neg_().add_(1.0)
         p.mul_(y)
-    if not bool(valid.all()):
-        p.masked_fill_(~valid, 0.0)
+    p.masked_fill_(~valid, 0.0)  # unconditionally: asking whether any row is ignored would read the data
     if buffers.work is not None:
         grad_slice.copy_(p)
 

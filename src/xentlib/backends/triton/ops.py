@@ -47,7 +47,7 @@ def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
 
 
 def _row_result_type():
-    from xentlib.backends.torch_chunked import RowResult
+    from xentlib.backends.base import RowResult
 
     return RowResult
 

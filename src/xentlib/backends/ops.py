@@ -1,0 +1,116 @@
+"""The fused cross-entropy as a torch op: `torch.ops.xentlib.cross_entropy`.
+
+Registering the computation with `torch.library.custom_op` (a fake kernel for shapes, an autograd formula) makes
+it one node that `torch.compile(fullgraph=True)`, `torch.export` and `torch.library.opcheck` see, instead of
+Python that the tracer must follow. Everything that reads data happens inside the op: the class-index bounds
+check (torch's IndexError on CPU; a device-side assertion on accelerators), the ignore mask and the weighted
+denominator. The Python around it (`xentlib.functional.cross_entropy`) only checks shapes, dtypes and arguments.
+
+The op returns the reduced loss, the gradient of that loss for grad_output = 1 (made in the same sweep as the
+loss, see `backends/base.py`), and the per-row statistics when asked. Backward scales the saved gradient by
+grad_output; the rare gradients (wrt probability targets or class weights, through the statistics, a second or
+double backward) come from `backends/composite.py`, plain differentiable torch ops over the saved logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xentlib import _semantics as sem
+from xentlib.backends import composite
+from xentlib.backends.dispatch import rows_function
+
+_EMPTY = (0,)
+
+
+def _rows_fn(backend: str, chunk_size: int):
+    return rows_function(backend, None if chunk_size <= 0 else chunk_size)
+
+
+@torch.library.custom_op("xentlib::cross_entropy", mutates_args=())
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    normalizer: Tensor | None,
+    normalizer_value: float,
+    ignore_index: int,
+    reduction: str,
+    smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    output_dtype: torch.dtype,
+    with_grad: bool,
+    with_stats: bool,
+    backend: str,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad, lse, entropy, row_loss, argmax) of (B, C, S) logits and canonical targets.
+
+    `normalizer` (a 0-d tensor) or `normalizer_value` (> 0, a number) divides a 'sum'. `grad` is d loss / d
+    logits for grad_output = 1, or an empty tensor without `with_grad`; the statistics are (B, S), or empty."""
+    norm = normalizer if normalizer is not None else (normalizer_value if normalizer_value > 0 else None)
+    problem = sem.problem_tensors(
+        logits, target, weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
+    )
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(_EMPTY)
+    rows = _rows_fn(backend, chunk_size)(problem, grad if with_grad else None, with_stats)
+    loss = composite.reduce_rows(problem, rows.loss).to(output_dtype)
+    if not with_stats:
+        empty = rows.loss.new_empty(_EMPTY)
+        return loss, grad, empty, empty.clone(), empty.clone(), empty.new_empty(_EMPTY, dtype=torch.long)
+    return loss, grad, rows.lse, rows.entropy, rows.loss.to(output_dtype, copy=True), rows.argmax
+
+
+@cross_entropy.register_fake
+def _(logits, target, weight, normalizer, normalizer_value, ignore_index, reduction, smoothing, z_loss, softcap,
+      output_dtype, with_grad, with_stats, backend, chunk_size):  # fmt: skip
+    batch, _, spatial = logits.shape
+    acc = _acc_dtype(logits, target, weight)
+    rows = (batch, spatial)
+    loss = logits.new_empty(rows if reduction == "none" else (), dtype=output_dtype)
+    grad = torch.empty_like(logits) if with_grad else logits.new_empty(_EMPTY)
+    shape = rows if with_stats else _EMPTY
+    stats = [logits.new_empty(shape, dtype=dtype) for dtype in (acc, acc, output_dtype, torch.long)]
+    return (loss, grad, *stats)
+
+
+def _acc_dtype(logits: Tensor, target: Tensor, weight: Tensor | None) -> torch.dtype:
+    dtypes = [logits.dtype] + ([target.dtype] if target.is_floating_point() else [])
+    return sem.accumulation_dtype(*dtypes, *([weight.dtype] if weight is not None else []))
+
+
+_SCALARS = ("normalizer_value", "ignore_index", "reduction", "smoothing", "z_loss", "softcap", "output_dtype")
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, normalizer, *scalars = inputs
+    ctx.call = dict(zip(_SCALARS, scalars[: len(_SCALARS)]))
+    loss, grad, lse, entropy, row_loss, argmax = output
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(grad, row_loss, argmax)
+    # The gradient buffer is handed to autograd once (x.grad takes it without a copy); a later backward of the
+    # same graph (retain_graph=True) recomputes from the logits.
+    ctx.grad_buffer = grad if grad.numel() or logits.numel() == 0 else None
+    ctx.has_grad = scalars[len(_SCALARS)]  # with_grad
+    ctx.save_for_backward(logits, target, weight, normalizer)
+
+
+def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax):
+    logits, target, weight, normalizer = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    buffer, ctx.grad_buffer = ctx.grad_buffer, None
+    simple = grad_lse is None and grad_entropy is None and not (needs[1] or needs[2])
+    if simple and buffer is not None and not torch.is_grad_enabled() and ctx.has_grad:
+        grad = None if grad_loss is None else composite.scale_by_grad_output_(ctx.call["reduction"], buffer, grad_loss)
+        return (grad,) + (None,) * 14
+    call = dict(ctx.call)
+    value = call.pop("normalizer_value")
+    norm = normalizer if normalizer is not None else (value if value > 0 else None)
+    problem = sem.problem_tensors(logits.detach(), target.detach(), weight, norm, **call)
+    grads = composite.gradients(problem, logits, target, weight, needs[:3], grad_loss, grad_lse, grad_entropy)
+    return (*grads,) + (None,) * 12
+
+
+cross_entropy.register_autograd(_backward, setup_context=_setup_context)
