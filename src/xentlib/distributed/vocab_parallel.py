@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xentlib.distributed._prepare import check_positive_chunk, prepare_shard, resolve_group
+from xentlib.distributed._prepare import prepare_shard, resolve_group
 from xentlib.distributed._shard import (
     ShardProblem,
     all_reduce_max,
@@ -80,17 +80,15 @@ def vocab_parallel_cross_entropy(
         >>> loss = vocab_parallel_cross_entropy(shard, target, vocab_start=start)  # doctest: +SKIP
     """
     group = resolve_group(FN, group)
-    chunk_size = check_positive_chunk(FN, chunk_size)
 
     def local_call():
-        needs_grad = isinstance(logits_shard, Tensor) and logits_shard.requires_grad and torch.is_grad_enabled()
-        return logits_shard, target, weight, needs_grad
+        return logits_shard, target, weight, False  # the backward pass holds no collective
 
     device = logits_shard.device if isinstance(logits_shard, Tensor) else torch.device("cpu")
     problem = prepare_shard(
         FN, group, device, local_call, ignore_index, reduction, label_smoothing,
         vocab_start=vocab_start, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
-        validate=validate,
+        chunk_size=chunk_size, validate=validate,
     )  # fmt: skip
     return _VocabParallelCrossEntropy.apply(logits_shard, problem, chunk_size)
 
