@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from _launch import run_ranks, shard_bounds  # noqa: E402
+from _launch import count_all_reduces, run_ranks, shard_bounds  # noqa: E402
 from _reference import VOCAB, torch_reference  # noqa: E402
 
 from xentlib.distributed import vocab_parallel_linear_cross_entropy  # noqa: E402
 
-dist = torch.distributed
 pytestmark = pytest.mark.distributed
 
 SIZES = {2: [3, 8], 3: [4, 4, 3]}
@@ -98,25 +97,15 @@ def test_linear_matches_unsharded(world):
 
 
 def _count_linear_collectives(rank, world, rows, chunk, input_grad):
-    calls = {"n": 0}
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
     start, end = shard_bounds(SIZES[world], rank)
     x, W, b, t, _ = _case_tensors(0, (rows,), False, False, True, True)
     xs = x.requires_grad_(input_grad)
     Ws = W[start:end].clone().requires_grad_()
-    dist.all_reduce = counting
-    try:
+    with count_all_reduces() as calls:
         loss = vocab_parallel_linear_cross_entropy(xs, Ws, t, b[start:end], vocab_start=start, chunk_size=chunk)
         forward = calls["n"]
         loss.backward()
         backward = calls["n"] - forward
-    finally:
-        dist.all_reduce = real
     return forward, backward
 
 
