@@ -66,7 +66,10 @@ def run_ranks(fn, world: int, *args, timeout: float = 40.0, collective_timeout: 
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_child, args=(fn, r, world, port, results, args, collective_timeout)) for r in range(world)]
+    processes = [
+        context.Process(target=_child, args=(fn, r, world, port, results, args, collective_timeout))
+        for r in range(world)
+    ]
     for p in processes:
         p.start()
     collected: dict[int, tuple[str, object]] = {}

@@ -115,3 +115,27 @@ def test_linear_collective_count():
         assert (forward, backward) == (1 + 2 * 3, 1)
     for forward, backward in run_ranks(_count_linear_collectives, 2, 10, 16, False):
         assert (forward, backward) == (1 + 2 * 1, 0)
+
+
+def _default_chunks_with_uneven_shards(rank, world, rows):
+    """The default chunk (no chunk_size) must be the same on every rank even when the shards differ in size:
+    each chunk holds two collectives. A small CHUNK_ELEMENTS makes 3- and 8-class shards want different ones."""
+    import xentlib.distributed.linear as linear
+
+    linear.CHUNK_ELEMENTS = 1 << 12  # this forked rank only: 4096 // 3 = 1365 rows, 4096 // 8 = 512 rows
+    start, end = shard_bounds(SIZES[world], rank)
+    x, W, b, t, _ = _case_tensors(1, (rows,), False, False, True, True)
+    xs = x.clone().requires_grad_()
+    ours = vocab_parallel_linear_cross_entropy(xs, W[start:end], t, b[start:end], vocab_start=start)
+    ours.backward()
+    xr = x.clone().requires_grad_()
+    ref = torch_reference(xr @ W.T + b, t, None, -100, "mean", 0.0, 0.0, None, None)
+    ref.backward()
+    return float((ours - ref).abs()), float((xs.grad - xr.grad).abs().max())
+
+
+def test_default_chunks_agree_across_uneven_shards():
+    for loss_error, grad_error in run_ranks(
+        _default_chunks_with_uneven_shards, 2, 1000, timeout=20.0, collective_timeout=5.0
+    ):
+        assert loss_error < 1e-12 and grad_error < 1e-12

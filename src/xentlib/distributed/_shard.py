@@ -272,8 +272,13 @@ def write_gradient(sp: ShardProblem, stats: RowStats, z: Tensor, exp_d: Tensor, 
 
 
 def mean_denominator(sp: ShardProblem, target_weight: Tensor) -> Tensor:
-    """What the summed row losses are divided by: sum of w_t over non-ignored rows for weighted class-index
-    'mean' (known only after the merge); else the rules' denominator (row count, count, normalizer or 1)."""
-    if sp.rules.reduction == "mean" and sp.rules.kind == "index" and sp.weighted:
+    """What the summed row losses are divided by: for 'mean', the sum of w_t over non-ignored rows (weighted
+    class indices, known only after the merge) or the row count (probabilities: torch's numel / C of the FULL
+    logits; the shard's numel / C_r is 0 / 0 on an empty shard); else the rules' denominator (count,
+    normalizer or 1)."""
+    rules = sp.rules
+    if rules.reduction == "mean" and rules.kind == "index" and sp.weighted:
         return target_weight.sum()
-    return sp.rules.denominator
+    if rules.reduction == "mean" and rules.kind == "prob":
+        return torch.tensor(float(target_weight.numel()), dtype=sp.acc, device=target_weight.device)
+    return rules.denominator
