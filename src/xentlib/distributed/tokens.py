@@ -7,7 +7,7 @@ the mean over ALL of its non-ignored tokens (weighted by w[t] with class weights
 
 Per-micro-batch 'mean' losses divide each micro-batch by its own count, so micro-batches with few real tokens
 weigh as much as full ones: that is a different loss whenever the counts differ (padding, packing, masking).
-Instead, count T once per step (`count_tokens`: one all-reduce of one number) and use
+Instead, count T once per step (`count_tokens`: one all-reduce of two numbers, the count and an error flag) and use
 `cross_entropy(..., reduction='sum', normalizer=T)` on every micro-batch: gradients accumulate as sums, so
 after K backward passes rank r holds dL_r/dtheta with L_r = sum_{k,n} l_{r,k,n} / T.
 

@@ -1,6 +1,6 @@
 """Cross-entropy of logits sharded over the vocabulary across a process group (tensor parallelism).
 
-Collectives per call (see docs/distributed.md): forward = 1 small validation all-reduce (a (world, 19) int64
+Collectives per call (see docs/distributed.md): forward = 1 small validation all-reduce (a (world, 21) int64
 table; skipped with validate=False) + 1 all-reduce MAX of the row max (rows floats) + 1 all-reduce SUM of the
 stacked partial sums (k x rows floats, k = 2..5); backward = none (the gradient is made in the forward pass
 from the global lse).
@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xentlib.backends.torch_chunked import chunk_shape, iter_chunks
 from xentlib.distributed._prepare import prepare_shard, resolve_group
 from xentlib.distributed._shard import (
     ShardProblem,
     all_reduce_max,
     all_reduce_partials,
-    chunk_shape,
     finish_rows,
-    iter_chunks,
     local_partials,
     local_row_max,
     mean_denominator,
@@ -64,7 +63,8 @@ def vocab_parallel_cross_entropy(
         vocab_start: the global index of this shard's first class.
         vocab_size: the global V; checked against the shards when given.
         z_loss, softcap, normalizer: as in `xentlib.functional.cross_entropy`.
-        chunk_size: rows per chunk of the local work (default: about 1 MiB of float32 per chunk).
+        chunk_size: rows per chunk of the local work (default: that of the PyTorch backend, about 8 MiB of
+            float32 per chunk).
         validate: exchange a small table so that bad use raises the same error on every rank (default). With
             False the call holds only the two merge collectives, checks only locally, and needs vocab_size.
 
