@@ -7,6 +7,7 @@ collective makes the test fail after `timeout` seconds instead of hanging the su
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import queue
@@ -30,7 +31,7 @@ try:
 except ImportError:  # pragma: no cover - older torch
     pass
 
-COLLECTIVE_TIMEOUT_S = 20  # the process group's own timeout: a hung collective raises in the rank
+COLLECTIVE_TIMEOUT_S = 20  # the process group's own default timeout: a hung collective raises in the rank
 
 
 def free_port() -> int:
@@ -39,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(fn, rank: int, world: int, port: int, results, args) -> None:
+def _child(fn, rank: int, world: int, port: int, results, args, collective_timeout: float) -> None:
     try:
         torch.set_num_threads(1)  # forked OpenMP pools are not safe; one thread per rank on a small machine
         dist.init_process_group(
@@ -47,7 +48,7 @@ def _child(fn, rank: int, world: int, port: int, results, args) -> None:
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=datetime.timedelta(seconds=collective_timeout),
         )
         try:
             results.put((rank, "ok", fn(rank, world, *args)))
@@ -57,7 +58,7 @@ def _child(fn, rank: int, world: int, port: int, results, args) -> None:
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world: int, *args, timeout: float = 40.0) -> list:
+def run_ranks(fn, world: int, *args, timeout: float = 40.0, collective_timeout: float = COLLECTIVE_TIMEOUT_S) -> list:
     """fn(rank, world, *args) on `world` fork-started ranks; returns the per-rank results, in rank order.
 
     Fails the test if any rank raised (with its traceback) or if the ranks did not finish within `timeout`.
@@ -65,7 +66,10 @@ def run_ranks(fn, world: int, *args, timeout: float = 40.0) -> list:
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_child, args=(fn, r, world, port, results, args)) for r in range(world)]
+    processes = [
+        context.Process(target=_child, args=(fn, r, world, port, results, args, collective_timeout))
+        for r in range(world)
+    ]
     for p in processes:
         p.start()
     collected: dict[int, tuple[str, object]] = {}
@@ -99,3 +103,20 @@ def shard_bounds(sizes: list[int], rank: int) -> tuple[int, int]:
     """(vocab_start, vocab_end) of `rank` for contiguous shards of the given sizes."""
     start = sum(sizes[:rank])
     return start, start + sizes[rank]
+
+
+@contextlib.contextmanager
+def count_all_reduces():
+    """Counts the calls of dist.all_reduce made inside the block (in this process): yields a dict {"n": count}."""
+    calls = {"n": 0}
+    real = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = real

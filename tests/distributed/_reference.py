@@ -32,17 +32,18 @@ def torch_reference(x, t, w, ignore_index, reduction, eps, z_loss, softcap, norm
     return rows.sum() / denominator
 
 
-def make_case(seed, shape, dtype, prob, weighted, ignore_rows):
-    """Logits of `shape` (VOCAB classes), a target, a class weight; the same on every rank (same seed)."""
+def make_case(seed, shape, dtype, prob, weighted, ignore_rows, scale=3.0):
+    """Logits of `shape` (scale * randn), a target, a class weight; the same on every rank (same seed)."""
     g = torch.Generator().manual_seed(seed)
-    x = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    x = (scale * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
     class_dim = 0 if len(shape) == 1 else 1
+    classes = shape[class_dim]
     if prob:
         t = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), class_dim).to(dtype)
     else:
         t_shape = shape[:class_dim] + shape[class_dim + 1 :]
-        t = torch.randint(0, VOCAB, t_shape, generator=g)
+        t = torch.randint(0, classes, t_shape, generator=g)
         if ignore_rows and t.dim() > 0:
             t.view(-1)[::3] = -100
-    w = (torch.rand(VOCAB, generator=g, dtype=torch.float64) + 0.2).to(dtype) if weighted else None
+    w = (torch.rand(classes, generator=g, dtype=torch.float64) + 0.2).to(dtype) if weighted else None
     return x, t, w

@@ -11,14 +11,13 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from _launch import run_ranks, shard_bounds  # noqa: E402
+from _launch import count_all_reduces, run_ranks, shard_bounds  # noqa: E402
 from _reference import VOCAB, make_case, torch_reference  # noqa: E402
 
 import xentlib.functional as XF  # noqa: E402
 from xentlib.distributed import vocab_parallel_cross_entropy, vocab_shard_range  # noqa: E402
 
 F = torch.nn.functional
-dist = torch.distributed
 pytestmark = pytest.mark.distributed
 
 # Uneven shard sizes per world size (V = 11); the 3-rank layout is also out of rank order in `start` below.
@@ -180,19 +179,11 @@ def test_matches_torch_loss_parallel(world):
 
 
 def _count_collectives(rank, world, validate):
-    """Number of all_reduce calls in forward and in backward (patched counters around the real collective)."""
-    calls = {"n": 0}
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
+    """Number of all_reduce calls in forward and in backward."""
     start, end = shard_bounds(SIZES[world], rank)
     x, t, w = make_case(5, (40, VOCAB), torch.float64, False, True, True)
     shard = x[:, start:end].clone().requires_grad_()
-    dist.all_reduce = counting
-    try:
+    with count_all_reduces() as calls:
         loss = vocab_parallel_cross_entropy(
             shard, t, w[start:end], vocab_start=start, vocab_size=VOCAB, label_smoothing=0.1, chunk_size=8,
             validate=validate,
@@ -200,8 +191,6 @@ def _count_collectives(rank, world, validate):
         forward = calls["n"]
         loss.backward()
         backward = calls["n"] - forward
-    finally:
-        dist.all_reduce = real
     expected = F.cross_entropy(x, t, w, label_smoothing=0.1)
     return forward, backward, float((loss - expected).abs())
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
-from _launch import run_ranks, shard_bounds  # noqa: E402
+from _launch import count_all_reduces, run_ranks, shard_bounds  # noqa: E402
 from _reference import VOCAB, torch_reference  # noqa: E402
 
 from xentlib.distributed import vocab_parallel_linear_cross_entropy  # noqa: E402
 
-dist = torch.distributed
 pytestmark = pytest.mark.distributed
 
 SIZES = {2: [3, 8], 3: [4, 4, 3]}
@@ -98,25 +97,15 @@ def test_linear_matches_unsharded(world):
 
 
 def _count_linear_collectives(rank, world, rows, chunk, input_grad):
-    calls = {"n": 0}
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return real(*args, **kwargs)
-
     start, end = shard_bounds(SIZES[world], rank)
     x, W, b, t, _ = _case_tensors(0, (rows,), False, False, True, True)
     xs = x.requires_grad_(input_grad)
     Ws = W[start:end].clone().requires_grad_()
-    dist.all_reduce = counting
-    try:
+    with count_all_reduces() as calls:
         loss = vocab_parallel_linear_cross_entropy(xs, Ws, t, b[start:end], vocab_start=start, chunk_size=chunk)
         forward = calls["n"]
         loss.backward()
         backward = calls["n"] - forward
-    finally:
-        dist.all_reduce = real
     return forward, backward
 
 
@@ -126,3 +115,27 @@ def test_linear_collective_count():
         assert (forward, backward) == (1 + 2 * 3, 1)
     for forward, backward in run_ranks(_count_linear_collectives, 2, 10, 16, False):
         assert (forward, backward) == (1 + 2 * 1, 0)
+
+
+def _default_chunks_with_uneven_shards(rank, world, rows):
+    """The default chunk (no chunk_size) must be the same on every rank even when the shards differ in size:
+    each chunk holds two collectives. A small CHUNK_ELEMENTS makes 3- and 8-class shards want different ones."""
+    import xentlib.distributed.linear as linear
+
+    linear.CHUNK_ELEMENTS = 1 << 12  # this forked rank only: 4096 // 3 = 1365 rows, 4096 // 8 = 512 rows
+    start, end = shard_bounds(SIZES[world], rank)
+    x, W, b, t, _ = _case_tensors(1, (rows,), False, False, True, True)
+    xs = x.clone().requires_grad_()
+    ours = vocab_parallel_linear_cross_entropy(xs, W[start:end], t, b[start:end], vocab_start=start)
+    ours.backward()
+    xr = x.clone().requires_grad_()
+    ref = torch_reference(xr @ W.T + b, t, None, -100, "mean", 0.0, 0.0, None, None)
+    ref.backward()
+    return float((ours - ref).abs()), float((xs.grad - xr.grad).abs().max())
+
+
+def test_default_chunks_agree_across_uneven_shards():
+    for loss_error, grad_error in run_ranks(
+        _default_chunks_with_uneven_shards, 2, 1000, timeout=20.0, collective_timeout=5.0
+    ):
+        assert loss_error < 1e-12 and grad_error < 1e-12

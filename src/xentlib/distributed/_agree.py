@@ -60,7 +60,8 @@ class RankRecord:
     softcap: int
     normalizer: int  # float_bits of a number normalizer, -2 for a tensor, -1 for None
     has_weight: int
-    needs_grad: int  # 1 when the backward pass will run (it may hold a collective every rank must join)
+    chunk_size: int  # -1 for None (the linear version holds two collectives per chunk)
+    backward_collective: int  # 1 when the backward pass holds a collective every rank must join
     target_max: int  # largest non-ignored class index, -1 when none (class indices only)
     target_checksum: int  # sum_n (n + 1) * t_n over all rows, wrapping in int64 (class indices only)
 
@@ -92,15 +93,16 @@ def agree(
     # table[r] holds rank r's [error flag, record fields...]; every other rank contributes zeros to that row,
     # so after the SUM every rank holds every rank's row.
     table = torch.zeros(world, 1 + len(FIELD_NAMES), dtype=torch.long, device=device)
-    if local_error is not None or record is None:
-        table[rank, 0] = 1
-    else:
-        table[rank, 1:] = torch.tensor([getattr(record, n) for n in FIELD_NAMES], dtype=torch.long)
+    if local_error is None:
+        try:
+            table[rank, 1:] = torch.tensor([getattr(record, n) for n in FIELD_NAMES], dtype=torch.long)
+        except Exception as caught:  # noqa: BLE001 - a value beyond int64: raised on every rank below
+            local_error = caught
+    table[rank, 0] = int(local_error is not None)
     dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)
     rows = table.tolist()
-    failed = [r for r in range(world) if rows[r][0]]
-    if failed:
-        _raise_local_error_everywhere(fn, group, world, failed, local_error)
+    if any(row[0] for row in rows):
+        raise_everywhere(fn, group, local_error)
     records = [RankRecord(*row[1:]) for row in rows]
     problem = disagreement(records)
     if problem is not None:
@@ -109,13 +111,15 @@ def agree(
     return records
 
 
-def _raise_local_error_everywhere(fn, group, world, failed, local_error):
-    """Ranks in `failed` hold an exception: gather the messages and raise the first one on every rank."""
+def raise_everywhere(fn: str, group, local_error: BaseException | None):
+    """Some ranks of `group` hold an exception (every rank knows that some do): gather the messages and raise
+    the first failing rank's exception type and message on every rank. Call it on every rank of the group."""
     mine = None if local_error is None else (type(local_error).__name__, str(local_error))
-    messages: list = [None] * world
+    messages: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(messages, mine, group=group)
-    first = failed[0]
-    name, text = messages[first] if messages[first] is not None else ("RuntimeError", "invalid arguments")
+    failed = [r for r, message in enumerate(messages) if message is not None]
+    first = failed[0] if failed else 0
+    name, text = messages[first] if failed else ("RuntimeError", "invalid arguments")
     text = text.removeprefix(f"{fn}: ")
     error_type = _ERROR_TYPES.get(name, RuntimeError)
     others = f" (ranks {failed} failed)" if len(failed) > 1 else ""

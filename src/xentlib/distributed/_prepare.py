@@ -52,32 +52,33 @@ def prepare_shard(
     z_loss,
     softcap,
     normalizer,
+    chunk_size,
     validate: bool = True,
 ) -> ShardProblem:
     """Validate on this rank, agree with the other ranks (one small all-reduce), return the shard problem.
 
-    `local_call()` returns (logits shard in the cross_entropy layout, target, class-weight shard, whether a
-    backward pass will run); it may raise, like any local check, and then every rank raises.
+    `local_call()` returns (logits shard in the cross_entropy layout, target, class-weight shard, whether the
+    backward pass holds a collective); it may raise, like any local check, and then every rank raises.
     With validate=False only the local checks run (no collective): a rank with bad input raises alone and the
     others wait in the next collective until the process group's timeout; vocab_size is then required.
     """
+
+    def validate_here():
+        logits, target, weight, backward_collective = local_call()
+        return _prepare_local(
+            fn, logits, target, weight, ignore_index, reduction, label_smoothing,
+            vocab_start, vocab_size, z_loss, softcap, normalizer, chunk_size, backward_collective,
+        )  # fmt: skip
+
     if not validate:
         if vocab_size is None:
             raise ValueError(f"{fn}: validate=False needs vocab_size (the ranks do not exchange shard sizes)")
-        logits, target, weight, needs_grad = local_call()
-        problem, _ = _prepare_local(
-            fn, logits, target, weight, ignore_index, reduction, label_smoothing,
-            vocab_start, vocab_size, z_loss, softcap, normalizer, needs_grad,
-        )  # fmt: skip
+        problem, _ = validate_here()
         problem.vocab_size, problem.group = vocab_size, group
         return problem
     problem = record = error = None
     try:
-        logits, target, weight, needs_grad = local_call()
-        problem, record = _prepare_local(
-            fn, logits, target, weight, ignore_index, reduction, label_smoothing,
-            vocab_start, vocab_size, z_loss, softcap, normalizer, needs_grad,
-        )  # fmt: skip
+        problem, record = validate_here()
     except Exception as caught:  # noqa: BLE001 - re-raised on every rank by `agree`
         error = caught
     records = agree(fn, group, record, error, device)
@@ -87,22 +88,25 @@ def prepare_shard(
 
 
 def _check_int(fn: str, name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an int >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= value < 2**63:
+        raise ValueError(f"{fn}: {name} must be an int in [{minimum}, 2**63), got {value!r}")
     return int(value)
 
 
 def _prepare_local(
     fn, logits, target, weight, ignore_index, reduction, label_smoothing,
-    vocab_start, vocab_size, z_loss, softcap, normalizer, needs_grad,
+    vocab_start, vocab_size, z_loss, softcap, normalizer, chunk_size, backward_collective,
 ):  # fmt: skip
     reduction = sem.check_reduction(reduction)
     sem.check_tensor(fn, "input", 1, logits)
     sem.check_tensor(fn, "target", 2, target)
     sem.check_tensor(fn, "weight", 3, weight, optional=True)
+    check_same_device(logits, target=target, weight=weight)
     vocab_start = _check_int(fn, "vocab_start", vocab_start, 0)
     if vocab_size is not None:
         vocab_size = _check_int(fn, "vocab_size", vocab_size, 1)
+    if chunk_size is not None:
+        chunk_size = _check_int(fn, "chunk_size (rows per chunk)", chunk_size, 1)
     if logits.dim() == 0:
         raise ValueError(f"{fn}: the logits shard needs a class dimension (got a 0-d tensor)")
     class_dim = sem.class_dim_of(logits)
@@ -152,7 +156,8 @@ def _prepare_local(
         softcap=float_bits(rules.softcap),
         normalizer=-1 if normalizer is None else float_bits(float(normalizer)),
         has_weight=int(weight is not None),
-        needs_grad=int(bool(needs_grad)),
+        chunk_size=-1 if chunk_size is None else chunk_size,
+        backward_collective=int(bool(backward_collective)),
         target_max=target_max,
         target_checksum=target_checksum(rules.target) if rules.kind == "index" else 0,
     )
@@ -210,9 +215,12 @@ def _promote_for_weight(rules: sem.CrossEntropyProblem, logits: Tensor, target: 
         rules.grad_scale = rules.grad_scale.to(acc)
 
 
-def check_positive_chunk(fn: str, chunk_size) -> int | None:
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    return chunk_size
+def check_same_device(first: Tensor, **others: Tensor | None) -> None:
+    """torch's rule for the tensors of one op, checked before the collectives (after them, a rank that raised
+    alone would leave the others waiting)."""
+    for name, tensor in others.items():
+        if tensor is not None and tensor.device != first.device:
+            raise RuntimeError(
+                f"Expected all tensors to be on the same device, but found at least two devices, {first.device} "
+                f"and {tensor.device} ({name})"
+            )

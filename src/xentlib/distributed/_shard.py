@@ -35,34 +35,11 @@ from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
 
-# Elements per chunk of the local work: 256K float32 = 1 MiB, cache-sized (as in the PyTorch backend).
-CHUNK_ELEMENTS = 1 << 18
 
-
-def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:
-    """Rows per chunk as (batch rows, spatial positions); `chunk_size` counts rows (b, s) when given."""
-    wanted = chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // max(classes, 1))
-    if spatial == 1:
-        return max(1, min(batch, wanted)), 1
-    spatial_block = max(1, min(spatial, wanted))
-    batch_block = max(1, min(batch, wanted // spatial_block)) if spatial_block == spatial else 1
-    return batch_block, spatial_block
-
-
-def iter_chunks(batch: int, spatial: int, block: tuple[int, int]):
-    for b0 in range(0, batch, block[0]):
-        for s0 in range(0, spatial, block[1]):
-            yield slice(b0, min(b0 + block[0], batch)), slice(s0, min(s0 + block[1], spatial))
-
-
-def row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_c a[r, c, s] * b[r, c, s] -> (R, 1, S)."""
+def class_sum(a: Tensor, b: Tensor) -> Tensor:
+    """sum_c a[r, c, s] * b[r, c, s] -> (R, 1, S), elementwise in the accumulation dtype (b may broadcast, e.g. a
+    class weight viewed as (1, C, 1)): no blocked matvec, whose summation order would depend on the shapes."""
     return (a * b).sum(1, keepdim=True)
-
-
-def class_dot(a: Tensor, w: Tensor) -> Tensor:
-    """sum_c a[r, c, s] * w[c] -> (R, 1, S)."""
-    return torch.einsum("rcs,c->rs", a, w).unsqueeze(1)
 
 
 @dataclass
@@ -187,13 +164,15 @@ def local_partials(sp: ShardProblem, z: Tensor, row_max: Tensor, rows, cols, exp
             w_t = sp.class_weight[local] if sp.local_size else zero.expand_as(owned)
             parts["target_w"] = torch.where(owned, w_t, zero)
         if sp.rules.smoothing > 0:
-            parts["smooth_d"] = d.sum(1, keepdim=True) if not sp.weighted else class_dot(d, sp.class_weight)
+            parts["smooth_d"] = (
+                d.sum(1, keepdim=True) if not sp.weighted else class_sum(d, sp.class_weight.view(1, -1, 1))
+            )
             if sp.weighted:
                 parts["weight_sum"] = sp.class_weight.sum().expand_as(owned)
     else:
         q = target_weights_shard(sp, rows, cols)
         parts["q_sum"] = q.sum(1, keepdim=True)
-        parts["qd_sum"] = row_dot(q, d)
+        parts["qd_sum"] = class_sum(q, d)
     d.exp_()
     parts["sum_exp"] = d.sum(1, keepdim=True)
     return torch.cat([parts[name].to(sp.acc) for name in sp.slots()], dim=1).transpose(0, 1)
@@ -272,8 +251,13 @@ def write_gradient(sp: ShardProblem, stats: RowStats, z: Tensor, exp_d: Tensor, 
 
 
 def mean_denominator(sp: ShardProblem, target_weight: Tensor) -> Tensor:
-    """What the summed row losses are divided by: sum of w_t over non-ignored rows for weighted class-index
-    'mean' (known only after the merge); else the rules' denominator (row count, count, normalizer or 1)."""
-    if sp.rules.reduction == "mean" and sp.rules.kind == "index" and sp.weighted:
+    """What the summed row losses are divided by: for 'mean', the sum of w_t over non-ignored rows (weighted
+    class indices, known only after the merge) or the row count (probabilities: torch's numel / C of the FULL
+    logits; the shard's numel / C_r is 0 / 0 on an empty shard); else the rules' denominator (count,
+    normalizer or 1)."""
+    rules = sp.rules
+    if rules.reduction == "mean" and rules.kind == "index" and sp.weighted:
         return target_weight.sum()
-    return sp.rules.denominator
+    if rules.reduction == "mean" and rules.kind == "prob":
+        return torch.tensor(float(target_weight.numel()), dtype=sp.acc, device=target_weight.device)
+    return rules.denominator

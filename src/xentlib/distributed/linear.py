@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from xentlib import _semantics as sem
-from xentlib.distributed._prepare import check_positive_chunk, prepare_shard, resolve_group
+from xentlib.distributed._prepare import check_same_device, prepare_shard, resolve_group
 from xentlib.distributed._shard import (
     RowStats,
     ShardProblem,
@@ -77,7 +77,6 @@ def vocab_parallel_linear_cross_entropy(
     the input gradient (none when the input does not require grad).
     """
     group = resolve_group(FN, group)
-    chunk_size = check_positive_chunk(FN, chunk_size)
     shape = {}
 
     def local_call():
@@ -97,14 +96,14 @@ def vocab_parallel_linear_cross_entropy(
                 f"this rank's classes), got {tuple(target.shape)}"
             )
         shape.update(lead=lead, target=flat_target)
-        needs = any(t is not None and t.requires_grad for t in (input, weight_shard, bias_shard))
-        return stand_in, flat_target, class_weight, needs and torch.is_grad_enabled()
+        # the backward pass all-reduces the input gradient: every rank must take part or none
+        return stand_in, flat_target, class_weight, input.requires_grad and torch.is_grad_enabled()
 
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
     problem = prepare_shard(
         FN, group, device, local_call, ignore_index, reduction, label_smoothing,
         vocab_start=vocab_start, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
-        validate=validate,
+        chunk_size=chunk_size, validate=validate,
     )  # fmt: skip
     loss = _VocabParallelLinearCrossEntropy.apply(
         input, weight_shard, bias_shard, problem, _rows_per_chunk(problem, chunk_size)
@@ -118,6 +117,7 @@ def _check_linear_args(input, weight_shard, bias_shard) -> None:
     sem.check_tensor(FN, "input", 1, input)
     sem.check_tensor(FN, "weight_shard", 2, weight_shard)
     sem.check_tensor(FN, "bias_shard", 4, bias_shard, optional=True)
+    check_same_device(input, weight_shard=weight_shard, bias_shard=bias_shard)
     if input.dim() == 0 or weight_shard.dim() != 2 or input.shape[-1] != weight_shard.shape[1]:
         raise ValueError(
             f"{FN}: input (..., D) and weight_shard (C_r, D) do not match: {tuple(input.shape)} and "
@@ -134,9 +134,12 @@ def _check_linear_args(input, weight_shard, bias_shard) -> None:
 
 
 def _rows_per_chunk(problem: ShardProblem, chunk_size: int | None) -> int:
+    """Rows per token chunk, the same on every rank (each chunk holds two collectives): from the size of an
+    even shard of the global vocabulary, never from this rank's own shard size."""
     if chunk_size is not None:
         return chunk_size
-    return max(512, CHUNK_ELEMENTS // max(problem.local_size, 1))
+    even_shard = -(-problem.vocab_size // dist.get_world_size(problem.group))
+    return max(512, CHUNK_ELEMENTS // max(even_shard, 1))
 
 
 def _fields_of(stats: RowStats) -> tuple[Tensor, ...]:

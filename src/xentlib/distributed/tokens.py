@@ -7,7 +7,7 @@ the mean over ALL of its non-ignored tokens (weighted by w[t] with class weights
 
 Per-micro-batch 'mean' losses divide each micro-batch by its own count, so micro-batches with few real tokens
 weigh as much as full ones: that is a different loss whenever the counts differ (padding, packing, masking).
-Instead, count T once per step (`count_tokens`: one all-reduce of one number) and use
+Instead, count T once per step (`count_tokens`: one all-reduce of two numbers, the count and an error flag) and use
 `cross_entropy(..., reduction='sum', normalizer=T)` on every micro-batch: gradients accumulate as sums, so
 after K backward passes rank r holds dL_r/dtheta with L_r = sum_{k,n} l_{r,k,n} / T.
 
@@ -25,6 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from xentlib import _semantics as sem
+from xentlib.distributed._agree import raise_everywhere
+
+FN = "count_tokens"
+
 
 def count_tokens(
     targets: Tensor | Sequence[Tensor],
@@ -36,34 +41,88 @@ def count_tokens(
 
     With a (full, unsharded) class weight, the sum of weight[t] over the non-ignored targets: the denominator
     of reduction='mean'. Without an initialized process group, the local count. Every rank of `group` must
-    call it (it holds one all-reduce of one number) and gets the same value.
+    call it (it holds one all-reduce of two numbers) and gets the same value, or the same error when the
+    arguments of any rank are wrong.
     """
+    group = _data_parallel_group(group)
+    if group is None:
+        return _local_count(targets, ignore_index, weight)
+    error = None
+    # Before: [this rank's (weighted) token count over its micro-batches, 1 if its arguments are wrong else 0].
+    # After:  the sums over all ranks, identical on every rank: every rank returns the count or raises.
+    count_and_errors = torch.zeros(2, dtype=torch.float64, device=_device_of(targets))
+    try:
+        count_and_errors[0] = _local_count(targets, ignore_index, weight)
+    except Exception as caught:  # noqa: BLE001 - raised on every rank below
+        error = caught
+        count_and_errors[1] = 1.0
+    dist.all_reduce(count_and_errors, op=dist.ReduceOp.SUM, group=group)
+    if count_and_errors[1] > 0:
+        raise_everywhere(FN, group, error)
+    return count_and_errors[0].clone()
+
+
+def _data_parallel_group(group):
+    """The group to count over, or None to count locally (no process group, or a group of one)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if group is None else group
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{FN}: this process (global rank {dist.get_rank()}) is not a member of `group`")
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _device_of(targets) -> torch.device:
+    """Where the count lives: the first target's device (the CPU when the arguments hold no tensor)."""
+    if _is_sequence(targets) and len(targets) > 0:
+        targets = targets[0]
+    return targets.device if isinstance(targets, Tensor) else torch.device("cpu")
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _local_count(targets, ignore_index, weight) -> Tensor:
+    """This rank's (weighted) count of non-ignored targets, as a 0-d float64 tensor; raises on bad arguments."""
     if isinstance(targets, Tensor):
         targets = [targets]
-    if len(targets) == 0:
-        raise ValueError("count_tokens needs at least one target tensor")
-    device = targets[0].device
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    if not _is_sequence(targets) or len(targets) == 0:
+        raise ValueError(f"{FN} needs a target tensor or a non-empty sequence of them, got {targets!r}")
+    ignore_index = sem.check_ignore_index(FN, ignore_index)
+    if weight is not None and (not isinstance(weight, Tensor) or weight.dim() != 1 or not weight.is_floating_point()):
+        raise ValueError(f"{FN}: weight must be the full class weight, a 1-D floating tensor, got {weight!r}")
+    total = torch.zeros((), dtype=torch.float64, device=_device_of(targets))
     for target in targets:
-        if target.is_floating_point() or target.is_complex():
-            raise TypeError(
-                f"count_tokens expects class-index targets (int64 or uint8), got {target.dtype}; probability "
-                f"targets count rows: pass their number as the normalizer"
-            )
+        _check_target(target, ignore_index, weight)
         valid = target != ignore_index
         if weight is None:
             total += valid.sum()
         else:
             safe = torch.where(valid, target, torch.zeros((), dtype=target.dtype, device=target.device)).long()
             picked = weight.detach().to(torch.float64)[safe]
-            total += torch.where(valid, picked, torch.zeros((), dtype=torch.float64, device=device)).sum()
-    if dist.is_available() and dist.is_initialized():
-        group = dist.group.WORLD if group is None else group
-        if dist.get_world_size(group) > 1:
-            # Before: this rank's (weighted) token count over its micro-batches.
-            # After: the count over all ranks, identical on every rank.
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+            total += torch.where(valid, picked, torch.zeros((), dtype=torch.float64, device=total.device)).sum()
     return total
+
+
+def _check_target(target, ignore_index: int, weight: Tensor | None) -> None:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{FN} expects class-index target tensors, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"{FN} expects class-index targets (int64 or uint8), got {target.dtype}; probability "
+            f"targets count rows: pass their number as the normalizer"
+        )
+    if weight is None:
+        return
+    valid = target[target != ignore_index]
+    low, high = (int(valid.min()), int(valid.max())) if valid.numel() else (0, 0)
+    if low < 0 or high >= weight.numel():
+        bad = low if low < 0 else high
+        raise IndexError(
+            f"{FN}: Target {bad} is out of bounds (expected class indices in [0, {weight.numel() - 1}] for the "
+            f"class weight of {weight.numel()} classes, or ignore_index)"
+        )
 
 
 def data_parallel_normalizer(
@@ -79,9 +138,10 @@ def data_parallel_normalizer(
     (DDP and FSDP do by default); the plain count when it sums them.
     """
     count = count_tokens(targets, ignore_index, weight, group)
-    if not gradients_averaged or not (dist.is_available() and dist.is_initialized()):
+    group = _data_parallel_group(group)
+    if not gradients_averaged or group is None:
         return count
-    return count / dist.get_world_size(dist.group.WORLD if group is None else group)
+    return count / dist.get_world_size(group)
 
 
 def vocab_shard_range(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Cross-entropy of logits sharded over the vocabulary across a process group (tensor parallelism).
 
-Collectives per call (see docs/distributed.md): forward = 1 small validation all-reduce (a (world, 19) int64
+Collectives per call (see docs/distributed.md): forward = 1 small validation all-reduce (a (world, 21) int64
 table; skipped with validate=False) + 1 all-reduce MAX of the row max (rows floats) + 1 all-reduce SUM of the
 stacked partial sums (k x rows floats, k = 2..5); backward = none (the gradient is made in the forward pass
 from the global lse).
@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from xentlib.distributed._prepare import check_positive_chunk, prepare_shard, resolve_group
+from xentlib.backends.torch_chunked import chunk_shape, iter_chunks
+from xentlib.distributed._prepare import prepare_shard, resolve_group
 from xentlib.distributed._shard import (
     ShardProblem,
     all_reduce_max,
     all_reduce_partials,
-    chunk_shape,
     finish_rows,
-    iter_chunks,
     local_partials,
     local_row_max,
     mean_denominator,
@@ -64,7 +63,8 @@ def vocab_parallel_cross_entropy(
         vocab_start: the global index of this shard's first class.
         vocab_size: the global V; checked against the shards when given.
         z_loss, softcap, normalizer: as in `xentlib.functional.cross_entropy`.
-        chunk_size: rows per chunk of the local work (default: about 1 MiB of float32 per chunk).
+        chunk_size: rows per chunk of the local work (default: that of the PyTorch backend, about 8 MiB of
+            float32 per chunk).
         validate: exchange a small table so that bad use raises the same error on every rank (default). With
             False the call holds only the two merge collectives, checks only locally, and needs vocab_size.
 
@@ -80,17 +80,15 @@ def vocab_parallel_cross_entropy(
         >>> loss = vocab_parallel_cross_entropy(shard, target, vocab_start=start)  # doctest: +SKIP
     """
     group = resolve_group(FN, group)
-    chunk_size = check_positive_chunk(FN, chunk_size)
 
     def local_call():
-        needs_grad = isinstance(logits_shard, Tensor) and logits_shard.requires_grad and torch.is_grad_enabled()
-        return logits_shard, target, weight, needs_grad
+        return logits_shard, target, weight, False  # the backward pass holds no collective
 
     device = logits_shard.device if isinstance(logits_shard, Tensor) else torch.device("cpu")
     problem = prepare_shard(
         FN, group, device, local_call, ignore_index, reduction, label_smoothing,
         vocab_start=vocab_start, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap, normalizer=normalizer,
-        validate=validate,
+        chunk_size=chunk_size, validate=validate,
     )  # fmt: skip
     return _VocabParallelCrossEntropy.apply(logits_shard, problem, chunk_size)
 
