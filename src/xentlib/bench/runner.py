@@ -3,6 +3,7 @@ then the table, the CSV and the plots."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -203,7 +204,9 @@ def run(config: BenchConfig, echo=print) -> int:
     machine_path.write_text(json.dumps({"machine": info, "limits": all_limits}, indent=2) + "\n")
     print_table(rows, echo)
     written = [config.out / "results.csv", machine_path]
-    if config.plots:
+    if config.plots and importlib.util.find_spec("matplotlib") is None:
+        echo("no plots: matplotlib is not installed (pip install 'xentlib[bench]')")
+    elif config.plots:
         from xentlib.bench.plots import plot_results
 
         written += plot_results(rows, config.out)
