@@ -15,7 +15,6 @@ PROBLEMS = ("ce", "linear")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-
 @dataclass(frozen=True)
 class Preset:
     """A named run: its shapes, and the dtypes / implementations used unless --dtypes / --impls are given."""

@@ -22,6 +22,7 @@ bandwidth, exp throughput) are measured first and every result is also shown as 
 
 Results go to --out as results.csv, machine.json, ce.png and linear.png (plots: pip install 'xentlib[bench]')."""
 
+
 def _preset_lines() -> str:
     lines = []
     for name, preset in PRESETS.items():
