@@ -16,6 +16,10 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 	$(PIP) "$(TORCH)" -e ".[demo]"
 	touch $@
 
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(PIP) "$(TORCH)" -e ".[bench]"
+	touch $@
+
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(PIP) "$(TORCH)" -e ".[dev,demo,triton,hf]"
 	touch $@
@@ -31,8 +35,9 @@ check: $(VENV)/.test-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(VENV)/.demo-installed
-	$(BIN)/xentlib bench
+# BENCH_ARGS picks the run, e.g. make bench BENCH_ARGS="--preset tiny" or "--device cuda --preset gpu-large".
+bench: $(VENV)/.bench-installed
+	$(BIN)/xentlib bench $(BENCH_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

@@ -251,7 +251,7 @@ def test_plain_table_without_rich(monkeypatch, capsys):
     """Without rich the table is plain text with the same columns and ratios."""
     monkeypatch.syspath_prepend(str(REPO_ROOT))
     monkeypatch.setitem(sys.modules, "rich", None)
-    from benchmarks.report import add_ratios, print_table
+    from xentlib.bench.report import add_ratios, print_table
 
     def row(impl, fwdbwd_ms, extra_mib):
         times = {f"{phase}_{stat}_ms": fwdbwd_ms / 2 for phase in ("fwd", "bwd") for stat in ("median", "min", "max")}

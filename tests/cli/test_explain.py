@@ -106,6 +106,26 @@ def test_textbook_example_prints_row_losses_and_mean(capsys):
     assert cross_check(out, "torch")[1] == "agrees"
 
 
+def test_textbook_numbers_as_printed(capsys):
+    """The printed 4-decimal numbers of the textbook example, unchanged: rows 1.5210 and 0.6247, mean 1.0729."""
+    code, out, _ = explain(capsys, "--example", "textbook")
+    assert code == 0
+    assert re.findall(r"loss = -log p\[t\] = ([-\d.]+)", out) == ["1.5210", "0.6247"]
+    assert re.search(r"= 2\.1457 / 2\.0000 = ([\d.]+)", out).group(1) == "1.0729"
+
+
+@pytest.mark.parametrize("name", ["textbook", "class-weights", "label-smoothing", "probability-target", "linear"])
+def test_the_steps_are_the_references(capsys, name):
+    """The steps are read from xentlib.reference, not computed a second way: the reference's row shows no
+    difference at all (a separate float64 formulation differed from it in the last bit)."""
+    code, out, _ = explain(capsys, "--example", name, "--decimals", "6")
+    assert code == 0
+    source, value, difference = next(
+        re.split(r"\s*│\s*", line.strip("│ "))[:3] for line in out.splitlines() if "xentlib.reference." in line
+    )
+    assert difference == "0.0e+00", (source, value, difference)
+
+
 def test_textbook_steps_match_torch_log_softmax(capsys):
     """The per-row table: max, sum exp, lse and log p[t] as torch computes them."""
     code, out, _ = explain(capsys, "--example", "textbook", "--decimals", "10")

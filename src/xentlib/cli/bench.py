@@ -2,16 +2,15 @@
 Liger Kernel / Cut Cross-Entropy on GPU when installed) in one run: time, peak memory, machine limits, CSV
 and plots.
 
-The benchmark code lives in the repository's `benchmarks/` folder (not in the installed package); this module
-finds it next to `src/` or in the current directory. See docs/benchmarks.md.
+The command line lives here; the measurements live in `xentlib.bench` (part of the installed package; the
+plots need the `bench` extra). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-from pathlib import Path
+
+from xentlib.bench.config import PRESETS
 
 DESCRIPTION = """\
 Benchmark xentlib's cross_entropy and linear_cross_entropy against torch eager, torch.compile (compile time
@@ -21,20 +20,29 @@ forward+backward times (median, min-max over --repeats after --warmup), and peak
 resident-set high-water mark; GPU: torch.cuda.max_memory_allocated). Machine limits (matmul GFLOP/s, memory
 bandwidth, exp throughput) are measured first and every result is also shown as a fraction of its limit.
 
-Needs a source checkout (the benchmarks/ folder); results go to --out as results.csv, machine.json, ce.png and
-linear.png."""
+Results go to --out as results.csv, machine.json, ce.png and linear.png (plots: pip install 'xentlib[bench]')."""
 
-EPILOG = """\
+
+def _preset_lines() -> str:
+    lines = []
+    for name, preset in PRESETS.items():
+        lines.append(f"  {name} = {','.join(preset.shapes)}")
+        lines.append(f"      {preset.what}")
+    return "\n".join(lines)
+
+
+EPILOG = f"""\
 shapes: ce:NxV (logits N x V) and linear:NxDxV (input N x D, weight V x D), comma-separated.
-presets: default = ce:2048x32000,linear:1024x512x32000 (a few minutes on 2 CPU cores);
-         issue = ce:4096x32000,ce:8192x50257,ce:4096x128256,
-                 linear:2048x1024x32000,linear:4096x2048x50257,linear:2048x2048x128256;
-         tiny = ce:256x4000,linear:128x64x4000 (seconds).
-implementations: xentlib, xentlib-inplace (ce), torch-eager, torch-compile, torch-chunked (linear), liger, cce
-         (GPU only), 3-matmuls (linear: x@W.T, dZ@W, dZ.T@x, the floor of any linear cross-entropy).
+presets (default: default):
+{_preset_lines()}
+implementations: xentlib, xentlib-inplace (ce), xentlib-tiled (linear, GPU), torch-eager, torch-compile,
+  torch-chunked (linear), liger, cce (GPU peers: run when importable, skipped with a note otherwise),
+  3-matmuls (linear: x@W.T, dZ@W, dZ.T@x, the floor of any linear cross-entropy).
 examples:
   xentlib bench
-  xentlib bench --preset issue --dtypes bf16
+  xentlib bench --preset tiny
+  xentlib bench --preset llm-vocab --dtypes bf16
+  xentlib bench --device cuda --preset gpu-large --warmup 3 --repeats 10
   xentlib bench --shapes ce:4096x32000 --impls xentlib,torch-eager --thp both
   xentlib bench --preset tiny --targets prob --label-smoothing 0.1 --out /tmp/bench"""
 
@@ -49,9 +57,9 @@ def register(subparsers) -> None:
     )
     what = parser.add_argument_group("what to run")
     what.add_argument("--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV (replaces --preset)")
-    what.add_argument("--preset", choices=("default", "issue", "tiny"), help="a named set of shapes (default: default)")
+    what.add_argument("--preset", choices=tuple(PRESETS), help="a named run, see below (default: default)")
     what.add_argument("--problems", metavar="LIST", help="keep only these problems: ce, linear (default: both)")
-    what.add_argument("--dtypes", metavar="LIST", default="fp32,bf16", help="fp32, bf16, fp16 (default: fp32,bf16)")
+    what.add_argument("--dtypes", metavar="LIST", help="fp32, bf16, fp16 (default: the preset's, fp32,bf16 for most)")
     what.add_argument("--impls", metavar="LIST", help="keep only these implementations (default: all that apply)")
     what.add_argument(
         "--targets", choices=("index", "prob"), default="index", help="class indices or class probabilities"
@@ -89,40 +97,14 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def find_benchmarks_root() -> Path | None:
-    """The folder holding `benchmarks/`: this source checkout (src/xentlib/cli/ -> repo root) or the cwd."""
-    for root in (Path(__file__).resolve().parents[3], Path.cwd()):
-        if (root / "benchmarks" / "__init__.py").is_file() and (root / "benchmarks" / "runner.py").is_file():
-            return root
-    return None
-
-
-def import_benchmarks(root: Path):
-    """Imports `benchmarks.config` and `benchmarks.runner` from `root`, ahead of any other `benchmarks`."""
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    loaded = sys.modules.get("benchmarks")
-    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent != root / "benchmarks":
-        for name in [name for name in sys.modules if name == "benchmarks" or name.startswith("benchmarks.")]:
-            del sys.modules[name]
-    return importlib.import_module("benchmarks.config"), importlib.import_module("benchmarks.impls")
-
-
 def run(args) -> int:
+    from xentlib.bench import config as config_module
+    from xentlib.bench import runner
+    from xentlib.bench.impls import IMPL_NAMES
     from xentlib.cli import CLIError
 
-    if args.preset is None and args.shapes is None:
-        args.preset = "default"
-    root = find_benchmarks_root()
-    if root is None:
-        raise CLIError("benchmarks/ not found: run from a source checkout of xentlib (git clone, then xentlib bench)")
-    config_module, impls_module = import_benchmarks(root)
     try:
-        config = config_module.config_from_args(args, impls_module.IMPL_NAMES)
-    except config_module.BenchConfigError as error:
-        raise CLIError(str(error)) from None
-    runner = importlib.import_module("benchmarks.runner")
-    try:
+        config = config_module.config_from_args(args, IMPL_NAMES)
         return runner.run(config)
     except config_module.BenchConfigError as error:
         raise CLIError(str(error)) from None

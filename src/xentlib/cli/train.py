@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xentlib.cli import CLIError
+from xentlib.cli._shared import require_packages
 
 DATASETS = ("digits", "mnist5k")
 MODELS = ("cnn", "mlp")
@@ -171,16 +172,6 @@ def train_and_report(args: argparse.Namespace, config: Config, console) -> None:
     if args.plot is not None:
         write_plot(runs, config, args.plot)
         console.print(f"wrote {args.plot}")
-
-
-def require_packages(*names: str) -> None:
-    import importlib.util
-
-    missing = [name for name in names if importlib.util.find_spec(name) is None]
-    if missing:
-        pip_names = {"sklearn": "scikit-learn"}
-        wanted = " ".join(pip_names.get(name, name) for name in missing)
-        raise CLIError(f"this needs {', '.join(missing)}: pip install {wanted}")
 
 
 def make_config(args: argparse.Namespace) -> Config:

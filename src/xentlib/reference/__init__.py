@@ -5,8 +5,8 @@ returns float64. Each forward has an analytic backward beside it (no autodiff, n
 NumPy is imported: this package works where torch is not installed.
 
     log_softmax, softmax (+ _backward)              softmax.py
-    nll_loss (+ _backward)                          nll.py
-    cross_entropy (+ _backward), cross_entropy_stats (+ _backward)
+    nll_loss (+ _backward, _steps)                  nll.py
+    cross_entropy (+ _backward), cross_entropy_stats (+ _backward), cross_entropy_steps (every intermediate)
                                                     cross_entropy.py  (the unified formula lives there)
     linear_cross_entropy (+ _backward)              linear.py
     binary_cross_entropy(_with_logits) (+ _backward) bce.py
@@ -44,24 +44,29 @@ from xentlib.reference.bce import (
 from xentlib.reference.cross_entropy import (
     CrossEntropyGrads,
     CrossEntropyStats,
+    CrossEntropySteps,
+    SoftmaxSteps,
     cross_entropy,
     cross_entropy_backward,
     cross_entropy_stats,
     cross_entropy_stats_backward,
+    cross_entropy_steps,
 )
 from xentlib.reference.linear import (
     LinearCrossEntropyGrads,
     linear_cross_entropy,
     linear_cross_entropy_backward,
 )
-from xentlib.reference.nll import nll_loss, nll_loss_backward
+from xentlib.reference.nll import nll_loss, nll_loss_backward, nll_loss_steps
 from xentlib.reference.softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
 __all__ = [
     "BCEGrads",
     "CrossEntropyGrads",
     "CrossEntropyStats",
+    "CrossEntropySteps",
     "LinearCrossEntropyGrads",
+    "SoftmaxSteps",
     "binary_cross_entropy",
     "binary_cross_entropy_backward",
     "binary_cross_entropy_with_logits",
@@ -70,12 +75,14 @@ __all__ = [
     "cross_entropy_backward",
     "cross_entropy_stats",
     "cross_entropy_stats_backward",
+    "cross_entropy_steps",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "log_softmax",
     "log_softmax_backward",
     "nll_loss",
     "nll_loss_backward",
+    "nll_loss_steps",
     "softmax",
     "softmax_backward",
 ]

@@ -27,6 +27,7 @@ in an ignored row never leak).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -83,14 +84,33 @@ def soft_cap(x: np.ndarray, softcap) -> tuple[np.ndarray, np.ndarray | None]:
     return s * t, 1.0 - t * t  # d/dx s tanh(x/s) = 1 - tanh^2(x/s) = 1 - (y/s)^2
 
 
-def log_softmax_rows(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lse, log p) of each row of an (R, C) matrix, shifting by the row maximum first."""
+@dataclass(frozen=True)
+class SoftmaxSteps:
+    """log_softmax of each row of an (R, C) matrix, every intermediate kept (the order a learner follows)."""
+
+    row_max: np.ndarray  # (R,) m = max_c y_c
+    exp_shifted: np.ndarray  # (R, C) exp(y_c - m): every exponent <= 0, so nothing overflows
+    exp_sum: np.ndarray  # (R,) s = sum_c exp(y_c - m)
+    lse: np.ndarray  # (R,) lse = m + log s
+    log_p: np.ndarray  # (R, C) log p_c = (y_c - m) - log s: no cancellation at 1e4
+
+
+def softmax_steps(y: np.ndarray) -> SoftmaxSteps:
+    """The stable log_softmax of each row, shifting by the row maximum first."""
     with quiet():
         m = y.max(axis=1, keepdims=True)  # m = max_c y_c
-        log_sum = np.log(np.exp(y - m).sum(axis=1, keepdims=True))  # log sum_c exp(y_c - m)
-        lse = (m + log_sum)[:, 0]  # lse = m + log sum_c exp(y_c - m)
-        log_p = (y - m) - log_sum  # log p_c = (y_c - m) - log sum exp(y - m): no cancellation at 1e4
-    return lse, log_p
+        exp_shifted = np.exp(y - m)  # exp(y_c - m)
+        exp_sum = exp_shifted.sum(axis=1, keepdims=True)  # s = sum_c exp(y_c - m)
+        log_sum = np.log(exp_sum)  # log s
+        lse = (m + log_sum)[:, 0]  # lse = m + log s
+        log_p = (y - m) - log_sum  # log p_c = (y_c - m) - log s
+    return SoftmaxSteps(m[:, 0], exp_shifted, exp_sum[:, 0], lse, log_p)
+
+
+def log_softmax_rows(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(lse, log p) of each row of an (R, C) matrix."""
+    steps = softmax_steps(y)
+    return steps.lse, steps.log_p
 
 
 def entropy_rows(log_p: np.ndarray) -> np.ndarray:
@@ -99,69 +119,109 @@ def entropy_rows(log_p: np.ndarray) -> np.ndarray:
         return -np.where(log_p == -np.inf, 0.0, np.exp(log_p) * log_p).sum(axis=1)
 
 
-class _Problem(NamedTuple):
-    """Everything the forward and the backward share, in the (R, C) row layout."""
+@dataclass(frozen=True)
+class CrossEntropySteps:
+    """Every intermediate of a cross-entropy (or nll_loss) in the (R, C) row layout: what the forward and the
+    backward share, and what `xentlib explain` prints. See the module docstring for the formulas."""
 
     layout: Layout
-    y: np.ndarray  # (R, C) logits after the soft cap
+    logits: np.ndarray  # (R, C) y: the logits after the soft cap (for nll_loss: the given log-probabilities)
     cap_slope: np.ndarray | None  # (R, C) dy/dx of the soft cap, None without one
-    lse: np.ndarray  # (R,) log sum_c exp(y_c)
-    log_p: np.ndarray  # (R, C) y - lse
+    softmax: SoftmaxSteps | None  # row max, exp(y - m), their sum, lse, log p (None for nll_loss)
+    log_p: np.ndarray  # (R, C) log p: softmax.log_p, or the input of nll_loss
     counted: np.ndarray  # (R,) bool: rows that are not ignored
-    q: np.ndarray  # (R, C) target weights q (0 on ignored rows)
+    q: np.ndarray  # (R, C) target weights q: how much each -log p_c counts in row n (0 on ignored rows)
     w: np.ndarray  # (C,) class weights
     eps: float  # label smoothing
     indices: IndexTargets | None  # class-index targets (None for probabilities)
     probs: np.ndarray | None  # (R, C) probability targets as given (None for class indices)
+    target_log_p: np.ndarray | None  # (R,) log p[n, t_n], gathered (class indices; 0-indexed on ignored rows)
+    smoothing_term: np.ndarray  # (R,) (eps/C) sum_c w_c (-log p_c) (class indices; 0 without smoothing)
+    loss: np.ndarray  # (R,) l_n, the reduction='none' value (flattened); exactly 0 on ignored rows
+    row_grad: np.ndarray  # (R, C) dl_n/dy = (sum_c q_c + 2 z lse) p - q  (nll_loss: -q); 0 on ignored rows
     mean_denominator: np.float64  # D of the 'mean' reduction
 
+    @property
+    def lse(self) -> np.ndarray:
+        return self.softmax.lse
 
-def _prepare(input, target, weight, ignore_index, label_smoothing, softcap) -> _Problem:
+
+def index_target_weights(indices: IndexTargets, w: np.ndarray, eps: float, shape: tuple) -> np.ndarray:
+    """q = (1-eps) w[t] onehot(t) + (eps/C) w on counted rows, 0 on ignored rows."""
+    num_rows, num_classes = shape
+    q = np.zeros(shape)
+    q[np.arange(num_rows), indices.index] = (1.0 - eps) * indices.w_t  # (1-eps) w[t] onehot(t)
+    q += (eps / num_classes) * w  # + (eps/C) w
+    q[~indices.counted] = 0.0  # ignored rows carry no target
+    return q
+
+
+def index_target_loss(log_p: np.ndarray, indices: IndexTargets, w: np.ndarray, eps: float):
+    """(log p[n, t_n], smoothing term, l_n without z-loss) for class-index targets."""
+    num_rows, num_classes = log_p.shape
+    with quiet():
+        # -log p_{t_n}, gathered: a -inf logit on another class cannot turn this into 0 * inf.
+        target_log_p = log_p[np.arange(num_rows), indices.index]
+        data = (1.0 - eps) * indices.w_t * -target_log_p  # (1-eps) w[t] (-log p_t)
+        smoothing = np.zeros(num_rows)
+        if eps > 0.0:
+            smoothing = (eps / num_classes) * -(w * log_p).sum(axis=1)  # (eps/C) sum_c w_c (-log p_c)
+            data = data + smoothing
+    return target_log_p, smoothing, data
+
+
+def cross_entropy_steps(
+    input,
+    target,
+    weight=None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> CrossEntropySteps:
+    """Every intermediate of `cross_entropy(...)` for the same arguments (the reduction is applied apart)."""
     x = as_float64(input)
     layout = class_layout(x.shape)
     num_rows, num_classes = layout.num_rows, layout.num_classes
     w = class_weights(weight, num_classes)
     eps = smoothing_amount(label_smoothing)
     y, cap_slope = soft_cap(layout.to_rows(x), softcap)
-    lse, log_p = log_softmax_rows(y)
+    softmax = softmax_steps(y)
+    log_p = softmax.log_p
     target = np.asarray(target)
 
     if target.shape == x.shape:  # probability targets: same shape as the input
         if ignore_index >= 0:
             raise ValueError("ignore_index is not supported for probability targets (use a negative value)")
-        probs = layout.to_rows(as_float64(target))
+        indices, probs = None, layout.to_rows(as_float64(target))
         q = w * ((1.0 - eps) * probs + eps / num_classes)  # q_c = w_c ((1-eps) t_c + eps/C)
         counted = np.ones(num_rows, dtype=bool)  # no row is ignored
-        return _Problem(layout, y, cap_slope, lse, log_p, counted, q, w, eps, None, probs, np.float64(num_rows))
-
-    indices = index_targets(target, layout, w, ignore_index)
-    q = np.zeros_like(y)
-    q[np.arange(num_rows), indices.index] = (1.0 - eps) * indices.w_t  # (1-eps) w[t] onehot(t)
-    q += (eps / num_classes) * w  # + (eps/C) w
-    q[~indices.counted] = 0.0  # ignored rows carry no target
-    denominator = indices.w_t.sum()  # sum_{n counted} w[t_n]
-    return _Problem(layout, y, cap_slope, lse, log_p, indices.counted, q, w, eps, indices, None, denominator)
-
-
-def _row_losses(pb: _Problem, z_loss: float) -> np.ndarray:
-    """l_n = -sum_c q_c log p_c + z lse^2 for counted rows, exactly 0 for ignored rows."""
-    num_classes = pb.layout.num_classes
+        target_log_p, smoothing = None, np.zeros(num_rows)
+        with quiet():
+            data = -(q * log_p).sum(axis=1)  # -sum_c q_c log p_c
+        denominator = np.float64(num_rows)
+    else:
+        indices, probs = index_targets(target, layout, w, ignore_index), None
+        q = index_target_weights(indices, w, eps, y.shape)
+        counted = indices.counted
+        target_log_p, smoothing, data = index_target_loss(log_p, indices, w, eps)
+        denominator = indices.w_t.sum()  # sum_{n counted} w[t_n]
     with quiet():
-        if pb.indices is not None:
-            # -log p_{t_n}, gathered: a -inf logit on another class cannot turn this into 0 * inf.
-            nll = -pb.log_p[np.arange(pb.layout.num_rows), pb.indices.index]
-            data = (1.0 - pb.eps) * pb.indices.w_t * nll  # (1-eps) w[t] (-log p_t)
-            if pb.eps > 0.0:
-                smooth = -(pb.w * pb.log_p).sum(axis=1)  # sum_c w_c (-log p_c)
-                data = data + (pb.eps / num_classes) * smooth  # + (eps/C) sum_c w_c (-log p_c)
-        else:
-            data = -(pb.q * pb.log_p).sum(axis=1)  # -sum_c q_c log p_c
         if z_loss:
-            data = data + z_loss * pb.lse**2  # z-loss: z lse^2, not class-weighted
-        return np.where(pb.counted, data, 0.0)
+            data = data + z_loss * softmax.lse**2  # z-loss: z lse^2, not class-weighted
+        loss = np.where(counted, data, 0.0)
+        scale = q.sum(axis=1)  # sum_c q_c
+        if z_loss:
+            scale = scale + 2.0 * z_loss * softmax.lse  # + 2 z lse
+        row_grad = np.where(counted[:, None], scale[:, None] * np.exp(log_p) - q, 0.0)
+    return CrossEntropySteps(
+        layout, y, cap_slope, softmax, log_p, counted, q, w, eps, indices, probs,
+        target_log_p, smoothing, loss, row_grad, denominator,
+    )  # fmt: skip
 
 
-def _divisor(pb: _Problem, reduction: str, normalizer):
+def _divisor(pb: CrossEntropySteps, reduction: str, normalizer):
     """What the summed row losses are divided by: D for 'mean', the normalizer M or 1 for 'sum'."""
     check_reduction(reduction)
     if normalizer is not None:
@@ -185,9 +245,9 @@ def cross_entropy(
 ):
     """Cross-entropy of logits `input` (class dimension 1, or 0 for 1-D) against class indices or
     probabilities; see the module docstring for every formula."""
-    pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
-    divisor = _divisor(pb, reduction, normalizer)
-    return reduce(_row_losses(pb, z_loss), reduction, divisor, pb.layout.row_shape)
+    steps = cross_entropy_steps(input, target, weight, ignore_index, label_smoothing, z_loss=z_loss, softcap=softcap)
+    divisor = _divisor(steps, reduction, normalizer)
+    return reduce(steps.loss, reduction, divisor, steps.layout.row_shape)
 
 
 def cross_entropy_backward(
@@ -204,16 +264,12 @@ def cross_entropy_backward(
     normalizer=None,
 ) -> CrossEntropyGrads:
     """Gradients of `cross_entropy(...)` given dL/d(output) = grad_output (same arguments)."""
-    pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
+    pb = cross_entropy_steps(input, target, weight, ignore_index, label_smoothing, z_loss=z_loss, softcap=softcap)
     divisor = _divisor(pb, reduction, normalizer)
     coef = row_coefficients(grad_output, reduction, divisor, pb.layout.row_shape)  # dL/dl_n
     with quiet():
-        p = np.exp(pb.log_p)
-        scale = pb.q.sum(axis=1)  # sum_c q_c
-        if z_loss:
-            scale = scale + 2.0 * z_loss * pb.lse  # + 2 z lse
-        d_y = coef[:, None] * (scale[:, None] * p - pb.q)  # dL/dy = c_n ((sum q + 2 z lse) p - q)
-        d_y = np.where(pb.counted[:, None], d_y, 0.0)  # ignored rows: exactly 0
+        d_y = coef[:, None] * pb.row_grad  # dL/dy = c_n ((sum q + 2 z lse) p - q)
+        d_y = np.where(pb.counted[:, None], d_y, 0.0)  # ignored rows: exactly 0, even where c_n is inf
         d_x = d_y if pb.cap_slope is None else d_y * pb.cap_slope  # chain rule through the soft cap
         grad_input = pb.layout.from_rows(d_x)
         if pb.probs is None:
@@ -243,14 +299,14 @@ def cross_entropy_stats(
     `reduction` and `normalizer` do not change per-row values; they are accepted so that one set of
     options can be passed to both functions.
     """
-    pb = _prepare(input, target, weight, ignore_index, label_smoothing, softcap)
+    pb = cross_entropy_steps(input, target, weight, ignore_index, label_smoothing, z_loss=z_loss, softcap=softcap)
     layout = pb.layout
-    argmax = np.argmax(pb.y, axis=1).astype(np.int64)  # first maximum of the (capped) logits
+    argmax = np.argmax(pb.logits, axis=1).astype(np.int64)  # first maximum of the (capped) logits
     if pb.indices is not None:
         correct = (argmax == pb.indices.index) & pb.counted  # index is 0 on ignored rows, hence the mask
     else:
         correct = argmax == np.argmax(pb.probs, axis=1)
-    per_row = (pb.lse, _row_losses(pb, z_loss), argmax, correct, entropy_rows(pb.log_p))
+    per_row = (pb.lse, pb.loss, argmax, correct, entropy_rows(pb.log_p))
     return CrossEntropyStats(*(a.reshape(layout.row_shape) for a in per_row))
 
 

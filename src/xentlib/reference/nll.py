@@ -22,6 +22,7 @@ from xentlib.reference._common import (
     reduce,
     row_coefficients,
 )
+from xentlib.reference.cross_entropy import CrossEntropySteps, index_target_loss, index_target_weights
 
 
 def _setup(input, target, weight, ignore_index, reduction):
@@ -34,13 +35,30 @@ def _setup(input, target, weight, ignore_index, reduction):
     return layout, layout.to_rows(x), targets, divisor
 
 
+def nll_loss_steps(input, target, weight=None, ignore_index: int = -100) -> CrossEntropySteps:
+    """The intermediates of `nll_loss(...)`: cross-entropy's steps with the input taken as log p as it is
+    (no softmax), so q = w[t] onehot(t), l_n = w[t_n] (-x[n, t_n]) and dl_n/dx = -q."""
+    x = as_float64(input)
+    layout = class_layout(x.shape)
+    w = class_weights(weight, layout.num_classes)
+    targets = index_targets(target, layout, w, ignore_index)
+    rows = layout.to_rows(x)
+    q = index_target_weights(targets, w, 0.0, rows.shape)
+    picked, smoothing, data = index_target_loss(rows, targets, w, 0.0)  # x[n, t_n] by gathering
+    with quiet():
+        losses = np.where(targets.counted, data, 0.0)  # l_n = -w[t_n] x[n, t_n]; ignored: +0
+    return CrossEntropySteps(
+        layout, rows, None, None, rows, targets.counted, q, w, 0.0, targets, None,
+        picked, smoothing, losses, -q, targets.w_t.sum(),
+    )  # fmt: skip
+
+
 def nll_loss(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"):
     """Negative log-likelihood loss; see the module docstring for the formula."""
-    layout, rows, targets, divisor = _setup(input, target, weight, ignore_index, reduction)
-    picked = rows[np.arange(layout.num_rows), targets.index]  # x[n, t_n] by gathering, never a one-hot dot
-    with quiet():
-        losses = np.where(targets.counted, -targets.w_t * picked, 0.0)  # l_n = -w[t_n] x[n, t_n]; ignored: +0
-    return reduce(losses, reduction, divisor, layout.row_shape)
+    check_reduction(reduction)
+    steps = nll_loss_steps(input, target, weight, ignore_index)
+    divisor = steps.mean_denominator if reduction == "mean" else 1.0  # mean: sum_{n counted} w[t_n]
+    return reduce(steps.loss, reduction, divisor, steps.layout.row_shape)
 
 
 def nll_loss_backward(

@@ -14,20 +14,50 @@ PROBLEMS = ("ce", "linear")
 # name on the command line -> attribute of the torch module
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
+
+@dataclass(frozen=True)
+class Preset:
+    """A named run: its shapes, and the dtypes / implementations used unless --dtypes / --impls are given."""
+
+    shapes: tuple[str, ...]
+    what: str  # one line for --help
+    dtypes: tuple[str, ...] = ("fp32", "bf16")
+    skip_impls: tuple[str, ...] = ()  # left out unless named in --impls
+
+
 PRESETS = {
-    # finishes end to end in a few minutes on a 2-core CPU
-    "default": ("ce:2048x32000", "linear:1024x512x32000"),
-    # the shapes of the issue: Llama-2 / GPT-2 / Llama-3 vocabularies
-    "issue": (
-        "ce:4096x32000",
-        "ce:8192x50257",
-        "ce:4096x128256",
-        "linear:2048x1024x32000",
-        "linear:4096x2048x50257",
-        "linear:2048x2048x128256",
+    "tiny": Preset(
+        ("ce:256x4000", "linear:128x64x4000"),
+        "a smoke run in seconds: small shapes, fp32, no torch.compile",
+        dtypes=("fp32",),
+        skip_impls=("torch-compile",),
     ),
-    # seconds: for tests and for trying the command out
-    "tiny": ("ce:256x4000", "linear:128x64x4000"),
+    "default": Preset(
+        ("ce:2048x32000", "linear:1024x512x32000"),
+        "one 32k-vocabulary shape per problem, a few minutes on 2 CPU cores",
+    ),
+    "llm-vocab": Preset(
+        (
+            "ce:4096x32000",
+            "ce:8192x50257",
+            "ce:4096x128256",
+            "linear:2048x1024x32000",
+            "linear:4096x2048x50257",
+            "linear:2048x2048x128256",
+        ),
+        "the Llama-2 / GPT-2 / Llama-3 vocabularies (32000, 50257, 128256) at CPU-sized batches",
+    ),
+    "gpu-large": Preset(
+        (
+            "ce:4096x32000",
+            "ce:8192x128256",
+            "ce:16384x256000",
+            "linear:16384x4096x128256",
+            "linear:8192x2304x256000",
+        ),
+        "GPU-sized batches over 32k-256k vocabularies (Llama-3 8B and Gemma-2 2B output layers), bf16",
+        dtypes=("bf16",),
+    ),
 }
 
 TARGET_KINDS = ("index", "prob")
@@ -128,12 +158,19 @@ def _require(condition: bool, message: str) -> None:
 def config_from_args(args, impl_names) -> BenchConfig:
     """Validate the parsed `xentlib bench` arguments; `impl_names` lists the known implementations."""
     _require(not (args.shapes and args.preset), "give either --shapes or --preset, not both")
-    shapes = parse_shapes(args.shapes) if args.shapes else tuple(parse_shape(s) for s in PRESETS[args.preset])
+    preset = PRESETS[args.preset or "default"]
+    shapes = parse_shapes(args.shapes) if args.shapes else tuple(parse_shape(s) for s in preset.shapes)
     if args.problems:
         problems = parse_choices(args.problems, PROBLEMS, "problems")
         shapes = tuple(shape for shape in shapes if shape.problem in problems)
         _require(bool(shapes), f"no shape left for --problems {args.problems}")
-    impls = parse_choices(args.impls, impl_names, "impls") if args.impls else None
+    if args.impls:
+        impls = parse_choices(args.impls, impl_names, "impls")
+    elif args.shapes is None and preset.skip_impls:
+        impls = tuple(name for name in impl_names if name not in preset.skip_impls)
+    else:
+        impls = None  # every implementation that applies
+    dtypes = parse_choices(args.dtypes, DTYPES, "dtypes") if args.dtypes else preset.dtypes
     _require(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
     _require(args.warmup >= 1, f"--warmup must be >= 1 (the first call is never timed), got {args.warmup}")
     _require(args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}")
@@ -142,7 +179,7 @@ def config_from_args(args, impl_names) -> BenchConfig:
     _require(args.chunk_size is None or args.chunk_size >= 1, f"--chunk-size must be >= 1 rows, got {args.chunk_size}")
     return BenchConfig(
         shapes=shapes,
-        dtypes=parse_choices(args.dtypes, DTYPES, "dtypes"),
+        dtypes=dtypes,
         impls=impls,
         device=args.device,
         threads=args.threads,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.config import DTYPES, Shape
+from xentlib.bench.config import DTYPES, Shape
 
 
 @dataclass

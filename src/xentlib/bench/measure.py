@@ -21,7 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from benchmarks.impls import Case, Impl, Step
+from xentlib.bench.impls import Case, Impl, Step
 
 PHASES = ("fwd", "bwd", "fwdbwd")
 

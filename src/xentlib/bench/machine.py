@@ -18,9 +18,17 @@ import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.config import DTYPES
+from xentlib.bench.config import DTYPES
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # .../xentlib
+
+
+def source_checkout() -> Path | None:
+    """The repository root when this xentlib runs from a source checkout (src/xentlib), None when installed."""
+    root = PACKAGE_DIR.parents[1]
+    if PACKAGE_DIR.parent.name == "src" and (root / "pyproject.toml").is_file() and (root / ".git").exists():
+        return root
+    return None
 
 
 def cpu_model() -> str:
@@ -35,22 +43,16 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout the benchmarks run from, with '+dirty' when files differ from it."""
+    """HEAD of the checkout xentlib runs from, with '+dirty' when files differ from it; 'installed' for a wheel."""
+    root = source_checkout()
+    if root is None:
+        return "installed"
+    git = lambda *args: subprocess.run(  # noqa: E731
+        ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+    ).stdout.strip()
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
@@ -92,7 +94,7 @@ def machine_info(device_name: str, threads: int) -> dict:
 
 
 def _best_seconds(fn, device, runs: int) -> float:
-    from benchmarks.measure import synchronize
+    from xentlib.bench.measure import synchronize
 
     fn()  # warm-up: first-touch page faults, kernel selection
     best = float("inf")

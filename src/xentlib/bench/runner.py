@@ -11,12 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.config import BenchConfig, BenchConfigError, Shape
-from benchmarks.impls import Case, Impl, impls_for
-from benchmarks.machine import REPO_ROOT, limit_seconds, machine_info
-from benchmarks.report import add_ratios, format_progress, print_limits, print_table, write_csv
-from benchmarks.worker import RESULT_PREFIX
+from xentlib.bench.config import BenchConfig, BenchConfigError, Shape
+from xentlib.bench.impls import Case, Impl, impls_for
+from xentlib.bench.machine import limit_seconds, machine_info
+from xentlib.bench.report import add_ratios, format_progress, print_limits, print_table, write_csv
+from xentlib.bench.worker import RESULT_PREFIX
 
+XENTLIB_PARENT = Path(__file__).resolve().parents[2]  # the folder holding the xentlib package
 THP_VALUES = {"inherit": (None,), "on": ("1",), "off": ("0",), "both": ("0", "1")}
 ELEMENT_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -36,12 +37,10 @@ def resolve_device(requested: str) -> str:
 
 
 def worker_env(thp: str | None) -> dict[str, str]:
-    """The parent's environment with this checkout and the xentlib in use importable; THP set or inherited."""
+    """The parent's environment, with the xentlib this process runs first on the path (the same one runs in the
+    workers, installed or from a checkout); THP set or inherited."""
     env = dict(os.environ)
-    paths = [str(REPO_ROOT)]
-    spec = importlib.util.find_spec("xentlib")
-    if spec and spec.origin:
-        paths.append(str(Path(spec.origin).resolve().parents[1]))
+    paths = [str(XENTLIB_PARENT)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -51,9 +50,9 @@ def worker_env(thp: str | None) -> dict[str, str]:
 
 
 def run_worker(spec: dict, env: dict[str, str], timeout: float) -> dict:
-    command = [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "xentlib.bench.worker", json.dumps(spec)]
     try:
-        done = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise WorkerError(f"timed out after {timeout:g} s") from error
     for line in reversed(done.stdout.splitlines()):
@@ -63,20 +62,22 @@ def run_worker(spec: dict, env: dict[str, str], timeout: float) -> dict:
     raise WorkerError(stderr_lines[-1][:200] if stderr_lines else f"worker exited with code {done.returncode}")
 
 
-def planned_configs(config: BenchConfig, device_name: str) -> list[tuple[Shape, str, Impl]]:
-    """Every (shape, dtype, impl) to run; external libraries and GPU-only paths that cannot run here are left
-    out silently."""
+def planned_configs(config: BenchConfig, device_name: str) -> tuple[list[tuple[Shape, str, Impl]], list[str]]:
+    """Every (shape, dtype, impl) to run, and one note per peer library or GPU-only path left out because it
+    cannot run here (not importable, no GPU, an option it lacks)."""
     import torch
 
-    plan = []
+    plan, skipped = [], {}
     for shape in config.shapes:
         for dtype_name in config.dtypes:
             probe = Case(shape, dtype_name, torch.device(device_name), config.targets, config.label_smoothing)
             for impl in impls_for(shape.problem, config.impls):
-                if (impl.role == "external" or impl.gpu_only) and impl.unavailable(probe):
+                reason = impl.unavailable(probe) if (impl.role == "external" or impl.gpu_only) else None
+                if reason:
+                    skipped.setdefault(f"{impl.name} ({shape.problem}): {reason}", None)
                     continue
                 plan.append((shape, dtype_name, impl))
-    return plan
+    return plan, [f"skipped {note}" for note in skipped]
 
 
 def config_spec(config: BenchConfig, device_name: str, shape: Shape, dtype_name: str, impl: Impl) -> dict:
@@ -178,13 +179,15 @@ def run(config: BenchConfig, echo=print) -> int:
     device_name = resolve_device(config.device)
     config.out.mkdir(parents=True, exist_ok=True)
     info = machine_info(device_name, config.threads) | {"device": device_name}
-    plan = planned_configs(config, device_name)
+    plan, skipped = planned_configs(config, device_name)
     if not plan:
         raise BenchConfigError(f"nothing to run on {device_name}: no selected implementation applies here")
     echo(
         f"xentlib bench: {len(plan)} configurations on {device_name} ({info['cpu_model']}, "
         f"{info['threads']} threads), torch {info['torch']}, xentlib {info['xentlib']} @ {info['git_commit']}"
     )
+    for note in skipped:
+        echo(note)
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         echo(f"warning: load average {load:.1f} on {os.cpu_count()} cores: other work distorts the timings")
@@ -201,8 +204,10 @@ def run(config: BenchConfig, echo=print) -> int:
     machine_path.write_text(json.dumps({"machine": info, "limits": all_limits}, indent=2) + "\n")
     print_table(rows, echo)
     written = [config.out / "results.csv", machine_path]
-    if config.plots:
-        from benchmarks.plots import plot_results
+    if config.plots and importlib.util.find_spec("matplotlib") is None:
+        echo("no plots: matplotlib is not installed (pip install 'xentlib[bench]')")
+    elif config.plots:
+        from xentlib.bench.plots import plot_results
 
         written += plot_results(rows, config.out)
     echo(f"done in {time.perf_counter() - started:.0f} s; wrote " + ", ".join(str(path) for path in written))

@@ -1,4 +1,4 @@
-"""One measurement in a fresh process: `python -m benchmarks.worker '<json spec>'`.
+"""One measurement in a fresh process: `python -m xentlib.bench.worker '<json spec>'`.
 
 A fresh process per (implementation, shape, dtype) keeps peak memory honest (nothing cached by an earlier
 configuration) and isolates torch.compile caches. The spec is a JSON object, either
@@ -26,16 +26,16 @@ def _setup_torch(spec: dict):
 
 
 def run_limits(spec: dict) -> dict:
-    from benchmarks.machine import measure_limits
+    from xentlib.bench.machine import measure_limits
 
     device = _setup_torch(spec)
     return measure_limits(device, tuple(spec["dtypes"]))
 
 
 def run_config(spec: dict) -> dict:
-    from benchmarks.config import Shape
-    from benchmarks.impls import find_impl, make_case
-    from benchmarks.measure import measure
+    from xentlib.bench.config import Shape
+    from xentlib.bench.impls import find_impl, make_case
+    from xentlib.bench.measure import measure
 
     device = _setup_torch(spec)
     shape = Shape(spec["problem"], n=spec["n"], v=spec["v"], d=spec.get("d"))

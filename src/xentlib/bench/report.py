@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from benchmarks.impls import BASELINES
+from xentlib.bench.impls import BASELINES
 
 # CSV columns that come first, in this order; every other measured key follows alphabetically.
 LEADING_COLUMNS = (
