@@ -23,6 +23,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():  # Triton's interpreter on CPU tensors; set before xentlib's kernels are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import xentlib  # noqa: E402
 import xentlib.functional as X  # noqa: E402
 from xentlib.backends import cpu_kernel  # noqa: E402
 
@@ -122,6 +123,92 @@ def assert_as_accurate_as_torch(ours_fn, x, target, kwargs, torch_fn=F.cross_ent
 
 def target_64(target):
     return target.double() if target.is_floating_point() else target
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("path", ["cpu-kernel", "torch-ops"])
+def test_float32_accuracy_at_large_logits(request, path, options, magnitude):
+    if path == "cpu-kernel" and not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    if path == "torch-ops":
+        request.getfixturevalue("kernel_off")
+    x, target, kwargs = make_case(64, 37, magnitude, options)
+    assert_as_accurate_as_torch(X.cross_entropy, x, target, kwargs)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates both sides of tl.where in NumPy
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("classes", [37, 300], ids=["tile", "rows"])  # index targets: tile kernel up to 128
+def test_triton_float32_accuracy_at_large_logits(options, magnitude, classes):
+    available, why = _triton_available()
+    if not available:
+        pytest.skip(why)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, target, kwargs = make_case(16, classes, magnitude, options)
+
+    def triton_ce(x, target, **kw):
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
+        return X.cross_entropy(x.to(device), target.to(device), backend="triton", **moved).cpu()
+
+    # 8 ulps: the interpreter's tl.sum over a tile's class axis is NumPy's running sum (a GPU adds in a tree), so
+    # small terms are rounded against the large partial sum; the cancellation this test is for costs 1e3-1e7 ulps
+    # from magnitude 1e2 up.
+    assert_as_accurate_as_torch(triton_ce, x, target, kwargs, ulps=8)
+
+
+@pytest.mark.parametrize("magnitude", MAGNITUDES)
+@pytest.mark.parametrize("options", ["index", "weights-smoothing"])
+@pytest.mark.parametrize("path", ["cpu-kernel", "torch-ops"])
+def test_linear_float32_accuracy_at_large_logits(request, path, options, magnitude):
+    """linear_cross_entropy with logits = X W^T + b of size `magnitude`. X and W hold small multiples of 1/8 and
+    the bias is magnitude + small integers, so every logit is exact in float32 whatever the matmul's order: the
+    only errors are those of the loss and gradient, which is what is compared."""
+    if path == "cpu-kernel" and not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    if path == "torch-ops":
+        request.getfixturevalue("kernel_off")
+    g = torch.Generator().manual_seed(3)
+    rows, hidden, classes = 48, 16, 37
+    inputs = torch.randint(-8, 9, (rows, hidden), generator=g).float() / 8
+    weight = torch.randint(-8, 9, (classes, hidden), generator=g).float() / 8
+    bias = magnitude + torch.randint(-3, 4, (classes,), generator=g).float()
+    target = torch.randint(0, classes, (rows,), generator=g)
+    kwargs = dict(OPTIONS[options])
+    class_weight = torch.rand(classes, generator=g) + 0.5 if kwargs.pop("weight", False) else None
+
+    def ours(x, t, b, cw, **kw):
+        return xentlib.linear_cross_entropy(x, weight_of(x), t, b, class_weight=cw, **kw)
+
+    def theirs(x, t, b, cw, **kw):
+        return F.cross_entropy(F.linear(x, weight_of(x), b), t, weight=cw, **kw)
+
+    def weight_of(x):
+        return weight.to(x.dtype)
+
+    def loss_grad(fn, x, b, cw):
+        leaf = x.detach().clone().requires_grad_()
+        loss = fn(leaf, target, b, cw, reduction="none", **kwargs)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        return loss.detach(), grad
+
+    as64 = lambda t: None if t is None else t.double()  # noqa: E731
+    truth = loss_grad(theirs, inputs.double(), bias.double(), as64(class_weight))
+    torch32 = loss_grad(theirs, inputs, bias, class_weight)
+    ours32 = loss_grad(ours, inputs, bias, class_weight)
+    assert row_error(ours32[0], truth[0]) <= row_error(torch32[0], truth[0]) + EPS32
+    scale = float(truth[1].abs().max())
+    assert abs_error(ours32[1], truth[1]) <= abs_error(torch32[1], truth[1]) + EPS32 * scale
+
+
+@pytest.mark.parametrize("magnitude", [1e4, 3e7])
+def test_tied_large_logits(magnitude):
+    """[M, M, 0] with target 0: ln 2 to float32 precision, whatever M (float32 holds 3e7 exactly)."""
+    x = torch.tensor([[magnitude, magnitude, 0.0]])
+    loss = X.cross_entropy(x, torch.tensor([0]))
+    assert abs(loss.item() - 0.6931471805599453) <= 0.6931471805599453 * EPS32
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
  * For one row y (C logits), target t, target weight w_t (0 on ignored rows), class weights w_c (1 without),
  * smoothing eps, z-loss z and the reduction's scale (derivation in docs/numerics.md):
  *   m = max_c y_c,  e_c = exp(y_c - m),  s = sum_c e_c,  lse = m + log s,  p_c = e_c / s
- *   loss = (1 - eps) w_t (lse - y_t) + eps / C (W log s - sum_c w_c (y_c - m)) + z lse^2,   W = sum_c w_c
+ *   loss = (1 - eps) w_t (log s - (y_t - m)) + eps / C (W log s - sum_c w_c (y_c - m)) + z lse^2,  W = sum_c w_c
+ * Every loss term is a sum of non-negative parts (log s >= 0, m - y_c >= 0): never lse - y_t, which rounds lse to
+ * the logits' magnitude first and cancels (a row [1e4, 1e4, 0] would lose all but three bits of ln 2).
  *   dloss/dy_c = scale [((1 - eps) w_t + eps W / C + 2 z lse) p_c - eps / C w_c - (1 - eps) w_t [c == t]]
  *   entropy = -sum_c p_c log p_c = log s - sum_c p_c (y_c - m)
  * With class probabilities q instead of a class index, q'_c = w_c ((1 - eps) q_c + eps / C) and Q = sum_c q'_c:
@@ -133,6 +135,15 @@ static float load_row(const void *row, int dtype, int64_t classes, float *scratc
     return any_nan ? NAN : m;
 }
 
+/* The sum of a vector's lanes as a tree (halves added, then quarters, ...): each lane passes through log2(LANES)
+ * additions, not up to LANES - 1 as in a running sum, where the small terms of a row [1e4, 1e4, 0, ...] would each
+ * be rounded against the large partial sum. */
+static inline float horizontal_sum(vf v) {
+    for (int width = LANES / 2; width >= 1; width /= 2)
+        for (int lane = 0; lane < width; lane++) v[lane] += v[lane + width];
+    return v[0];
+}
+
 static int64_t first_index_of(const float *scratch, int64_t classes, float value) {
     for (int64_t c = 0; c < classes; c++)
         if (scratch[c] == value || (value != value && scratch[c] != scratch[c])) return c;
@@ -184,15 +195,9 @@ static inline __attribute__((always_inline)) struct row_sums exponentiate(
         }
         if (want_expected_gap) expected += select(e > (vf){}, e * gap, (vf){});
     }
-    struct row_sums out = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int lane = 0; lane < LANES; lane++) {
-        out.exp_sum += sum[lane];
-        out.weighted_gap += weighted[lane];
-        out.expected_gap += expected[lane];
-        out.q_sum += q_sum[lane];
-        out.q_gap += q_gap[lane];
-    }
-    return out;
+    return (struct row_sums){
+        horizontal_sum(sum), horizontal_sum(weighted), horizontal_sum(expected), horizontal_sum(q_sum),
+        horizontal_sum(q_gap)};
 }
 
 /* Pass 3, LANES classes from c: g = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot
@@ -287,7 +292,7 @@ void xent_cross_entropy_rows(
             t = target[r];
             float w_t = target_weight[r];
             q_sum = prob.keep * w_t + prob.spread * class_weight_sum;
-            row_loss = prob.keep * w_t * (lse - load_scalar(row, dtype, t));
+            row_loss = prob.keep * w_t * (log_s - (load_scalar(row, dtype, t) - m));
             if (smoothing > 0.0f) row_loss += prob.spread * (class_weight_sum * log_s - sums.weighted_gap);
         }
         if (z_loss != 0.0f) {
