@@ -212,6 +212,89 @@ def test_tied_large_logits(magnitude):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Half precision: soft-capping in float32
+# --------------------------------------------------------------------------------------------------------------
+
+SOFTCAP_CASES = {
+    "plain": dict(),
+    "weights": dict(weight=True),
+    "z_loss": dict(z_loss=1e-4),
+    "weights-z_loss": dict(weight=True, z_loss=1e-4),
+}
+
+
+def softcap_case(rows, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 30).to(torch.bfloat16)
+    target = torch.randint(0, classes, (rows,), generator=g)
+    weight = (torch.rand(classes, generator=g) + 0.5).to(torch.bfloat16).float()  # bfloat16 values: torch's and ours
+    return x, target, weight
+
+
+def composed(x, target, weight, z_loss, cap=30.0):
+    """torch's composition: cap * tanh(x / cap), cross_entropy with smoothing 0.1, 'sum', plus z * sum(lse^2)."""
+    y = cap * torch.tanh(x / cap)
+    loss = F.cross_entropy(y, target, weight=weight, label_smoothing=0.1, reduction="sum")
+    if z_loss:
+        loss = loss + z_loss * (torch.logsumexp(y, 1) ** 2).sum()
+    return loss
+
+
+def assert_softcap_gradient_as_accurate(ours_fn, x, target, weight, z_loss):
+    """bfloat16 gradient: our max error against float64 at most torch-on-x.float()'s (rounded to bfloat16 the same
+    way), times 1.05, and no element more than 5% off where torch's is within 5%."""
+
+    def grad_of(fn, dtype, w):
+        leaf = x.detach().to(dtype).requires_grad_()
+        (grad,) = torch.autograd.grad(fn(leaf, target, w, z_loss), leaf)
+        return grad
+
+    as_w = lambda dtype: None if weight is None else weight.to(dtype)  # noqa: E731
+    truth = grad_of(composed, torch.float64, as_w(torch.float64))
+    torchs = grad_of(composed, torch.float32, as_w(torch.float32)).to(torch.bfloat16)
+    ours = grad_of(ours_fn, torch.bfloat16, as_w(torch.bfloat16))
+    assert ours.dtype == torch.bfloat16
+    ours_err, torch_err = (ours.double() - truth).abs(), (torchs.double() - truth).abs()
+    tiny = 1e-30
+    assert float(ours_err.max()) <= 1.05 * float(torch_err.max()) + tiny, (
+        float(ours_err.max()),
+        float(torch_err.max()),
+    )
+    far = (ours_err > 0.05 * truth.abs() + tiny) & (torch_err <= 0.05 * truth.abs() + tiny)
+    assert int(far.sum()) == 0, f"{int(far.sum())} gradient elements more than 5% off"
+
+
+def xentlib_softcapped(**extra):
+    def run(x, target, weight, z_loss):
+        return X.cross_entropy(
+            x, target, weight=weight, label_smoothing=0.1, reduction="sum", softcap=30.0, z_loss=z_loss, **extra
+        )
+
+    return run
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+def test_softcap_half_precision_gradient(case):
+    x, target, weight = softcap_case(256, 4000)
+    weight = weight if case.get("weight") else None
+    assert_softcap_gradient_as_accurate(xentlib_softcapped(), x, target, weight, case.get("z_loss", 0.0))
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("case", SOFTCAP_CASES.values(), ids=SOFTCAP_CASES.keys())
+def test_triton_softcap_half_precision_gradient(case):
+    available, why = _triton_available()
+    if not available:
+        pytest.skip(why)
+    if torch.cuda.is_available():
+        pytest.skip("runs in the interpreter on CPU tensors; compiled GPU runs use the same kernels")
+    x, target, weight = softcap_case(16, 1000)
+    weight = weight if case.get("weight") else None
+    assert_softcap_gradient_as_accurate(xentlib_softcapped(backend="triton"), x, target, weight, case.get("z_loss", 0))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Weighted label smoothing: sum_c w_c log p_c elementwise in float32
 # --------------------------------------------------------------------------------------------------------------
 

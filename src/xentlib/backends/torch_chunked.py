@@ -123,10 +123,10 @@ def _process_chunk(problem, rows, cols, grad_out, result, buffers):
     cap = problem.softcap
 
     # y: the logits the softmax sees (capped, and in the accumulation dtype)
-    if cap is not None:
+    if cap is not None:  # in the accumulation dtype from the start: widen, then divide (never x / cap in bfloat16)
         y = flat(buffers.view(buffers.capped, x))
-        torch.div(flat(x), cap, out=y)
-        y.tanh_().mul_(cap)
+        y.copy_(flat(x))
+        y.div_(cap).tanh_().mul_(cap)
     elif x.dtype != acc:
         y = flat(buffers.view(buffers.converted, x))
         y.copy_(flat(x))
