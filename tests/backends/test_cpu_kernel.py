@@ -14,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import xentlib.functional as X
+from xentlib import reference
 from xentlib.backends import cpu_kernel
 
 
@@ -435,3 +437,50 @@ def test_the_binding_is_declared_once():
         patch.setattr(cpu_kernel, "LAYOUT", mismatched)
         with pytest.raises(ValueError, match="its arguments are"):
             cpu_kernel._open(Path(cpu_kernel.status()[1].split("(")[1].rstrip(")")))
+
+
+def target_part(x, target, options) -> torch.Tensor:
+    """|dl/dx_c| = |P_c - Q_c|: the target part Q_c = scale_r q_c (weights, smoothing, the reduction's scale, 0 on
+    ignored rows), the size of what the float32 arithmetic subtracts before rounding."""
+    rows, classes = x.shape
+    w = options.get("weight")
+    w = torch.ones(classes, dtype=torch.float64) if w is None else w.double()
+    eps = options.get("label_smoothing", 0.0)
+    if target.is_floating_point():
+        q = w * ((1 - eps) * target.double() + eps / classes)
+        valid, denominator = torch.ones(rows, dtype=torch.bool), rows
+    else:
+        valid = target != options.get("ignore_index", -100)
+        safe = torch.where(valid, target, 0)
+        q = (eps / classes) * w.expand(rows, classes).clone()
+        q[torch.arange(rows), safe] += (1 - eps) * w[safe]
+        denominator = float(w[safe][valid].sum())
+    scale = 1.0 / denominator if options.get("reduction", "mean") == "mean" else 1.0
+    return torch.where(valid[:, None], scale * q, 0.0)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("kind", ["index", "probs"])
+def test_bfloat16_gradient_is_rounded_to_nearest(options, kind):
+    """Every bfloat16 gradient element within half a bfloat16 ulp of the float64 gradient (xentlib.reference) of the
+    same bfloat16 inputs, plus float32 noise (16 float32 ulps of |grad| + |target part|, the size of the terms
+    before rounding): round to nearest. Truncation is off by up to a whole ulp."""
+    if not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    if kind == "probs" and "ignore_index" in options:
+        pytest.skip("probability targets have no ignore_index")
+    x, target, weight = make_case(24, 515, torch.bfloat16, ignore_index=options.get("ignore_index", -100))
+    if kind == "probs":
+        target = make_probs(24, 515, torch.bfloat16)
+    options = with_weight(options, weight)
+    assert kernel_is_used(x, target, **options)
+    _, grad, _ = run(x, target, **options)
+    exact = {k: (v.double().numpy() if torch.is_tensor(v) else v) for k, v in options.items()}
+    ones = 1.0 if options.get("reduction", "mean") != "none" else np.ones(len(x))
+    numpy_target = target.double().numpy() if target.is_floating_point() else target.numpy()
+    truth = torch.from_numpy(reference.cross_entropy_backward(ones, x.double().numpy(), numpy_target, **exact).input)
+    _, exponent = torch.frexp(truth)  # |truth| in [2^(e-1), 2^e): a bfloat16 ulp there is 2^(e-8)
+    half_ulp = torch.ldexp(torch.ones_like(truth), exponent - 9)
+    float32_noise = 16 * torch.finfo(torch.float32).eps * (truth.abs() + target_part(x, target, options)) + 1e-30
+    error = (grad.double() - truth).abs()
+    assert bool((error <= half_ulp + float32_noise).all()), float((error / half_ulp).max())
