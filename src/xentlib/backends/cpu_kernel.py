@@ -5,10 +5,28 @@ exp, scale, scatter, convert back), each one a separate torch op. On a CPU that 
 bfloat16 it cannot beat torch's own fused kernels by much. `cpu_rows.c` does the same maths in one sweep per
 row: the logits are read once and the gradient written once, in float32 arithmetic rounded once.
 
-How it is built: at first use, with the C compiler on the machine (`cc`, or `$CC`), `-O3 -march=native`, into a
-cache folder (`$XENTLIB_CACHE_DIR`, else `~/.cache/xentlib`) keyed by the source, the compiler and the CPU, and
-loaded with ctypes (no torch headers, well under a second to build). Where no compiler works the PyTorch ops run
-instead; `XENTLIB_CPU_KERNEL=0` turns the kernel off. `status()` says which and why.
+How it is built, and the rule for the instruction set: at first use, with the C compiler on the machine (`$CC`,
+else `cc`, else `gcc`) and `-O3 -march=native`, i.e. for every instruction set extension of the CPU it is built
+on. A library built elsewhere is never loaded: the cache name is a hash of the source, the flags, the compiler's
+path and `--version`, and the CPU (machine, processor and the `flags` line of /proc/cpuinfo). The cache folder is
+`$XENTLIB_CACHE_DIR`, else `~/.cache/xentlib`.
+
+The cache is verified: a build is written to a temporary file, its sha256 to `<library>.sha256`, and both are
+renamed into place (atomic: another process sees the old files or the new ones, never a half-written one).
+Before loading, the library's bytes must match the checksum (a truncated or emptied file would otherwise crash
+the process with SIGBUS, or fail inside a loss); on a mismatch, or when the library does not load or lacks the
+entry point, it is rebuilt once. Where that fails, or no compiler works, the PyTorch ops run instead, with one
+RuntimeWarning saying why; `XENTLIB_CPU_KERNEL=0` turns the kernel off without a warning. `status()` says which
+and why.
+
+The binding is declared once: `ARGUMENTS`, a table of (name, ctypes type), makes the ctypes structure that is
+passed to the kernel, and its layout is compared at load with the string `cpu_rows.c` builds from its own
+declaration (`XENT_ARGUMENTS`): a library whose argument list differs is refused, and a call must name every
+field (a missing or unknown name raises).
+
+Interrupt safety: the C function runs its own threads (pthreads) and joins them before it returns, so no worker
+outlives the call and the tensors it writes. ctypes releases the GIL during the call; a Ctrl-C meanwhile is
+raised as KeyboardInterrupt when the call has returned.
 
 What it covers: rows whose classes are contiguous (2-D input, or any input with a single position per sample),
 float32 and bfloat16, class-index targets or float32/bfloat16 class probabilities, class weights, ignore_index,
@@ -27,7 +45,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from pathlib import Path
 
 import torch
@@ -35,24 +53,69 @@ import torch
 from xentlib._semantics import CrossEntropyProblem
 
 SOURCE = Path(__file__).with_name("cpu_rows.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-std=gnu11"]
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 LANES = 16  # floats per vector in cpu_rows.c; the scratch row is padded to a multiple
-# Below this many logits a call runs on one thread: a thread hand-off costs more than it saves
+# Below this many logits a call runs on one thread: starting a thread costs more than it saves
 PARALLEL_MIN_ELEMENTS = 1 << 16
+ENTRY_POINT = "xent_cross_entropy_rows"
+
+# The kernel's arguments, in the order of `struct xent_arguments` in cpu_rows.c (checked at load).
+ARGUMENTS = (
+    ("logits", ctypes.c_void_p),
+    ("logits_row_stride", ctypes.c_int64),
+    ("dtype", ctypes.c_int),
+    ("rows", ctypes.c_int64),
+    ("classes", ctypes.c_int64),
+    ("target", ctypes.c_void_p),
+    ("target_weight", ctypes.c_void_p),
+    ("valid", ctypes.c_void_p),
+    ("class_weight", ctypes.c_void_p),
+    ("probs", ctypes.c_void_p),
+    ("probs_row_stride", ctypes.c_int64),
+    ("probs_dtype", ctypes.c_int),
+    ("class_weight_sum", ctypes.c_float),
+    ("smoothing", ctypes.c_float),
+    ("z_loss", ctypes.c_float),
+    ("scale", ctypes.c_float),
+    ("loss", ctypes.c_void_p),
+    ("lse", ctypes.c_void_p),
+    ("argmax", ctypes.c_void_p),
+    ("entropy", ctypes.c_void_p),
+    ("grad", ctypes.c_void_p),
+    ("grad_row_stride", ctypes.c_int64),
+    ("scratch", ctypes.c_void_p),
+    ("scratch_row_stride", ctypes.c_int64),
+    ("threads", ctypes.c_int),
+)
+_CODES = {ctypes.c_void_p: "ptr", ctypes.c_int64: "i64", ctypes.c_int: "i32", ctypes.c_float: "f32"}
+LAYOUT = "".join(f"{name}:{_CODES[kind]}," for name, kind in ARGUMENTS)
+_NAMES = frozenset(name for name, _ in ARGUMENTS)
+
+
+class Arguments(ctypes.Structure):
+    _fields_ = list(ARGUMENTS)
+
+
+def arguments(**values) -> Arguments:
+    """The kernel's argument structure, every field named (a missing or unknown name raises TypeError)."""
+    if values.keys() != _NAMES:
+        missing, unknown = sorted(_NAMES - values.keys()), sorted(values.keys() - _NAMES)
+        raise TypeError(f"cpu_rows arguments: missing {missing}, unknown {unknown}")
+    return Arguments(**values)
+
 
 _lock = threading.Lock()
 _state: dict = {}
 
 
-def _forget_pool_in_child() -> None:
-    """A forked child has none of the parent's worker threads: it makes its own pool when it needs one."""
+def _new_lock_in_child() -> None:
+    """A forked child must not inherit a lock that another thread of the parent held at the fork."""
     global _lock
     _lock = threading.Lock()
-    _state.pop("pool", None)
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _cpu_signature() -> str:
@@ -69,7 +132,68 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build() -> tuple[ctypes.CDLL | None, str]:
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _verified(library: Path) -> bool:
+    """Whether `library` and its checksum file exist and agree (sha256 of the library's bytes)."""
+    try:
+        expected = _checksum_path(library).read_text().strip()
+        return hashlib.sha256(library.read_bytes()).hexdigest() == expected
+    except OSError:
+        return False
+
+
+def _compile(compiler: str, target: Path) -> str | None:
+    """Build into a temporary folder beside `target`, write the checksum, rename both into place (the library
+    first: a reader between the two renames sees a mismatch and rebuilds). Returns None, or why it failed."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            command = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                return f"building {SOURCE.name} failed: {result.stderr.strip()[:500]}"
+            checksum = Path(tmp) / _checksum_path(target).name
+            checksum.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
+            os.replace(built, target)
+            os.replace(checksum, _checksum_path(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"building {SOURCE.name} failed: {error}"
+    return None
+
+
+def _open(target: Path):
+    """Load the library and its entry point; raise OSError/AttributeError/ValueError when it is not the kernel
+    this module was written for (closing what was opened, so that a rebuilt file at the same path is read anew)."""
+    library = ctypes.CDLL(str(target))
+    try:
+        layout = ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(library, "xent_arguments_layout"))).decode()
+        size = ctypes.c_int64.in_dll(library, "xent_arguments_size").value
+        if layout != LAYOUT or size != ctypes.sizeof(Arguments):
+            raise ValueError(f"its arguments are {layout!r} ({size} bytes), this module passes {LAYOUT!r}")
+        fn = getattr(library, ENTRY_POINT)
+    except (AttributeError, ValueError):
+        _close(library)
+        raise
+    fn.argtypes = [ctypes.POINTER(Arguments)]
+    fn.restype = None
+    return fn
+
+
+def _close(library: ctypes.CDLL) -> None:
+    try:
+        import _ctypes
+
+        _ctypes.dlclose(library._handle)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def _build():
+    """(kernel function or None, why)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None, "no C compiler found (set CC or install gcc); the PyTorch ops run instead"
@@ -77,38 +201,38 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"the C compiler {compiler!r} does not run ({error}); the PyTorch ops run instead"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), version.encode()]
+    key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()]))
     target = _cache_dir() / f"cpu_rows-{key.hexdigest()[:16]}.so"
-    if not target.exists():
+    failure = None
+    for attempt in range(2):  # the cached library, else a fresh build; a failing fresh build gets one more
+        if attempt > 0 or not _verified(target):
+            failure = _compile(compiler, target)
+            if failure is not None:
+                return None, f"{failure}; the PyTorch ops run instead"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                built = Path(tmp) / target.name
-                command = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
-                result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    return None, f"building {SOURCE.name} failed: {result.stderr.strip()[:500]}"
-                os.replace(built, target)  # atomic: concurrent processes never load a half-written file
-        except (OSError, subprocess.SubprocessError) as error:
-            return None, f"building {SOURCE.name} failed: {error}"
-    library = ctypes.CDLL(str(target))
-    fn = library.xent_cross_entropy_rows
-    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ptr, i64, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int,
-                   f32, f32, f32, f32, ptr, ptr, ptr, ptr, ptr, i64, ptr]  # fmt: skip
-    fn.restype = None
-    return fn, f"compiled C row kernel ({target})"
+            return _open(target), f"compiled C row kernel ({target})"
+        except (OSError, AttributeError, ValueError) as error:
+            failure = f"{target} does not load ({error})"
+    return None, f"{failure}, even after a rebuild; the PyTorch ops run instead"
 
 
 def _load():
+    state = _state
+    if "fn" in state:
+        return state["fn"]
     with _lock:
-        if "fn" not in _state:
+        if "fn" not in state:
             if os.environ.get("XENTLIB_CPU_KERNEL", "1") == "0":
-                _state["fn"], _state["why"] = None, "XENTLIB_CPU_KERNEL=0: the PyTorch ops run instead"
+                state["why"] = "XENTLIB_CPU_KERNEL=0: the PyTorch ops run instead"
+                state["fn"] = None
             else:
-                _state["fn"], _state["why"] = _build()
-        return _state["fn"]
+                fn, why = _build()
+                state["why"] = why
+                state["fn"] = fn
+                if fn is None:
+                    warnings.warn(f"xentlib's compiled CPU kernel is not used: {why}", RuntimeWarning, stacklevel=2)
+        return state["fn"]
 
 
 def status() -> tuple[bool, str]:
@@ -144,14 +268,6 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    with _lock:
-        pool = _state.get("pool")
-        if pool is None or pool._max_workers != workers:
-            pool = _state["pool"] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="xentlib-cpu")
-        return pool
-
-
 def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, result) -> None:
     """Fill `result` (a torch_chunked.RowResult with float32 tensors of shape (B, 1)) and `grad_out`."""
     fn = _load()
@@ -164,30 +280,37 @@ def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | No
     probs = None if index else problem.target
     valid = contiguous(problem.valid)
     weight = contiguous(problem.class_weight)
-    weight_sum = float(classes) if weight is None else float(weight.sum())
-    workers = max(1, min(torch.get_num_threads(), batch))
-    if batch * classes < PARALLEL_MIN_ELEMENTS:
-        workers = 1
+    threads = 1 if batch * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), batch))
     padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(workers, padded, dtype=torch.float32)
-    # The C signature in order, around each part's [first, last) rows and its scratch row.
-    logits_args = (x.data_ptr(), x.stride(0), DTYPES[x.dtype])
-    probs_args = (None, 0, 0) if probs is None else (probs.data_ptr(), probs.stride(0), DTYPES[probs.dtype])
-    rest_args = (
-        classes, _pointer(target), _pointer(target_weight), valid.data_ptr(), _pointer(weight), *probs_args,
-        weight_sum, problem.smoothing, problem.z_loss, float(problem.grad_scale),
-        *(_pointer(t) for t in (result.loss, result.lse, result.argmax, result.entropy)),
-        _pointer(grad_out), 0 if grad_out is None else grad_out.stride(0),
-    )  # fmt: skip
-
-    def run(part: int) -> None:
-        first, last = batch * part // workers, batch * (part + 1) // workers
-        fn(*logits_args, first, last, *rest_args, scratch[part].data_ptr())
-
-    if workers == 1:
-        run(0)
-    else:  # ctypes releases the GIL during the call, so the parts run in parallel
-        list(_executor(workers).map(run, range(workers)))
+    scratch = torch.empty(threads, padded, dtype=torch.float32)
+    call = arguments(
+        logits=x.data_ptr(),
+        logits_row_stride=x.stride(0),
+        dtype=DTYPES[x.dtype],
+        rows=batch,
+        classes=classes,
+        target=_pointer(target),
+        target_weight=_pointer(target_weight),
+        valid=valid.data_ptr(),
+        class_weight=_pointer(weight),
+        probs=_pointer(probs),
+        probs_row_stride=0 if probs is None else probs.stride(0),
+        probs_dtype=0 if probs is None else DTYPES[probs.dtype],
+        class_weight_sum=float(classes) if weight is None else float(weight.sum()),
+        smoothing=problem.smoothing,
+        z_loss=problem.z_loss,
+        scale=float(problem.grad_scale),
+        loss=_pointer(result.loss),
+        lse=_pointer(result.lse),
+        argmax=_pointer(result.argmax),
+        entropy=_pointer(result.entropy),
+        grad=_pointer(grad_out),
+        grad_row_stride=0 if grad_out is None else grad_out.stride(0),
+        scratch=scratch.data_ptr(),
+        scratch_row_stride=padded,
+        threads=threads,
+    )
+    fn(ctypes.byref(call))  # every thread it starts is joined before it returns
     if grad_out is not None:  # written through a raw pointer: tell autograd, as an in-place torch op would
         torch.autograd.graph.increment_version(grad_out)
 

@@ -7,7 +7,9 @@
  * For one row y (C logits), target t, target weight w_t (0 on ignored rows), class weights w_c (1 without),
  * smoothing eps, z-loss z and the reduction's scale (derivation in docs/numerics.md):
  *   m = max_c y_c,  e_c = exp(y_c - m),  s = sum_c e_c,  lse = m + log s,  p_c = e_c / s
- *   loss = (1 - eps) w_t (lse - y_t) + eps / C (W log s - sum_c w_c (y_c - m)) + z lse^2,   W = sum_c w_c
+ *   loss = (1 - eps) w_t (log s - (y_t - m)) + eps / C (W log s - sum_c w_c (y_c - m)) + z lse^2,  W = sum_c w_c
+ * Every loss term is a sum of non-negative parts (log s >= 0, m - y_c >= 0): never lse - y_t, which rounds lse to
+ * the logits' magnitude first and cancels (a row [1e4, 1e4, 0] would lose all but three bits of ln 2).
  *   dloss/dy_c = scale [((1 - eps) w_t + eps W / C + 2 z lse) p_c - eps / C w_c - (1 - eps) w_t [c == t]]
  *   entropy = -sum_c p_c log p_c = log s - sum_c p_c (y_c - m)
  * With class probabilities q instead of a class index, q'_c = w_c ((1 - eps) q_c + eps / C) and Q = sum_c q'_c:
@@ -19,6 +21,7 @@
  * finite softmax: its loss, lse, entropy and gradient are NaN, as torch's log_softmax gives.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -133,6 +136,15 @@ static float load_row(const void *row, int dtype, int64_t classes, float *scratc
     return any_nan ? NAN : m;
 }
 
+/* The sum of a vector's lanes as a tree (halves added, then quarters, ...): each lane passes through log2(LANES)
+ * additions, not up to LANES - 1 as in a running sum, where the small terms of a row [1e4, 1e4, 0, ...] would each
+ * be rounded against the large partial sum. */
+static inline float horizontal_sum(vf v) {
+    for (int width = LANES / 2; width >= 1; width /= 2)
+        for (int lane = 0; lane < width; lane++) v[lane] += v[lane + width];
+    return v[0];
+}
+
 static int64_t first_index_of(const float *scratch, int64_t classes, float value) {
     for (int64_t c = 0; c < classes; c++)
         if (scratch[c] == value || (value != value && scratch[c] != scratch[c])) return c;
@@ -184,15 +196,9 @@ static inline __attribute__((always_inline)) struct row_sums exponentiate(
         }
         if (want_expected_gap) expected += select(e > (vf){}, e * gap, (vf){});
     }
-    struct row_sums out = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int lane = 0; lane < LANES; lane++) {
-        out.exp_sum += sum[lane];
-        out.weighted_gap += weighted[lane];
-        out.expected_gap += expected[lane];
-        out.q_sum += q_sum[lane];
-        out.q_gap += q_gap[lane];
-    }
-    return out;
+    return (struct row_sums){
+        horizontal_sum(sum), horizontal_sum(weighted), horizontal_sum(expected), horizontal_sum(q_sum),
+        horizontal_sum(q_gap)};
 }
 
 /* Pass 3, LANES classes from c: g = e * coef - smooth * w - q_scale * w * q (a class index: no q; its target slot
@@ -231,16 +237,46 @@ static void fill_row(void *grad_row, int dtype, int64_t classes, float value) {
     for (int64_t c = 0; c < classes; c++) store_scalar(grad_row, dtype, c, value);
 }
 
-/* Rows [first, last). Outputs that are NULL are not computed. `scratch` holds classes rounded up to LANES floats.
- * Class probabilities (`probs` not NULL, rows `probs_row_stride` elements apart, of dtype `probs_dtype`) replace
- * the class index: then `target` and `target_weight` are not read and every row is valid. */
-void xent_cross_entropy_rows(
-    const void *logits, int64_t logits_row_stride, int dtype, int64_t first, int64_t last, int64_t classes,
-    const int64_t *target, const float *target_weight, const uint8_t *valid, const float *class_weight,
-    const void *probs, int64_t probs_row_stride, int probs_dtype,
-    float class_weight_sum, float smoothing, float z_loss, float scale,
-    float *loss, float *lse_out, int64_t *argmax_out, float *entropy_out,
-    void *grad, int64_t grad_row_stride, float *scratch) {
+/* The call's arguments, declared once: the struct below, and the layout string cpu_kernel.py compares with its
+ * own table of (name, ctypes type) before the first call (a mismatch refuses to load; it cannot go unnoticed).
+ * Outputs that are NULL are not computed. `scratch` holds `threads` rows of classes rounded up to LANES floats,
+ * `scratch_row_stride` floats apart. Class probabilities (`probs` not NULL, rows `probs_row_stride` elements
+ * apart, of dtype `probs_dtype`) replace the class index: then `target` and `target_weight` are not read and
+ * every row is valid. Codes: ptr (a pointer), i64 (int64_t), i32 (int), f32 (float). */
+#define XENT_ARGUMENTS(X)                                                                                         \
+    X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)    \
+    X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const float *, target_weight, ptr)                \
+    X(const uint8_t *, valid, ptr) X(const float *, class_weight, ptr) X(const void *, probs, ptr)                \
+    X(int64_t, probs_row_stride, i64) X(int, probs_dtype, i32) X(float, class_weight_sum, f32)                   \
+    X(float, smoothing, f32) X(float, z_loss, f32) X(float, scale, f32) X(float *, loss, ptr)                    \
+    X(float *, lse, ptr) X(int64_t *, argmax, ptr) X(float *, entropy, ptr) X(void *, grad, ptr)                 \
+    X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
+    X(int, threads, i32)
+
+struct xent_arguments {
+#define XENT_FIELD(type, name, code) type name;
+    XENT_ARGUMENTS(XENT_FIELD)
+#undef XENT_FIELD
+};
+
+#define XENT_LAYOUT(type, name, code) #name ":" #code ","
+const char xent_arguments_layout[] = XENT_ARGUMENTS(XENT_LAYOUT);
+#undef XENT_LAYOUT
+const int64_t xent_arguments_size = sizeof(struct xent_arguments);
+
+/* Rows [first, last) of the call, with one scratch row. */
+static void rows_range(const struct xent_arguments *a, int64_t first, int64_t last, float *scratch) {
+    const void *logits = a->logits, *probs = a->probs;
+    int64_t logits_row_stride = a->logits_row_stride, classes = a->classes, probs_row_stride = a->probs_row_stride;
+    int64_t grad_row_stride = a->grad_row_stride;
+    int dtype = a->dtype, probs_dtype = a->probs_dtype;
+    const int64_t *target = a->target;
+    const float *target_weight = a->target_weight, *class_weight = a->class_weight;
+    const uint8_t *valid = a->valid;
+    float class_weight_sum = a->class_weight_sum, smoothing = a->smoothing, z_loss = a->z_loss, scale = a->scale;
+    float *loss = a->loss, *lse_out = a->lse, *entropy_out = a->entropy;
+    int64_t *argmax_out = a->argmax;
+    void *grad = a->grad;
     size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
     size_t probs_elem = probs_dtype == XENT_FLOAT32 ? 4 : 2;
     for (int64_t r = first; r < last; r++) {
@@ -287,7 +323,7 @@ void xent_cross_entropy_rows(
             t = target[r];
             float w_t = target_weight[r];
             q_sum = prob.keep * w_t + prob.spread * class_weight_sum;
-            row_loss = prob.keep * w_t * (lse - load_scalar(row, dtype, t));
+            row_loss = prob.keep * w_t * (log_s - (load_scalar(row, dtype, t) - m));
             if (smoothing > 0.0f) row_loss += prob.spread * (class_weight_sum * log_s - sums.weighted_gap);
         }
         if (z_loss != 0.0f) {
@@ -305,5 +341,44 @@ void xent_cross_entropy_rows(
             float g_t = scratch[t] * coef - smooth * w_target - scale * prob.keep * target_weight[r];
             store_scalar(grad_row, dtype, t, g_t);
         }
+    }
+}
+
+struct part {
+    const struct xent_arguments *arguments;
+    int64_t first, last;
+    float *scratch;
+};
+
+static void *run_part(void *p) {
+    const struct part *part = p;
+    rows_range(part->arguments, part->first, part->last, part->scratch);
+    return NULL;
+}
+
+/* All rows, on `threads` threads: the caller takes the first part and joins every other before returning, so no
+ * thread outlives the call (nor the buffers the caller passed). A signal meanwhile does not end the call: Python's
+ * handler only sets a flag, and KeyboardInterrupt is raised after the call returns. A thread that cannot be
+ * started has its part run by the caller. */
+void xent_cross_entropy_rows(const struct xent_arguments *a) {
+    int threads = a->threads < 1 ? 1 : a->threads > 256 ? 256 : a->threads;
+    if (threads > a->rows) threads = a->rows > 0 ? (int)a->rows : 1;
+    if (threads == 1) {
+        rows_range(a, 0, a->rows, a->scratch);
+        return;
+    }
+    struct part parts[256];
+    pthread_t ids[256];
+    int started[256];
+    for (int k = 0; k < threads; k++)
+        parts[k] = (struct part){a, a->rows * k / threads, a->rows * (k + 1) / threads,
+                                 a->scratch + (size_t)k * (size_t)a->scratch_row_stride};
+    for (int k = 1; k < threads; k++) started[k] = pthread_create(&ids[k], NULL, run_part, &parts[k]) == 0;
+    run_part(&parts[0]);
+    for (int k = 1; k < threads; k++) {
+        if (started[k])
+            pthread_join(ids[k], NULL);
+        else
+            run_part(&parts[k]);
     }
 }

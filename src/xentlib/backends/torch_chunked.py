@@ -85,6 +85,8 @@ class _ChunkBuffers:
         self.capped = make() if problem.softcap is not None else None
         self.converted = make() if problem.softcap is None and x.dtype != problem.acc_dtype else None
         self.q = make() if problem.kind == "prob" else None
+        weighted_smoothing = problem.smoothing > 0 and problem.class_weight is not None
+        self.products = make() if problem.kind == "prob" or weighted_smoothing else None  # for _row/_class_dot
 
     @staticmethod
     def view(buffer: Tensor | None, like: Tensor) -> Tensor | None:
@@ -109,10 +111,10 @@ def _process_chunk(problem, rows, cols, grad_out, result, buffers):
     cap = problem.softcap
 
     # y: the logits the softmax sees (capped, and in the accumulation dtype)
-    if cap is not None:
+    if cap is not None:  # in the accumulation dtype from the start: widen, then divide (never x / cap in bfloat16)
         y = flat(buffers.view(buffers.capped, x))
-        torch.div(flat(x), cap, out=y)
-        y.tanh_().mul_(cap)
+        y.copy_(flat(x))
+        y.div_(cap).tanh_().mul_(cap)
     elif x.dtype != acc:
         y = flat(buffers.view(buffers.converted, x))
         y.copy_(flat(x))
@@ -140,7 +142,8 @@ def _process_chunk(problem, rows, cols, grad_out, result, buffers):
         if eps > 0:  # torch's formula: (1 - eps) nll + eps / C sum_c w_c (-log p_c)
             w = problem.class_weight
             w_sum = float(classes) if w is None else w.sum()
-            smooth = -(log_p.sum(1, keepdim=True) if w is None else _class_dot(log_p, w))
+            products = flat(buffers.view(buffers.products, x)) if w is not None else None
+            smooth = -(log_p.sum(1, keepdim=True) if w is None else _class_dot(log_p, w, products))
             loss = (1.0 - eps) * loss + (eps / classes) * smooth
             q_sum = (1.0 - eps) * w_t + (eps / classes) * w_sum
     else:
@@ -151,7 +154,7 @@ def _process_chunk(problem, rows, cols, grad_out, result, buffers):
         if problem.class_weight is not None:
             q.mul_(problem.class_weight.view((1, -1, 1)[: q.dim()]))
         q_sum = q.sum(1, keepdim=True)
-        loss = -_row_dot(q, log_p)
+        loss = -_row_dot(q, log_p, flat(buffers.view(buffers.products, x)))
     if problem.z_loss:
         loss = loss + problem.z_loss * lse * lse
     zero = torch.zeros((), dtype=acc, device=x.device)
@@ -183,16 +186,20 @@ def _process_chunk(problem, rows, cols, grad_out, result, buffers):
         grad_slice.copy_(p)
 
 
-def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_c a[r, c, ...] * b[r, c, ...] with keepdim; a batched matmul avoids a temporary in the 2-D case."""
-    if a.dim() == 2:
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
-    return (a * b).sum(1, keepdim=True)
+# Sums of products over the classes are formed elementwise into a chunk buffer and summed by torch's reduction
+# (pairwise within vector lanes, float32 throughout), as torch's own cross_entropy does. A matrix-vector or batched
+# product (BLAS, blocked dot products) was up to 10x further from float64 (docs/numerics.md, section 7;
+# tests/test_accuracy.py::test_weighted_smoothing_row_losses).
 
 
-def _class_dot(a: Tensor, w: Tensor) -> Tensor:
-    """sum_c a[r, c, ...] * w[c] with keepdim."""
-    return (a @ w).unsqueeze(1) if a.dim() == 2 else torch.einsum("rcs,c->rs", a, w).unsqueeze(1)
+def _row_dot(a: Tensor, b: Tensor, products: Tensor) -> Tensor:
+    """sum_c a[r, c, ...] * b[r, c, ...] with keepdim, through `products` (a's shape, overwritten)."""
+    return torch.mul(a, b, out=products).sum(1, keepdim=True)
+
+
+def _class_dot(a: Tensor, w: Tensor, products: Tensor) -> Tensor:
+    """sum_c a[r, c, ...] * w[c] with keepdim, through `products` (a's shape, overwritten)."""
+    return torch.mul(a, w.view((1, -1, 1)[: a.dim()]), out=products).sum(1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

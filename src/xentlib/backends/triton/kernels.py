@@ -12,6 +12,7 @@ Notation for one row (one ``(b, s)`` position of a ``(B, C, S)`` logits view, cl
     q_c   target weights: class index  q = (1 - eps) * w_t * onehot(t) + (eps / C) * w
                           probability  q = w * ((1 - eps) * t + eps / C)
     loss  l = sum_c q_c * (lse - y_c) + z * lse**2
+          formed as sum_c q_c * (log(s) + (ref - y_c)), never lse - y_c (see "Weighted gaps")
     grad  dl/dy_c = (sum(q) + 2 z lse) * p_c - q_c,   dl/dx_c = dl/dy_c * (1 - (y_c / cap)**2)
 
 Online log-sum-exp. The first sweep reads each block of the row once and keeps a running maximum ``m`` and
@@ -20,9 +21,12 @@ Online log-sum-exp. The first sweep reads each block of the row once and keeps a
 rescaled by ``exp(ref_old - ref_new)``. At the end ``lse = ref + log(s)``.
 
 Weighted gaps. ``sum_c a_c * (lse - y_c)`` (a = smoothing weights or probability targets) is written as
-``A * (lse - ref) + G`` with ``A = sum a_c`` and ``G = sum a_c * (ref - y_c)``. Every term of ``G`` is >= 0
-because ``ref`` is the row maximum, so nothing cancels, unlike ``A * lse - sum a_c y_c`` which loses all
-digits when the logits are large. When ``ref`` grows, ``G += (ref_new - ref_old) * A_old``.
+``A * log(s) + G`` with ``A = sum a_c`` and ``G = sum a_c * (ref - y_c)``. Every term of ``G`` is >= 0
+because ``ref`` is the row maximum, and ``log(s) >= 0``, so nothing cancels, unlike ``A * lse - sum a_c y_c``
+which loses all digits when the logits are large. The target term likewise is ``log(s) + (ref - y_t)``, never
+``lse - y_t`` nor ``lse - ref``: ``lse`` is rounded at the logits' magnitude (ulp(1e4) ~ 1e-3), so a row
+``[1e4, 1e4, 0]`` would give 0.6934 instead of ln 2 (docs/numerics.md, section 2). When ``ref`` grows,
+``G += (ref_new - ref_old) * A_old``.
 """
 
 import os
@@ -210,6 +214,7 @@ def index_target_rows_kernel(
 
     Row loss with q = (1 - eps) w_t onehot(t) + (eps / C) w:
         l = (1 - eps) w_t (lse - y_t) + (eps / C) sum_c w_c (lse - y_c) + z lse^2
+          = (1 - eps) w_t (log s + (ref - y_t)) + (eps / C) (W log s + G) + z lse^2
     The target term gathers y_t (never a dot product with a one-hot, so a -inf logit on another class keeps
     the loss finite); the smoothing term is the weighted gap of the module docstring with a = w.
     Gradient dl/dy = (1 - eps) w_t (p - onehot) + (eps / C) (W p - w) + 2 z lse p with W = sum w: the
@@ -242,15 +247,16 @@ def index_target_rows_kernel(
             best, best_idx = _merge_argmax(best, best_idx, y, start)
             ent = _merge_entropy_sum(ent, s_old, ref_old, ref_new, e, y)
     ref = _shift_reference(m)
-    lse = ref + tl.log(s)
+    log_s = tl.log(s)
+    lse = ref + log_s
 
     x_t = tl.load(logits_row + t * stride_lc).to(tl.float32)
     y_t = _capped(x_t, softcap, HAS_SOFTCAP)
     hard = (1.0 - smoothing) * w_t
     soft = smoothing / C
-    loss = hard * (lse - y_t) + z_loss * lse * lse
+    loss = hard * (log_s + (ref - y_t)) + z_loss * lse * lse
     if SMOOTH:
-        loss += soft * (w_sum * (lse - ref) + w_gap)
+        loss += soft * (w_sum * log_s + w_gap)
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(lse_ptr + row, lse)
     if WANT_STATS:
@@ -310,7 +316,7 @@ def prob_target_rows_kernel(
 ):
     """Probability targets, one program per row: q_c = w_c ((1 - eps) t_c + eps / C).
 
-    l = sum_c q_c (lse - y_c) + z lse^2 = Q (lse - ref) + G + z lse^2 (weighted gap with a = q), and
+    l = sum_c q_c (lse - y_c) + z lse^2 = Q log s + G + z lse^2 (weighted gap with a = q), and
     dl/dy = (Q + 2 z lse) p - q. The targets are read once per sweep, like the logits. As in torch, a -inf
     logit gives NaN even where q_c = 0 (0 * inf).
     """
@@ -341,9 +347,10 @@ def prob_target_rows_kernel(
             best, best_idx = _merge_argmax(best, best_idx, y, start)
             ent = _merge_entropy_sum(ent, s_old, ref_old, ref_new, e, y)
     ref = _shift_reference(m)
-    lse = ref + tl.log(s)
+    log_s = tl.log(s)
+    lse = ref + log_s
 
-    loss = q_sum * (lse - ref) + q_gap + z_loss * lse * lse
+    loss = q_sum * log_s + q_gap + z_loss * lse * lse
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(lse_ptr + row, lse)
     if WANT_STATS:
@@ -421,20 +428,21 @@ def index_target_tile_kernel(
     w_t = tl.load(target_weight_ptr + r, mask=row_ok, other=0.0).to(tl.float32)
     zero = tl.zeros([BLOCK_R], tl.float32)
     m, s, ref_old, ref, e = _merge_lse(zero + float("-inf"), zero, y)
-    lse = ref + tl.log(s)
+    log_s = tl.log(s)
+    lse = ref + log_s
     is_target = c[:, None] == t[None, :]
     y_t = tl.sum(tl.where(is_target, y, 0.0), axis=0)  # a gather: other entries contribute an exact 0
 
     hard = (1.0 - smoothing) * w_t
     soft = smoothing / C
-    loss = hard * (lse - y_t) + z_loss * lse * lse
+    loss = hard * (log_s + (ref - y_t)) + z_loss * lse * lse
     w = tl.zeros([BLOCK_C, BLOCK_R], tl.float32)
     w_sum = zero
     if SMOOTH:
         w = tl.load(class_weight_ptr + c, mask=c < C, other=0.0).to(tl.float32)[:, None] + w
         w = tl.where(mask, w, 0.0)
         w_sum, w_gap = _merge_weighted_gap(zero, zero, ref_old, ref, w, y, mask)
-        loss += soft * (w_sum * (lse - ref) + w_gap)
+        loss += soft * (w_sum * log_s + w_gap)
     tl.store(loss_ptr + r, tl.where(valid, loss, 0.0), mask=row_ok)
     tl.store(lse_ptr + r, lse, mask=row_ok)
     if WANT_STATS:
@@ -535,10 +543,11 @@ def linear_index_forward_kernel(
             w = tl.where(mask, w + zero[None, :], 0.0)
             w_sum, w_gap = _merge_weighted_gap(w_sum, w_gap, ref_old, ref_new, w, y, mask)
     ref = _shift_reference(m)
-    lse = ref + tl.log(s)
-    loss = (1.0 - smoothing) * w_t * (lse - y_t) + z_loss * lse * lse
+    log_s = tl.log(s)
+    lse = ref + log_s
+    loss = (1.0 - smoothing) * w_t * (log_s + (ref - y_t)) + z_loss * lse * lse
     if SMOOTH:
-        loss += smoothing / V * (w_sum * (lse - ref) + w_gap)
+        loss += smoothing / V * (w_sum * log_s + w_gap)
     tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
