@@ -159,7 +159,7 @@ def shape_list(shape) -> str:
 
 
 def check_extensions(reduction: str, z_loss, softcap, normalizer) -> tuple[float, float | None]:
-    if not isinstance(z_loss, numbers.Real) or isinstance(z_loss, bool) or not math.isfinite(z_loss) or z_loss < 0:
+    if not isinstance(z_loss, numbers.Real) or isinstance(z_loss, bool) or not 0 <= z_loss < math.inf:
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
     if softcap is not None:
         if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not softcap > 0:
@@ -291,7 +291,7 @@ def check_cross_entropy(
     )
 
 
-def check_nll_loss(input, target, weight, ignore_index, reduction: str) -> CrossEntropyCall:
+def check_nll_loss(input, target, weight, ignore_index, reduction: str, autocast=False) -> CrossEntropyCall:
     fn = "nll_loss_nd"
     check_tensor(fn, "input", 1, input)
     check_tensor(fn, "target", 2, target)
@@ -299,7 +299,7 @@ def check_nll_loss(input, target, weight, ignore_index, reduction: str) -> Cross
     ignore_index = check_ignore_index(fn, ignore_index)
     return _check_class_index(
         "nll_loss_forward", input, target, weight, ignore_index, reduction, 0.0,
-        input_kernel="nll_loss_out_frame",
+        input_kernel="nll_loss_out_frame", autocast=autocast,
     )  # fmt: skip
 
 

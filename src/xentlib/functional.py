@@ -207,7 +207,9 @@ def nll_loss(
         tensor(0.3344)
     """
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
-    call = sem.check_nll_loss(input, target, weight, ignore_index, reduction)
+    autocast = _runs_in_float32(input)
+    call = sem.check_nll_loss(input, target, weight, ignore_index, reduction, autocast=autocast)
+    out_dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
     problem = sem.problem_from_call(call, check_targets=not _transformed(input))
     # A gather is the whole computation, so plain differentiable torch ops are the fused path here.
     rows_view = sem.as_rows(input)
@@ -218,8 +220,8 @@ def nll_loss(
     rows = -(picked.to(problem.acc_dtype) * problem.target_weight)
     rows = torch.where(problem.valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
-        return rows.reshape(call.output_shape).to(input.dtype)
-    return (rows.sum() / problem.denominator).to(input.dtype)
+        return rows.reshape(call.output_shape).to(out_dtype)
+    return (rows.sum() / problem.denominator).to(out_dtype)
 
 
 def _softmax_dim(name: str, input: Tensor, dim, stacklevel: int) -> int:
@@ -254,6 +256,9 @@ def _softmax_common(name: str, input: Tensor, dim, stacklevel: int, dtype, log: 
     if not input.is_floating_point() and input.numel() > 0:  # torch passes empty tensors of any dtype through
         kernel = f"{name}_lastdim_kernel_impl" if dim == max(input.dim() - 1, 0) else f"{name}_kernel_impl"
         sem.check_floating_input(kernel, input)
+    if _transformed(input):  # torch.func / forward-mode AD: torch's own kernel, which carries their rules
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        return (torch.log_softmax if log else torch.softmax)(input.to(acc), dim).to(input.dtype)
     return torch_chunked.SoftmaxFunction.apply(input, dim, log)
 
 
@@ -333,12 +338,25 @@ def binary_cross_entropy(
             "(the target must have the input's dtype)"
         )
     sem.check_floating_input(fn, input)
-    if bool(((input < 0) | (input > 1) | input.isnan()).any()):
-        raise RuntimeError("all elements of input should be between 0 and 1 (binary_cross_entropy takes probabilities)")
-    if bool(((target < 0) | (target > 1) | target.isnan()).any()):
-        raise RuntimeError("all elements of target should be between 0 and 1")
+    _check_unit_interval("input", input, " (binary_cross_entropy takes probabilities)")
+    _check_unit_interval("target", target, "")
     _check_broadcast("weight", weight, input.shape)
+    if _transformed(input, target):  # torch.func / forward-mode AD: torch's own op, which carries their rules
+        return torch.nn.functional.binary_cross_entropy(input, target, weight, reduction=reduction)
     return torch_chunked.BinaryCrossEntropyFunction.apply(input, target, weight, reduction)
+
+
+def _check_unit_interval(name: str, tensor: Tensor, detail: str) -> None:
+    """torch's range check of binary_cross_entropy: on the host in eager mode (its RuntimeError); inside a
+    compiled graph or on an accelerator a device-side assertion, which does not synchronise."""
+    outside = (tensor < 0) | (tensor > 1) | tensor.isnan()
+    message = f"all elements of {name} should be between 0 and 1{detail}"
+    if _transformed(tensor):  # torch's own op runs there, with its own check
+        return
+    if torch.compiler.is_compiling() or tensor.device.type != "cpu":
+        torch._assert_async(~outside.any(), message)
+    elif bool(outside.any()):
+        raise RuntimeError(message)
 
 
 def binary_cross_entropy_with_logits(
@@ -383,8 +401,15 @@ def binary_cross_entropy_with_logits(
         )
     _check_broadcast("pos_weight", pos_weight, input.shape)
     _check_broadcast("weight", weight, input.shape)
+    if _transformed(input, target):  # torch.func / forward-mode AD: torch's own op, which carries their rules
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            input, target, weight, reduction=reduction, pos_weight=pos_weight
+        )
+    out_dtype = target.dtype
+    if _runs_in_float32(input) and out_dtype != torch.float64:  # torch's autocast runs it in float32
+        out_dtype = torch.float32
     return torch_chunked.BinaryCrossEntropyWithLogitsFunction.apply(
-        input, target, weight, pos_weight, reduction, target.dtype
+        input, target, weight, pos_weight, reduction, out_dtype
     )
 
 

@@ -297,6 +297,8 @@ def _linear_backward(ctx, grad_loss, _gi, _gw, _gb, grad_lse, grad_entropy, _row
     needs = ctx.needs_input_grad[:5]
     saved, ctx.grads = ctx.grads, None
     none = (None,) * 16
+    if not ctx.call["with_stats"]:  # the statistics were empty placeholders: nothing flows through them
+        grad_lse = grad_entropy = None
     if grad_loss is None and grad_lse is None and grad_entropy is None:
         return (None,) * 5 + none
     stats_flow = grad_lse is not None or grad_entropy is not None

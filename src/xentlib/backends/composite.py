@@ -70,13 +70,16 @@ def scale_by_grad_output_(reduction: str, buffer: Tensor, grad_loss: Tensor) -> 
     """The saved gradient times grad_output, in place: per row for reduction='none', else one scale that is
     skipped when it is 1 (the common `loss.backward()`). On CPU that is read on the host; on a GPU reading it
     would synchronise, so a Triton kernel checks it on the device."""
+    if type(grad_loss) is not Tensor:  # traced by the compiler (fake/functional tensors): it plans the memory
+        scale = grad_loss.reshape(buffer.shape[0], 1, buffer.shape[2]) if reduction == "none" else grad_loss
+        return (buffer.float() * scale.float()).to(buffer.dtype)
     if reduction == "none":
         batch, _, spatial = buffer.shape
-        return buffer.mul_(grad_loss.reshape(batch, 1, spatial).to(buffer.dtype))
-    if type(grad_loss) is not Tensor:  # traced by the compiler (fake/functional tensors): no data to read
-        return buffer.mul_(grad_loss.to(buffer.dtype))
+        return buffer.copy_(buffer.float().mul_(grad_loss.reshape(batch, 1, spatial).float()))
     if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
         return buffer
+    if buffer.element_size() < 4:  # grad_output may not fit a half type (GradScaler's 65536 overflows float16)
+        return buffer.copy_(buffer.float().mul_(grad_loss.float()))
     if buffer.device.type == "cuda" and buffer.is_contiguous() and _triton_runs_on(buffer.device):
         from xentlib.backends.triton.ops import SCALE_DTYPES, scale_unless_one_
 

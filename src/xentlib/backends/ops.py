@@ -19,13 +19,17 @@ from torch import Tensor
 
 from xentlib import _semantics as sem
 from xentlib.backends import composite
-from xentlib.backends.dispatch import rows_function
+from xentlib.backends.dispatch import rows_function, select_backend
 
 _EMPTY = (0,)
 
 
-def _rows_fn(backend: str, chunk_size: int):
-    return rows_function(backend, None if chunk_size <= 0 else chunk_size)
+def _rows_fn(problem, backend: str, chunk_size: int):
+    """The chosen backend's row function; `chunk_size` (rows, > 0) applies to the PyTorch ops."""
+    name, _ = select_backend(problem.logits.device, backend, problem)
+    if name == "cpu" and chunk_size > 0:
+        name = "torch"  # the compiled kernel has no chunks: an explicit chunk size asks for the PyTorch ops
+    return rows_function(name, None if chunk_size <= 0 else chunk_size)
 
 
 @torch.library.custom_op("xentlib::cross_entropy", mutates_args=())
@@ -55,7 +59,7 @@ def cross_entropy(
         logits, target, weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
     )
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(_EMPTY)
-    rows = _rows_fn(backend, chunk_size)(problem, grad if with_grad else None, with_stats)
+    rows = _rows_fn(problem, backend, chunk_size)(problem, grad if with_grad else None, with_stats)
     loss = composite.reduce_rows(problem, rows.loss).to(output_dtype)
     if not with_stats:
         empty = rows.loss.new_empty(_EMPTY)
@@ -94,6 +98,7 @@ def _setup_context(ctx, inputs, output):
     # same graph (retain_graph=True) recomputes from the logits.
     ctx.grad_buffer = grad if grad.numel() or logits.numel() == 0 else None
     ctx.has_grad = scalars[len(_SCALARS)]  # with_grad
+    ctx.with_stats, ctx.backend, ctx.chunk_size = scalars[-3:]
     ctx.save_for_backward(logits, target, weight, normalizer)
 
 
@@ -101,10 +106,16 @@ def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax)
     logits, target, weight, normalizer = ctx.saved_tensors
     needs = ctx.needs_input_grad
     buffer, ctx.grad_buffer = ctx.grad_buffer, None
+    if not ctx.with_stats:  # the statistics were empty placeholders: nothing flows through them
+        grad_lse = grad_entropy = None
     simple = grad_lse is None and grad_entropy is None and not (needs[1] or needs[2])
-    if simple and buffer is not None and not torch.is_grad_enabled() and ctx.has_grad:
-        grad = None if grad_loss is None else composite.scale_by_grad_output_(ctx.call["reduction"], buffer, grad_loss)
-        return (grad,) + (None,) * 14
+    if simple and not torch.is_grad_enabled() and ctx.has_grad:
+        if grad_loss is None:
+            return (None,) * 15
+        if buffer is None:  # a second backward of the same graph: the same kernel again, so the same bits
+            call = dict(ctx.call, with_grad=True, with_stats=False, backend=ctx.backend, chunk_size=ctx.chunk_size)
+            buffer = torch.ops.xentlib.cross_entropy(logits.detach(), target, weight, normalizer, **call)[1]
+        return (composite.scale_by_grad_output_(ctx.call["reduction"], buffer, grad_loss),) + (None,) * 14
     call = dict(ctx.call)
     value = call.pop("normalizer_value")
     norm = normalizer if normalizer is not None else (value if value > 0 else None)
