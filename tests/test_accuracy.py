@@ -180,7 +180,7 @@ def test_linear_float32_accuracy_at_large_logits(request, path, options, magnitu
     class_weight = torch.rand(classes, generator=g) + 0.5 if kwargs.pop("weight", False) else None
 
     def ours(x, t, b, cw, **kw):
-        return xentlib.linear_cross_entropy(x, weight_of(x), t, b, class_weight=cw, **kw)
+        return xentlib.linear_cross_entropy(x, weight_of(x), t, linear_bias=b, weight=cw, **kw)
 
     def theirs(x, t, b, cw, **kw):
         return F.cross_entropy(F.linear(x, weight_of(x), b), t, weight=cw, **kw)

@@ -331,12 +331,39 @@ def test_public_names_are_the_same_function():
     assert xentlib.linear_cross_entropy is xentlib.functional.linear_cross_entropy
 
 
-def test_legacy_size_average_and_reduce():
+def test_no_legacy_arguments_like_torch():
+    """torch 2.13's F.linear_cross_entropy has no size_average/reduce and takes only (input, linear_weight,
+    target) positionally: both libraries raise TypeError for the old forms."""
     case = make_case()
-    expected = F.cross_entropy(case.x @ case.weight.T + case.bias, case.target, reduction="none")
-    with pytest.warns(UserWarning):
-        out = xentlib.linear_cross_entropy(case.x, case.weight, case.target, linear_bias=case.bias, reduce=False)
-    assert_close(out, expected, "reduce=False", TOL[torch.float64])
+    for call in (
+        lambda f: f(case.x, case.weight, case.target, reduce=False),
+        lambda f: f(case.x, case.weight, case.target, case.bias),
+    ):
+        with pytest.raises(TypeError):
+            call(F.linear_cross_entropy)
+        with pytest.raises(TypeError):
+            call(xentlib.linear_cross_entropy)
+
+
+def test_torch_signature_and_options():
+    """Keyword for keyword torch's call, including `options`, gives torch's result."""
+    case = make_case(class_weight=True, ignore_every=3)
+    kwargs = dict(linear_bias=case.bias, weight=case.class_weight, reduction="sum", label_smoothing=0.1)
+    expected = F.linear_cross_entropy(case.x, case.weight, case.target, **kwargs)
+    options = (
+        torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4)
+        if hasattr(torch.nn, "LinearCrossEntropyOptions")
+        else None
+    )
+    for opts in (None, options):
+        assert_close(
+            xentlib.linear_cross_entropy(case.x, case.weight, case.target, options=opts, **kwargs),
+            expected,
+            "options",
+            TOL[torch.float64],
+        )
+    with pytest.raises(TypeError, match="shift must be a bool"):
+        xentlib.linear_cross_entropy(case.x, case.weight, case.target, shift=2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -513,9 +540,9 @@ def test_backward_twice_with_retain_graph(reduction):
 def test_no_gradient_needed():
     """Under no_grad and with leaves that do not require grad the loss is the same and carries no graph."""
     case = make_case(class_weight=True, ignore_every=3)
-    expected = xentlib.linear_cross_entropy(*case.tensors()[:2], case.target, case.bias)
+    expected = xentlib.linear_cross_entropy(*case.tensors()[:2], case.target, linear_bias=case.bias)
     with torch.no_grad():
-        out = xentlib.linear_cross_entropy(*case.tensors()[:2], case.target, case.bias)
+        out = xentlib.linear_cross_entropy(*case.tensors()[:2], case.target, linear_bias=case.bias)
     detached = [t.detach() for t in (case.x, case.weight, case.bias)]
     out2 = xentlib.linear_cross_entropy(detached[0], detached[1], case.target, linear_bias=detached[2])
     assert not out.requires_grad and not out2.requires_grad
@@ -546,8 +573,8 @@ def composite(x, w, t, b=None, *, class_weight=None, **kwargs):
     return loss.reshape(x.shape[:-1]) if kwargs.get("reduction") == "none" else loss
 
 
-def ours(x, w, t, b=None, **kwargs):
-    return xentlib.linear_cross_entropy(x, w, t, linear_bias=b, **kwargs)
+def ours(x, w, t, b=None, *, class_weight=None, **kwargs):
+    return xentlib.linear_cross_entropy(x, w, t, linear_bias=b, weight=class_weight, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -824,7 +851,12 @@ class AllocationLog(TorchDispatchMode):
         self.outputs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        opdef = torch._library.custom_ops._maybe_get_opdef(func)
+        if func.namespace == "xentlib" and opdef is not None:  # log the ops inside xentlib's own ops too
+            with self:
+                out = opdef._init_fn(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         for value in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(value, torch.Tensor):
                 storage = value.untyped_storage()
