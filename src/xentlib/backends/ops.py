@@ -49,6 +49,7 @@ def cross_entropy(
     with_stats: bool,
     backend: str,
     chunk_size: int,
+    grad_output: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad, lse, entropy, row_loss, argmax) of (B, C, S) logits and canonical targets.
 
@@ -58,6 +59,8 @@ def cross_entropy(
     problem = sem.problem_tensors(
         logits, target, weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
     )
+    if grad_output is not None:
+        problem.grad_scale = problem.grad_scale * grad_output.to(problem.grad_scale.dtype)
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(_EMPTY)
     rows = _rows_fn(problem, backend, chunk_size)(problem, grad if with_grad else None, with_stats)
     loss = composite.reduce_rows(problem, rows.loss).to(output_dtype)
@@ -69,7 +72,7 @@ def cross_entropy(
 
 @cross_entropy.register_fake
 def _(logits, target, weight, normalizer, normalizer_value, ignore_index, reduction, smoothing, z_loss, softcap,
-      output_dtype, with_grad, with_stats, backend, chunk_size):  # fmt: skip
+      output_dtype, with_grad, with_stats, backend, chunk_size, grad_output=None):  # fmt: skip
     batch, _, spatial = logits.shape
     acc = _acc_dtype(logits, target, weight)
     rows = (batch, spatial)
@@ -91,14 +94,13 @@ _SCALARS = ("normalizer_value", "ignore_index", "reduction", "smoothing", "z_los
 def _setup_context(ctx, inputs, output):
     logits, target, weight, normalizer, *scalars = inputs
     ctx.call = dict(zip(_SCALARS, scalars[: len(_SCALARS)]))
+    ctx.has_grad, ctx.with_stats, ctx.backend, ctx.chunk_size = scalars[len(_SCALARS) : len(_SCALARS) + 4]
     loss, grad, lse, entropy, row_loss, argmax = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad, row_loss, argmax)
     # The gradient buffer is handed to autograd once (x.grad takes it without a copy); a later backward of the
     # same graph (retain_graph=True) recomputes from the logits.
     ctx.grad_buffer = grad if grad.numel() or logits.numel() == 0 else None
-    ctx.has_grad = scalars[len(_SCALARS)]  # with_grad
-    ctx.with_stats, ctx.backend, ctx.chunk_size = scalars[-3:]
     ctx.save_for_backward(logits, target, weight, normalizer)
 
 
@@ -112,16 +114,45 @@ def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax)
     if simple and not torch.is_grad_enabled() and ctx.has_grad:
         if grad_loss is None:
             return (None,) * 15
-        if buffer is None:  # a second backward of the same graph: the same kernel again, so the same bits
+        rounded_once = _rounded_once(ctx.call["reduction"], logits, grad_loss)
+        if rounded_once is not None:  # half precision: the scale goes in before the one rounding
+            buffer = None
+        if buffer is None:  # also a second backward of the same graph: the same kernel again, the same bits
             call = dict(ctx.call, with_grad=True, with_stats=False, backend=ctx.backend, chunk_size=ctx.chunk_size)
-            buffer = torch.ops.xentlib.cross_entropy(logits.detach(), target, weight, normalizer, **call)[1]
-        return (composite.scale_by_grad_output_(ctx.call["reduction"], buffer, grad_loss),) + (None,) * 14
+            buffer = torch.ops.xentlib.cross_entropy(
+                logits.detach(), target, weight, normalizer, **call, grad_output=rounded_once
+            )[1]
+            if rounded_once is not None:
+                return (buffer,) + (None,) * 14
+        if ctx.call["reduction"] == "none" and logits.element_size() < 4 and _eager(grad_loss):
+            simple = False  # per-row scales of a half-precision gradient: the float32 composite, rounded once
+        else:
+            return (composite.scale_by_grad_output_(ctx.call["reduction"], buffer, grad_loss),) + (None,) * 14
     call = dict(ctx.call)
     value = call.pop("normalizer_value")
     norm = normalizer if normalizer is not None else (value if value > 0 else None)
     problem = sem.problem_tensors(logits.detach(), target.detach(), weight, norm, **call)
+    if simple:  # per-row scales of a half-precision gradient: float32 all the way, rounded once
+        grads = composite.gradients(problem, logits.float(), target, weight, needs[:3], grad_loss, None, None)
+        return (grads[0].to(logits.dtype),) + (None,) * 14
     grads = composite.gradients(problem, logits, target, weight, needs[:3], grad_loss, grad_lse, grad_entropy)
     return (*grads,) + (None,) * 12
+
+
+def _eager(tensor: Tensor) -> bool:
+    """A real tensor (not one the compiler traces), whose data may be read."""
+    return type(tensor) is Tensor
+
+
+def _rounded_once(reduction: str, logits: Tensor, grad_loss: Tensor) -> Tensor | None:
+    """The grad_output to fold into a recomputed half-precision gradient, or None where scaling the saved one
+    loses nothing: float32/float64 gradients, grad_output 1, a traced graph (it scales in float32 once), or
+    reduction='none' (per-row scales: the composite handles them)."""
+    if logits.element_size() >= 4 or reduction == "none" or not _eager(grad_loss):
+        return None
+    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
+        return None
+    return grad_loss.detach().reshape(())
 
 
 cross_entropy.register_autograd(_backward, setup_context=_setup_context)
