@@ -498,6 +498,17 @@ def test_head_maths_the_config_does_not_declare_are_refused_or_taken_from_patch(
     assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_bfloat16_model_is_verified_at_its_precision(family):
+    input_ids, labels = make_batch()
+    model = make_model(family, dtype=torch.bfloat16)
+    expected = model(input_ids=input_ids, labels=labels).loss
+    with patch(model):
+        actual = model(input_ids=input_ids, labels=labels)
+    assert actual.logits is None
+    torch.testing.assert_close(actual.loss, expected, rtol=4e-3, atol=0)  # the fused loss is rounded to bfloat16
+
+
 def test_a_loss_function_other_than_the_causal_lm_loss_is_refused():
     model = make_model("llama")
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: 2 * ForCausalLMLoss(logits, labels, vocab_size)

@@ -216,10 +216,9 @@ class _HeadMaths:
     softcap: float | None = None
     source: str = "no head maths"
 
-    def logits(self, hidden_states: Tensor, head: torch.nn.Linear) -> Tensor:
-        """The logits these maths give, in float64 (the probe's truth to compare the model's logits with)."""
-        bias = None if head.bias is None else head.bias.double()
-        logits = self.logit_scale * torch.nn.functional.linear(hidden_states.double(), head.weight.double(), bias)
+    def apply(self, head_logits: Tensor) -> Tensor:
+        """These maths applied to the head's logits, in float64 (the probe compares them with the model's)."""
+        logits = self.logit_scale * head_logits.double()
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
 
@@ -349,42 +348,49 @@ def _verify(model: torch.nn.Module, head: torch.nn.Linear, candidates: list[_Hea
     name = type(model).__name__
     input_ids, labels = _probe_batch(model, head)
     own, hidden_states = _run_probe(model, input_ids, labels)
-    if not hasattr(own, "logits") or own.logits is None or not torch.is_tensor(own.loss):
+    if not dataclasses.is_dataclass(own) or getattr(own, "logits", None) is None or not torch.is_tensor(own.loss):
         raise TypeError(f"{name}'s forward did not return an output with logits and a loss; xentlib cannot patch it")
-    tolerance = _probe_tolerance(own.logits.dtype)
-    differences = []
-    for maths in candidates:
-        difference = _relative_difference(maths.logits(hidden_states, head), own.logits)
-        differences.append(f"{maths.source}: {difference:.3g}")
-        if difference <= tolerance:
-            break
-    else:
-        raise ValueError(
-            f"xentlib cannot patch {name}: its forward's logits are not the output head's logits under any "
-            f"reading of its config's head maths (largest relative difference, tolerance {tolerance:g}: "
-            f"{'; '.join(differences)}). Its forward applies maths xentlib does not know. If they are a scale "
-            f"and a tanh soft-cap, pass them: patch(model, logit_scale=..., softcap=...); otherwise leave the "
-            f"model unpatched (model.loss_function = for_causal_lm_loss still saves memory on the logits)."
-        )
-    own_loss = None if own.get("router_logits") is not None else own.loss  # router losses: refused per call
-    if own_loss is not None:
-        with torch.no_grad(), torch.autocast(hidden_states.device.type, enabled=False):
+    with torch.no_grad(), torch.autocast(hidden_states.device.type, enabled=False):
+        maths = _confirmed_head_maths(name, head(hidden_states), own.logits, candidates)
+        if own.get("router_logits") is None:  # a router's auxiliary loss is in own.loss: refused per call instead
             fused = linear_causal_lm_loss(
                 hidden_states, head.weight, labels, head.bias, logit_scale=maths.logit_scale, softcap=maths.softcap,
                 **options,
             )  # fmt: skip
-        if _relative_difference(fused, own_loss) > tolerance:
-            raise ValueError(
-                f"xentlib cannot patch {name}: its logits agree ({maths.source}), but its loss on the probe batch is "
-                f"{own_loss.item():.6g} where the causal-LM cross-entropy of those logits is {fused.item():.6g}: its "
-                "loss function is not transformers' causal-LM loss (a custom loss_function?), which the fused loss "
-                "cannot reproduce. Leave the model unpatched."
-            )
+            _confirm_loss(name, maths, fused, own.loss, _probe_tolerance(own.logits.dtype))
     return _Verified(
         head_maths=maths,
         output_class=type(own),
         output_fields=tuple(f.name for f in dataclasses.fields(own) if f.name not in ("loss", "logits")),
     )
+
+
+def _confirmed_head_maths(name: str, head_logits: Tensor, own_logits: Tensor, candidates: list[_HeadMaths]):
+    """The first candidate whose maths turn the head's logits into the model's own logits."""
+    tolerance = _probe_tolerance(own_logits.dtype)
+    differences = []
+    for maths in candidates:
+        difference = _relative_difference(maths.apply(head_logits), own_logits)
+        if difference <= tolerance:
+            return maths
+        differences.append(f"{maths.source}: {difference:.3g}")
+    raise ValueError(
+        f"xentlib cannot patch {name}: its forward's logits are not the output head's logits under any reading "
+        f"of its config's head maths (largest relative difference, tolerance {tolerance:g}: "
+        f"{'; '.join(differences)}). Its forward applies maths xentlib does not know. If they are a scale and a "
+        "tanh soft-cap, pass them: patch(model, logit_scale=..., softcap=...); otherwise leave the model "
+        "unpatched (model.loss_function = for_causal_lm_loss still saves memory on the logits)."
+    )
+
+
+def _confirm_loss(name: str, maths: _HeadMaths, fused: Tensor, own_loss: Tensor, tolerance: float) -> None:
+    if _relative_difference(fused, own_loss) > tolerance:
+        raise ValueError(
+            f"xentlib cannot patch {name}: its logits agree ({maths.source}), but its loss on the probe batch is "
+            f"{own_loss.item():.6g} where the causal-LM cross-entropy of those logits is {fused.item():.6g}: its "
+            "loss function is not transformers' causal-LM loss (a custom loss_function?), which the fused loss "
+            "cannot reproduce. Leave the model unpatched."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
