@@ -626,3 +626,18 @@ def test_patched_logits_to_keep_in_every_form(form):
         actual, actual_grads = loss_and_grads(model, **inputs)
     torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
     assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_patched_forward_names_positional_arguments_as_the_class_forward_does():
+    """GPT-2's forward takes (input_ids, cache, attention_mask, ...) by position, Llama's (input_ids,
+    attention_mask, ...): the patched forward maps them with the names computed at patch time."""
+    input_ids, labels = make_batch()
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    for model, positional in ((make_model("llama"), (input_ids, mask)), (make_gpt2(), (input_ids, None, mask))):
+        expected = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        with patch(model):
+            actual = model(*positional, labels=labels).loss
+            with pytest.raises(TypeError, match="multiple values for argument.*input_ids"):
+                model(input_ids, input_ids=input_ids, labels=labels)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

@@ -430,8 +430,9 @@ def _call_arguments(state: _PatchState, args: tuple, kwargs: dict) -> dict[str, 
             f"({', '.join(state.positional_names)}), got {len(args)}"
         )
     arguments = dict(zip(state.positional_names, args, strict=False))
-    for name in arguments.keys() & kwargs.keys():
-        raise TypeError(f"the patched forward got multiple values for argument {name!r}")
+    twice = sorted(arguments.keys() & kwargs.keys())
+    if twice:
+        raise TypeError(f"the patched forward got multiple values for argument(s) {', '.join(twice)}")
     arguments.update(kwargs)
     return arguments
 
