@@ -47,3 +47,22 @@ def test_one_step(hf_memory, mode):
     result = hf_memory.run_one(hf_memory.parse_args(argv), mode)
     assert result["mode"] == mode and result["peak"] >= result["rss_after_first_step"] > 0
     assert result["growth"] == result["peak"] - result["rss_after_first_step"]
+
+
+def test_report_gives_medians_and_their_ratio(hf_memory):
+    args = hf_memory.parse_args(["--steps", "3", "--repeats", "2"])
+    mib = hf_memory.MIB
+
+    def run(mode, growth):
+        first, peak = 500 * mib, (500 + growth) * mib
+        return {
+            "mode": mode, "rss_after_first_step": first, "peak": peak, "growth": peak - first,
+            "peak_by_step": {3: peak}, "seconds_after_first_step": 1.0, "peak_reset": True,
+        }  # fmt: skip
+
+    runs = [run("unpatched", 100), run("patched", 300), run("unpatched", 300), run("patched", 500)]
+    text = hf_memory.report(args, runs)
+    assert "unpatched  growth median +200 MiB (+100, +300)" in text
+    assert "growth ratio patched / unpatched (medians): 2.00" in text
+    with pytest.raises(SystemExit):
+        hf_memory.parse_args(["--repeats", "0"])

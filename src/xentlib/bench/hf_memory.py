@@ -10,7 +10,8 @@ size over the run:
 where the peak is the kernel's high-water mark (VmHWM), reset after step 1 (`/proc/self/clear_refs`), or
 `getrusage`'s peak where that reset is unavailable. A run whose working set is the same every step grows by
 little; a run whose buffers change shape from step to step (e.g. with the number of ignored rows) fragments the
-allocator and grows.
+allocator and grows. The growth varies from run to run (by a factor of 3 or more on a busy machine):
+`--repeats` runs each mode several times, alternating, and reports the medians.
 
     python src/xentlib/bench/hf_memory.py --steps 100 --model llama
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,13 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.3,
         help="mean fraction of padded (-100) labels; each sample pads a uniform fraction in [0, 2x] (default 0.3)",
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per mode, alternating modes, each in a fresh process (default 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", choices=("both", *MODES), default="both", help="run both (default) or one mode")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one mode, in this process
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.seq < 2 or args.accumulation < 1:
-        parser.error("--steps, --batch, --accumulation must be >= 1 and --seq >= 2")
+    if min(args.steps, args.batch, args.accumulation, args.repeats) < 1 or args.seq < 2:
+        parser.error("--steps, --batch, --accumulation, --repeats must be >= 1 and --seq >= 2")
     if not 0.0 <= args.pad_fraction <= 0.5:
         parser.error("--pad-fraction must be in [0, 0.5] (each sample pads up to twice as much)")
     return args
@@ -221,10 +226,15 @@ def report(args: argparse.Namespace, results: list[dict]) -> str:
         )
         trend = ", ".join(f"{step}: {peak / MIB:.0f}" for step, peak in sorted(result["peak_by_step"].items()))
         lines.append(f"{'':<10} peak so far by step (MiB): {trend}")
-    by_mode = {result["mode"]: result for result in results}
-    if set(by_mode) == set(MODES) and by_mode["unpatched"]["growth"] > 0:
-        ratio = by_mode["patched"]["growth"] / by_mode["unpatched"]["growth"]
-        lines.append(f"growth ratio patched / unpatched: {ratio:.2f}")
+    growth = {mode: [r["growth"] for r in results if r["mode"] == mode] for mode in MODES}
+    if args.repeats > 1:
+        for mode, values in growth.items():
+            if values:
+                values_mib = ", ".join(f"{value / MIB:+.0f}" for value in values)
+                lines.append(f"{mode:<10} growth median {statistics.median(values) / MIB:+.0f} MiB ({values_mib})")
+    if all(growth.values()) and statistics.median(growth["unpatched"]) > 0:
+        ratio = statistics.median(growth["patched"]) / statistics.median(growth["unpatched"])
+        lines.append(f"growth ratio patched / unpatched{' (medians)' if args.repeats > 1 else ''}: {ratio:.2f}")
     if not all(result.get("peak_reset") for result in results):
         lines.append("(peak RSS could not be reset after step 1: the peak includes model construction)")
     return "\n".join(lines)
@@ -238,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_by_step"] = {int(step): peak for step, peak in result["peak_by_step"].items()}
         print(json.dumps(result))
         return 0
-    passed_on = [arg for arg in _strip_options(argv, ("--mode", "--json"))]
+    passed_on = _strip_options(argv, ("--mode", "--json", "--repeats"))
     modes = MODES if args.mode == "both" else (args.mode,)
     results = []
-    for mode in modes:
+    for mode in modes * args.repeats:  # alternating, so that a slow phase of the machine hits both
         result = run_in_subprocess(passed_on, mode)
         result["peak_by_step"] = {int(step): peak for step, peak in result["peak_by_step"].items()}
         results.append(result)
