@@ -509,6 +509,16 @@ def test_a_bfloat16_model_is_verified_at_its_precision(family):
     torch.testing.assert_close(actual.loss, expected, rtol=4e-3, atol=0)  # the fused loss is rounded to bfloat16
 
 
+def test_a_forward_the_probe_cannot_run_is_refused():
+    def needs_more_than_token_ids(logits, config):
+        raise KeyError("pixel_values")
+
+    model = scaled_llama(needs_more_than_token_ids)
+    with pytest.raises(RuntimeError, match="could not run ScaledLlamaForCausalLM's forward on a probe batch"):
+        patch(model)
+    assert not is_patched(model) and model.training
+
+
 def test_a_loss_function_other_than_the_causal_lm_loss_is_refused():
     model = make_model("llama")
     model.loss_function = lambda logits, labels, vocab_size, **kwargs: 2 * ForCausalLMLoss(logits, labels, vocab_size)

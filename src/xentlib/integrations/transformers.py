@@ -16,7 +16,8 @@ established once, at patch time, by running the model's own forward on a probe b
 model's logits must equal them), the loss (the model's must equal the fused one) and the output class. A model
 the probe does not confirm is refused, never patched to a different loss.
 
-Nothing here imports transformers at module level; the patched forward imports its output class on first use.
+Nothing here imports transformers: the patched forward's output class is the model's own, taken from its
+forward's output at patch time.
 """
 
 from __future__ import annotations
