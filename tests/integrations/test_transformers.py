@@ -240,6 +240,7 @@ def test_patched_under_autocast_runs_the_head_in_the_autocast_dtype(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, expected_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
         with patch(model):
+            seen_dtypes.clear()  # the probe at patch time runs without autocast
             actual, actual_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
     assert seen_dtypes == [(torch.bfloat16, torch.bfloat16, False)]
     assert actual.loss.dtype == torch.float32
@@ -447,3 +448,206 @@ def test_trainer_gradient_accumulation_with_patch_gives_the_full_batch_result(tm
 
     assert largest_change(full_batch, initial) > 1e-3
     assert_same_parameters(accumulated, full_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (c) the patch is verified against the model's own forward at patch time
+# ---------------------------------------------------------------------------------------------------------
+
+
+def scaled_llama(transform):
+    """A Llama whose forward applies `transform(logits, config)` after its head, as remote-code models do
+    (HyperCLOVAX multiplies by `config.logits_scaling`, where Granite divides by it)."""
+
+    class ScaledLlamaForCausalLM(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, logits_to_keep=0, **kwargs):
+            outputs = self.model(input_ids=input_ids, **kwargs)
+            logits = transform(self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:]), self.config)
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    config = transformers.LlamaConfig(**TINY, logits_scaling=4.0)
+    torch.manual_seed(0)
+    return ScaledLlamaForCausalLM(config).train()
+
+
+def test_a_forward_that_multiplies_by_logits_scaling_gets_its_own_loss():
+    """`logits_scaling` divides in Granite and multiplies in HyperCLOVAX: the probe finds which."""
+    input_ids, labels = make_batch()
+    model = scaled_llama(lambda logits, config: logits * config.logits_scaling)
+    expected, expected_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    with patch(model):
+        actual, actual_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    assert actual.logits is None
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_head_maths_the_config_does_not_declare_are_refused_or_taken_from_patch():
+    input_ids, labels = make_batch()
+    model = scaled_llama(lambda logits, config: 3.0 * logits)  # a constant no config attribute names
+    expected, expected_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    with pytest.raises(ValueError, match=r"cannot patch ScaledLlamaForCausalLM.*logit_scale=\.\.\., softcap="):
+        patch(model)
+    assert not is_patched(model) and "forward" not in model.__dict__
+    with pytest.raises(ValueError, match="ScaledLlamaForCausalLM"):
+        patch(model, logit_scale=2.0)  # a wrong scale given by hand is refused too
+    with patch(model, logit_scale=3.0):
+        actual, actual_grads = loss_and_grads(model, input_ids=input_ids, labels=labels)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_bfloat16_model_is_verified_at_its_precision(family):
+    input_ids, labels = make_batch()
+    model = make_model(family, dtype=torch.bfloat16)
+    expected = model(input_ids=input_ids, labels=labels).loss
+    with patch(model):
+        actual = model(input_ids=input_ids, labels=labels)
+    assert actual.logits is None
+    torch.testing.assert_close(actual.loss, expected, rtol=4e-3, atol=0)  # the fused loss is rounded to bfloat16
+
+
+def test_a_forward_the_probe_cannot_run_is_refused():
+    def needs_more_than_token_ids(logits, config):
+        raise KeyError("pixel_values")
+
+    model = scaled_llama(needs_more_than_token_ids)
+    with pytest.raises(RuntimeError, match="could not run ScaledLlamaForCausalLM's forward on a probe batch"):
+        patch(model)
+    assert not is_patched(model) and model.training
+
+
+def test_a_loss_function_other_than_the_causal_lm_loss_is_refused():
+    model = make_model("llama")
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: 2 * ForCausalLMLoss(logits, labels, vocab_size)
+    with pytest.raises(ValueError, match="loss function is not transformers' causal-LM loss"):
+        patch(model)
+    assert not is_patched(model)
+
+
+def test_the_probe_restores_training_flags_and_random_state():
+    model = make_model("llama")
+    model.model.layers[0].eval()  # a frozen block in a model that trains
+    flags = [module.training for module in model.modules()]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    patch(model)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert [module.training for module in model.modules()] == flags
+
+
+def test_no_introspection_per_call(monkeypatch):
+    """What the patched forward needs is computed at patch time: neither the source nor the signature of
+    the model's forward is read per call."""
+    import inspect
+
+    input_ids, labels = make_batch()
+    model = make_model("granite")
+    patch(model)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("introspection in a patched forward")
+
+    monkeypatch.setattr(inspect, "getsource", forbidden)
+    monkeypatch.setattr(inspect, "signature", forbidden)
+    assert model(input_ids, labels=labels).logits is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (d) the output: the model's own class and fields, transformers' public names, no deprecation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # training-mode forwards comparable
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).train()
+
+
+@pytest.fixture
+def transformers_messages():
+    """Every warning and every transformers log record, with transformers' once-only log cache emptied."""
+    import logging
+    import warnings
+
+    logging.Logger.warning_once.cache_clear()  # transformers logs some deprecations once per process
+    records = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield records, caught
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("make", [lambda: make_model("llama"), make_gpt2], ids=["llama", "gpt2"])
+def test_patched_output_is_the_model_own_class_with_its_fields_and_no_deprecation(make, transformers_messages):
+    input_ids, labels = make_batch()
+    model = make()
+    inputs = {"input_ids": input_ids, "labels": labels, "use_cache": True, "output_hidden_states": True}
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    records, caught = transformers_messages
+    with patch(model):
+        records.clear(), caught.clear()  # what the patched forward says, not the model's own probe forward
+        actual, actual_grads = loss_and_grads(model, **inputs)
+    messages = [record.getMessage() for record in records if record.levelno >= 30] + [str(w.message) for w in caught]
+    assert messages == []
+    assert type(actual) is type(expected)
+    assert [name for name, value in actual.items() if value is not None] == [
+        name for name, value in expected.items() if name != "logits" and value is not None
+    ]
+    assert actual.cache is not None and len(actual.hidden_states) == len(expected.hidden_states)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (e) logits_to_keep in every form transformers takes
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["int", "1-D positions", "2-D positions", "bool mask", "bool mask, flat labels"])
+def test_patched_logits_to_keep_in_every_form(form):
+    input_ids, labels = make_batch()
+    positions = torch.tensor([[0, 3, 4], [2, 5, 11], [1, 6, 7]])  # 3 per row
+    if form == "int":
+        logits_to_keep, kept_labels = 4, labels[:, -4:]
+    elif form == "1-D positions":
+        logits_to_keep, kept_labels = positions[1], labels[:, positions[1]]
+    elif form == "2-D positions":
+        logits_to_keep, kept_labels = positions, labels.gather(1, positions)
+    else:  # (batch, tokens) mask, the kept rows flattened; labels (batch, kept) or flat
+        logits_to_keep = torch.zeros_like(labels, dtype=torch.bool).scatter(1, positions, True)
+        kept_labels = labels[logits_to_keep].reshape(3, 3)
+        kept_labels = kept_labels.reshape(-1) if form.endswith("flat labels") else kept_labels
+    inputs = {"input_ids": input_ids, "labels": kept_labels, "logits_to_keep": logits_to_keep}
+    model = make_model("llama")
+    expected, expected_grads = loss_and_grads(model, **inputs)
+    with patch(model):
+        actual, actual_grads = loss_and_grads(model, **inputs)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_patched_forward_names_positional_arguments_as_the_class_forward_does():
+    """GPT-2's forward takes (input_ids, cache, attention_mask, ...) by position, Llama's (input_ids,
+    attention_mask, ...): the patched forward maps them with the names computed at patch time."""
+    input_ids, labels = make_batch()
+    mask = torch.ones_like(input_ids)
+    mask[0, :3] = 0
+    for model, positional in ((make_model("llama"), (input_ids, mask)), (make_gpt2(), (input_ids, None, mask))):
+        expected = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        with patch(model):
+            actual = model(*positional, labels=labels).loss
+            with pytest.raises(TypeError, match="multiple values for argument.*input_ids"):
+                model(input_ids, input_ids=input_ids, labels=labels)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)

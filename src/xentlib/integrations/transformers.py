@@ -10,15 +10,22 @@ Two ways in, both exact (the same loss and gradients as transformers' own causal
    forward runs (with `for_causal_lm_loss` as its loss function) and returns logits as usual.
 
 The patch is written once for every ``*ForCausalLM`` whose forward is "base model -> last hidden state ->
-output embedding -> loss": it calls the base model with the caller's arguments, then applies the head maths
-that the config declares (`final_logit_softcapping`, `logit_scale`, `logits_scaling`, `output_multiplier`).
+output embedding -> head maths -> loss": it calls the base model with the caller's arguments, then applies the
+head maths (a logit scale, a soft-cap) read from the config's public attributes. Everything it relies on is
+established once, at patch time, by running the model's own forward on a probe batch: the head maths (the
+model's logits must equal them), the loss (the model's must equal the fused one) and the output class. A model
+the probe does not confirm is refused, never patched to a different loss.
 
-Nothing here imports transformers at module level; the patched forward imports its output class on first use.
+Nothing here imports transformers: the patched forward's output class is the model's own, taken from its
+forward's output at patch time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import itertools
+import math
 import types
 import warnings
 from dataclasses import dataclass
@@ -45,14 +52,14 @@ _ABSENT = object()  # marks "the instance had no such attribute of its own befor
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _reduction_options(num_items_in_batch, device: torch.device) -> dict[str, Any]:
+def _reduction(num_items_in_batch, device: torch.device) -> tuple[str, Tensor | int | None]:
     """transformers' rule: a token count given -> 'sum' / count (exact under gradient accumulation);
-    none given -> 'mean' over the non-ignored tokens of this batch."""
+    none given -> 'mean' over the non-ignored tokens of this batch. Returns (reduction, normalizer)."""
     if num_items_in_batch is None:
-        return {"reduction": "mean"}
+        return "mean", None
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(device)
-    return {"reduction": "sum", "normalizer": num_items_in_batch}
+    return "sum", num_items_in_batch
 
 
 def _next_token_labels(labels: Tensor, ignore_index: int) -> Tensor:
@@ -89,11 +96,9 @@ def for_causal_lm_loss(
         shift_labels = _next_token_labels(labels, ignore_index)
     logits = logits.view(-1, vocab_size)
     shift_labels = shift_labels.reshape(-1).to(logits.device)
+    reduction, normalizer = _reduction(num_items_in_batch, logits.device)
     return functional.cross_entropy(
-        logits,
-        shift_labels,
-        ignore_index=ignore_index,
-        **_reduction_options(num_items_in_batch, logits.device),
+        logits, shift_labels, ignore_index=ignore_index, reduction=reduction, normalizer=normalizer
     )
 
 
@@ -114,38 +119,42 @@ def linear_causal_lm_loss(
     """`for_causal_lm_loss` of the logits ``logit_scale * (hidden_states @ weight.T + bias)`` (soft-capped
     when ``softcap`` is given), computed without ever holding those logits.
 
-    ``hidden_states`` is (..., T, D) and ``labels`` (..., T): position i predicts ``labels[..., i + 1]``
-    (`linear_cross_entropy`'s ``shift=True``, no copy). ``shift_labels`` (..., T), already aligned, replaces
-    ``labels``. The loss is at least float32, as transformers' upcast gives.
+    The rows pair up as in transformers' `ForCausalLMLoss`: the labels are shifted in their own shape
+    (position i of a sequence predicts ``labels[..., i + 1]``, the last predicts nothing), then the hidden
+    states (..., D) and the shifted labels are both flattened, row n against row n. So ``hidden_states`` may be
+    (B, T, D) with (B, T) labels, or the (B * k, D) rows a boolean ``logits_to_keep`` mask selects with (B, k)
+    labels. ``shift_labels``, already aligned, replaces ``labels``. The loss is at least float32, as
+    transformers' upcast gives.
 
     Scaling the logits by s equals scaling the head: s * (h W^T + b) = (s h) W^T + (s b), so a scale costs one
     (tokens, D) product, not a (tokens, vocab) one.
     """
     from xentlib import functional
 
-    if shift_labels is not None:
-        target, shift = shift_labels, False
-    elif labels is not None:
-        target, shift = labels, True
-    else:
-        raise ValueError("linear_causal_lm_loss needs labels or shift_labels")
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("linear_causal_lm_loss needs labels or shift_labels")
+        shift_labels = _next_token_labels(labels, ignore_index)
     if logit_scale != 1.0:
         hidden_states = hidden_states * logit_scale
         bias = None if bias is None else bias * logit_scale
-    device_type = hidden_states.device.type
-    hidden_states, weight, bias = _autocast_operands(device_type, hidden_states, weight, bias)
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    target = shift_labels.reshape(-1).to(rows.device)
+    reduction, normalizer = _reduction(num_items_in_batch, rows.device)
+    device_type = rows.device.type
+    rows, weight, bias = _autocast_operands(device_type, rows, weight, bias)
     with torch.autocast(device_type, enabled=False):
         loss = functional.linear_cross_entropy(
-            hidden_states,
+            rows,
             weight,
-            target.to(hidden_states.device),
+            target,
             bias=bias,
             ignore_index=ignore_index,
-            shift=shift,
+            reduction=reduction,
+            normalizer=normalizer,
             softcap=softcap,
             chunk_size=chunk_size,
             backend=backend,
-            **_reduction_options(num_items_in_batch, hidden_states.device),
         )
     return loss.to(torch.promote_types(loss.dtype, torch.float32))
 
@@ -201,10 +210,29 @@ def _output_head(model: torch.nn.Module) -> torch.nn.Linear:
 
 @dataclass(frozen=True)
 class _HeadMaths:
-    """What the model's forward does to `lm_head(hidden)` before its loss, as its config declares it."""
+    """What the model's forward does to `lm_head(hidden)` before its loss: logits * logit_scale, then
+    soft-capping. `source` says where the numbers came from, for messages."""
 
     logit_scale: float = 1.0
     softcap: float | None = None
+    source: str = "no head maths"
+
+    def apply(self, head_logits: Tensor) -> Tensor:
+        """These maths applied to the head's logits, in float64 (the probe compares them with the model's)."""
+        logits = self.logit_scale * head_logits.double()
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+
+# The head maths configs declare under public names, each with the readings seen in transformers' forwards,
+# the usual one first: (config attribute, [(factor on the logits as a function of the value, description)]).
+# A reading that leaves the logits alone is always tried too: some configs carry an attribute their forward
+# ignores (MPT's `logit_scale`).
+_SCALE_READINGS: dict[str, list[tuple[Any, str]]] = {
+    "logit_scale": [(lambda value: value, "multiplies")],  # Cohere
+    "output_multiplier": [(lambda value: value, "multiplies")],
+    "logits_scaling": [(lambda value: 1.0 / value, "divides"), (lambda value: value, "multiplies")],  # Granite
+}
+_SOFTCAP_ATTRIBUTE = "final_logit_softcapping"  # Gemma 2 and 3
 
 
 def _text_config(model: torch.nn.Module):
@@ -213,38 +241,34 @@ def _text_config(model: torch.nn.Module):
     return get_text_config() if callable(get_text_config) else config
 
 
-def _forward_source(model: torch.nn.Module) -> str | None:
-    try:
-        return inspect.getsource(type(model).forward)
-    except (OSError, TypeError):
-        return None
-
-
-def _head_maths(model: torch.nn.Module) -> _HeadMaths:
-    """Read the head maths from the config, counting an attribute only when the model's forward uses it
-    (some configs carry e.g. `logit_scale` that their forward ignores)."""
-    config = _text_config(model)
-    source = _forward_source(model)
-
-    def declared(name: str) -> float | None:
+def _head_maths_candidates(config) -> list[_HeadMaths]:
+    """Every reading of the head maths the config's public attributes allow, the usual readings first (fewest
+    attributes read otherwise than usual). The probe keeps the first one the model's own logits confirm."""
+    choices = []  # per declared attribute: [(scale factor, softcap, description)], usual reading first
+    for name, readings in _SCALE_READINGS.items():
         value = getattr(config, name, None)
-        if value is None or (source is not None and name not in source):
-            return None
-        return float(value)
-
-    scale = 1.0
-    for multiplier in ("logit_scale", "output_multiplier"):  # logits * value
-        value = declared(multiplier)
-        scale = scale if value is None else scale * value
-    divisor = declared("logits_scaling")  # logits / value
-    scale = scale if divisor is None else scale / divisor
-    return _HeadMaths(logit_scale=scale, softcap=declared("final_logit_softcapping"))
+        if value is not None:
+            value = float(value)
+            used = [(factor(value), None, f"config.{name}={value:g} {verb} the logits") for factor, verb in readings]
+            choices.append([*used, (1.0, None, f"config.{name} unused")])
+    softcap = getattr(config, _SOFTCAP_ATTRIBUTE, None)
+    if softcap is not None:
+        cap = float(softcap)
+        choices.append([(1.0, cap, f"config.{_SOFTCAP_ATTRIBUTE}={cap:g} soft-caps"), (1.0, None, "no soft-cap")])
+    candidates = []
+    for picks in sorted(itertools.product(*(range(len(c)) for c in choices)), key=lambda p: sum(map(bool, p))):
+        readings = [c[pick] for c, pick in zip(choices, picks, strict=True)]
+        scale = math.prod(factor for factor, _, _ in readings)
+        cap = next((cap for _, cap, _ in readings if cap is not None), None)
+        source = ", ".join(description for _, _, description in readings) or "no head maths in the config"
+        candidates.append(_HeadMaths(logit_scale=scale, softcap=cap, source=source))
+    return candidates
 
 
 def _keep_positions(hidden_states: Tensor, logits_to_keep) -> Tensor:
     """transformers' `logits_to_keep`: an int k keeps the last k positions (0 keeps all), a 1-D tensor
     lists positions, a 2-D int tensor lists positions per sample, a 2-D bool mask keeps its True positions
-    (flattened)."""
+    (flattened to (kept, D))."""
     if isinstance(logits_to_keep, Tensor) and logits_to_keep.dim() == 2:
         if logits_to_keep.dtype == torch.bool:
             return hidden_states[logits_to_keep]
@@ -255,6 +279,122 @@ def _keep_positions(hidden_states: Tensor, logits_to_keep) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The probe: the patch is verified against the model's own forward before it is installed
+# ----------------------------------------------------------------------------------------------------------
+
+_PROBE_SHAPE = (2, 6)  # (batch, tokens): enough to compare logits and a loss, cheap for any model
+
+
+def _probe_tolerance(dtype: torch.dtype) -> float:
+    """Relative agreement the model's own logits and loss must show with the patch's, in the model's dtype:
+    a few roundings of a (tokens, vocab) matmul and a scale, far below any scale or cap that differs."""
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What the probe established about a model, once, at patch time."""
+
+    head_maths: _HeadMaths
+    output_class: type  # the model's own output class (e.g. CausalLMOutputWithPast)
+    output_fields: tuple[str, ...]  # its fields other than loss and logits, taken from the base model's output
+
+
+def _probe_batch(model: torch.nn.Module, head: torch.nn.Linear) -> tuple[Tensor, Tensor]:
+    """A few random tokens (a private generator: the global RNG is not consumed) and their labels, one ignored."""
+    vocab = head.out_features
+    embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if isinstance(embeddings, torch.nn.Embedding):
+        vocab = min(vocab, embeddings.num_embeddings)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, _PROBE_SHAPE, generator=generator).to(head.weight.device)
+    labels = input_ids.clone()
+    labels[1, 0] = -100
+    return input_ids, labels
+
+
+def _run_probe(model: torch.nn.Module, input_ids: Tensor, labels: Tensor):
+    """The model's own forward (logits and loss) and its base model's last hidden state, in eval mode without
+    gradients or autocast (in the parameters' dtype); every module's training flag and the random number
+    generators are restored afterwards."""
+    device = input_ids.device
+    devices = [device] if device.type not in ("cpu", "meta") else []
+    modes = [(module, module.training) for module in model.modules()]
+    rng = torch.random.fork_rng(devices=devices, device_type=device.type)
+    with rng, torch.no_grad(), torch.autocast(device.type, enabled=False):
+        model.eval()
+        try:
+            own = model.forward(input_ids=input_ids, labels=labels, return_dict=True)
+            hidden_states = _base_model(model)(input_ids=input_ids)[0]
+        except Exception as error:
+            raise RuntimeError(
+                f"xentlib.integrations.transformers.patch could not run {type(model).__name__}'s forward on a "
+                f"probe batch of token ids {tuple(input_ids.shape)} to verify the fused loss: {error!r}"
+            ) from error
+        finally:
+            for module, training in modes:
+                module.training = training
+    return own, hidden_states
+
+
+def _relative_difference(actual: Tensor, expected: Tensor) -> float:
+    expected = expected.double()
+    scale = max(expected.abs().max().item(), 1.0)
+    return (actual.double() - expected).abs().max().item() / scale
+
+
+def _verify(model: torch.nn.Module, head: torch.nn.Linear, candidates: list[_HeadMaths], options) -> _Verified:
+    """Run the model's own forward and the fused loss on a probe batch; keep the first head maths whose logits
+    and loss agree with the model's own, or refuse, saying what differs."""
+    name = type(model).__name__
+    input_ids, labels = _probe_batch(model, head)
+    own, hidden_states = _run_probe(model, input_ids, labels)
+    if not dataclasses.is_dataclass(own) or getattr(own, "logits", None) is None or not torch.is_tensor(own.loss):
+        raise TypeError(f"{name}'s forward did not return an output with logits and a loss; xentlib cannot patch it")
+    with torch.no_grad(), torch.autocast(hidden_states.device.type, enabled=False):
+        maths = _confirmed_head_maths(name, head(hidden_states), own.logits, candidates)
+        if own.get("router_logits") is None:  # a router's auxiliary loss is in own.loss: refused per call instead
+            fused = linear_causal_lm_loss(
+                hidden_states, head.weight, labels, head.bias, logit_scale=maths.logit_scale, softcap=maths.softcap,
+                **options,
+            )  # fmt: skip
+            _confirm_loss(name, maths, fused, own.loss, _probe_tolerance(own.logits.dtype))
+    return _Verified(
+        head_maths=maths,
+        output_class=type(own),
+        output_fields=tuple(f.name for f in dataclasses.fields(own) if f.name not in ("loss", "logits")),
+    )
+
+
+def _confirmed_head_maths(name: str, head_logits: Tensor, own_logits: Tensor, candidates: list[_HeadMaths]):
+    """The first candidate whose maths turn the head's logits into the model's own logits."""
+    tolerance = _probe_tolerance(own_logits.dtype)
+    differences = []
+    for maths in candidates:
+        difference = _relative_difference(maths.apply(head_logits), own_logits)
+        if difference <= tolerance:
+            return maths
+        differences.append(f"{maths.source}: {difference:.3g}")
+    raise ValueError(
+        f"xentlib cannot patch {name}: its forward's logits are not the output head's logits under any reading "
+        f"of its config's head maths (largest relative difference, tolerance {tolerance:g}: "
+        f"{'; '.join(differences)}). Its forward applies maths xentlib does not know. If they are a scale and a "
+        "tanh soft-cap, pass them: patch(model, logit_scale=..., softcap=...); otherwise leave the model "
+        "unpatched (model.loss_function = for_causal_lm_loss still saves memory on the logits)."
+    )
+
+
+def _confirm_loss(name: str, maths: _HeadMaths, fused: Tensor, own_loss: Tensor, tolerance: float) -> None:
+    if _relative_difference(fused, own_loss) > tolerance:
+        raise ValueError(
+            f"xentlib cannot patch {name}: its logits agree ({maths.source}), but its loss on the probe batch is "
+            f"{own_loss.item():.6g} where the causal-LM cross-entropy of those logits is {fused.item():.6g}: its "
+            "loss function is not transformers' causal-LM loss (a custom loss_function?), which the fused loss "
+            "cannot reproduce. Leave the model unpatched."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The patched forward
 # ----------------------------------------------------------------------------------------------------------
 
@@ -262,8 +402,10 @@ def _keep_positions(hidden_states: Tensor, logits_to_keep) -> Tensor:
 @dataclass
 class _PatchState:
     saved_forward: Any  # the instance's own `forward` before patching, or _ABSENT
-    saved_loss_function: Any  # the instance's own `_loss_function` before patching, or _ABSENT
+    saved_loss_function: Any  # `model.loss_function` before patching
     patched_forward: Any  # the bound forward that patch installed
+    positional_names: tuple[str, ...]  # the class forward's parameters a caller may pass by position
+    verified: _Verified
     chunk_size: int | None
     backend: str
 
@@ -274,22 +416,25 @@ def _original_forward(model: torch.nn.Module, state: _PatchState):
     return type(model).forward.__get__(model)
 
 
-def _call_arguments(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def _positional_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """The class forward's parameters after `self` that a caller may pass by position."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    parameters = list(inspect.signature(type(model).forward).parameters.values())[1:]
+    return tuple(p.name for p in itertools.takewhile(lambda p: p.kind in positional, parameters))
+
+
+def _call_arguments(state: _PatchState, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The caller's arguments by name, as the class forward would receive them (its **kwargs flattened)."""
-    signature = inspect.signature(type(model).forward)
-    bound = signature.bind(model, *args, **kwargs)
-    arguments: dict[str, Any] = {}
-    for index, (name, value) in enumerate(bound.arguments.items()):
-        kind = signature.parameters[name].kind
-        if index == 0:
-            continue  # self
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                raise TypeError("xentlib's patched forward takes extra positional arguments by name only")
-        else:
-            arguments[name] = value
+    if len(args) > len(state.positional_names):
+        raise TypeError(
+            f"the patched forward takes at most {len(state.positional_names)} positional arguments "
+            f"({', '.join(state.positional_names)}), got {len(args)}"
+        )
+    arguments = dict(zip(state.positional_names, args, strict=False))
+    twice = sorted(arguments.keys() & kwargs.keys())
+    if twice:
+        raise TypeError(f"the patched forward got multiple values for argument(s) {', '.join(twice)}")
+    arguments.update(kwargs)
     return arguments
 
 
@@ -303,40 +448,35 @@ def _wants_fused_loss(training: bool, labels, return_logits: bool | None) -> boo
     return not return_logits
 
 
-def _causal_lm_output(loss: Tensor, base_outputs, return_dict: bool):
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    output = CausalLMOutputWithPast(
-        loss=loss,
-        logits=None,
-        past_key_values=getattr(base_outputs, "past_key_values", None),
-        hidden_states=getattr(base_outputs, "hidden_states", None),
-        attentions=getattr(base_outputs, "attentions", None),
-    )
+def _model_output(verified: _Verified, loss: Tensor, base_outputs, return_dict: bool):
+    """The model's own output class, its fields (past the loss and the logits) taken from the base model's
+    output by their current names, read as mapping entries (no deprecated aliases)."""
+    fields = {name: base_outputs[name] for name in verified.output_fields if name in base_outputs}
+    output = verified.output_class(loss=loss, logits=None, **fields)
     return output if return_dict else output.to_tuple()
 
 
 def _fused_forward(model: torch.nn.Module, state: _PatchState, arguments: dict[str, Any]):
     """Base model, then the loss straight from the last hidden state and the head weight."""
     labels = arguments.pop("labels")
-    logits_to_keep = arguments.pop("logits_to_keep", arguments.pop("num_logits_to_keep", 0))  # older name
+    logits_to_keep = arguments.pop("logits_to_keep", 0)
     return_dict = arguments.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
     base_outputs = _base_model(model)(**arguments)  # **kwargs reach the base model, as in the original
-    if getattr(base_outputs, "router_logits", None) is not None:
+    if isinstance(base_outputs, dict) and base_outputs.get("router_logits") is not None:
         raise NotImplementedError(
             "xentlib.integrations.transformers.patch does not add mixture-of-experts router losses; "
             "call the model with return_logits=True or unpatch it"
         )
     hidden_states = _keep_positions(base_outputs[0], logits_to_keep)
     head = _output_head(model)
-    maths = _head_maths(model)
+    maths = state.verified.head_maths
     loss = linear_causal_lm_loss(
         hidden_states,
         head.weight,
         labels,
-        bias=getattr(head, "bias", None),
+        bias=head.bias,
         num_items_in_batch=arguments.get("num_items_in_batch"),
         ignore_index=arguments.get("ignore_index", -100),
         shift_labels=arguments.get("shift_labels"),
@@ -345,15 +485,14 @@ def _fused_forward(model: torch.nn.Module, state: _PatchState, arguments: dict[s
         chunk_size=state.chunk_size,
         backend=state.backend,
     )
-    return _causal_lm_output(loss, base_outputs, bool(return_dict))
+    return _model_output(state.verified, loss, base_outputs, bool(return_dict))
 
 
 def _patched_forward(model: torch.nn.Module, args: tuple, kwargs: dict, return_logits: bool | None):
     state: _PatchState = model.__dict__[_STATE_ATTRIBUTE]
-    original = _original_forward(model, state)
-    arguments = _call_arguments(model, args, kwargs)
+    arguments = _call_arguments(state, args, kwargs)
     if not _wants_fused_loss(model.training, arguments.get("labels"), return_logits):
-        return original(*args, **kwargs)
+        return _original_forward(model, state)(*args, **kwargs)
     return _fused_forward(model, state, arguments)
 
 
@@ -407,12 +546,26 @@ def is_patched(model: torch.nn.Module) -> bool:
     return _STATE_ATTRIBUTE in model.__dict__
 
 
-def patch(model: torch.nn.Module, *, chunk_size: int | None = None, backend: str = "auto") -> PatchHandle:
+def patch(
+    model: torch.nn.Module,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> PatchHandle:
     """Patch one causal-LM instance (its class and other instances are untouched) so that in training with
     labels its loss is `linear_cross_entropy` of the last hidden state and the output-embedding weight: no
     (tokens, vocab) logits, `outputs.logits` is None. Everything else runs the model's own forward, with
     `for_causal_lm_loss` as its loss function. The patched forward also takes ``return_logits``: True runs the
     model's own forward (logits and loss), False forces the fused loss in evaluation too.
+
+    The head maths (a logit scale, a soft-cap) are read from the config's public attributes
+    (`logit_scale`, `output_multiplier`, `logits_scaling`, `final_logit_softcapping`), or taken from
+    ``logit_scale`` / ``softcap`` when given, and verified before anything is installed: the model's own
+    forward runs once on a few random tokens (eval mode, no gradients; the training flag and the random
+    number generators are restored) and its logits and loss must equal the patch's. Otherwise `patch`
+    raises ValueError and the model stays as it was.
 
     ``chunk_size`` and ``backend`` go to `linear_cross_entropy`. Returns a `PatchHandle`; use it as a context
     manager to unpatch on exit, or call `unpatch(model)`.
@@ -426,19 +579,27 @@ def patch(model: torch.nn.Module, *, chunk_size: int | None = None, backend: str
     if is_patched(model):
         raise ValueError(f"this {type(model).__name__} is already patched by xentlib; unpatch it first")
     _base_model(model)
-    _output_head(model)
+    head = _output_head(model)
+    if logit_scale is None and softcap is None:
+        candidates = _head_maths_candidates(_text_config(model))
+    else:
+        given = f"patch(logit_scale={logit_scale}, softcap={softcap})"
+        candidates = [_HeadMaths(1.0 if logit_scale is None else float(logit_scale), softcap, source=given)]
+    verified = _verify(model, head, candidates, {"chunk_size": chunk_size, "backend": backend})
     instance = model.__dict__
     forward = types.MethodType(_make_forward(model), model)
     state = _PatchState(
         saved_forward=instance.get("forward", _ABSENT),
-        saved_loss_function=instance.get("_loss_function", _ABSENT),
+        saved_loss_function=model.loss_function,
         patched_forward=forward,
+        positional_names=_positional_names(model),
+        verified=verified,
         chunk_size=chunk_size,
         backend=backend,
     )
     instance[_STATE_ATTRIBUTE] = state
     instance["forward"] = forward
-    instance["_loss_function"] = for_causal_lm_loss  # what the `loss_function` property returns when set
+    model.loss_function = for_causal_lm_loss
     return PatchHandle(model)
 
 
@@ -450,7 +611,7 @@ def _restore(instance: dict, name: str, saved) -> None:
 
 
 def unpatch(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `patch`: the instance's `forward` and `loss_function` are exactly what they were before `patch`.
+    """Undo `patch`: the instance's `forward` and `loss_function` are what they were before `patch`.
     A forward wrapped around the patched one since (e.g. accelerate's mixed-precision wrapper) goes too, with
     a warning."""
     if not is_patched(model):
@@ -464,5 +625,5 @@ def unpatch(model: torch.nn.Module) -> torch.nn.Module:
             stacklevel=2,
         )
     _restore(instance, "forward", state.saved_forward)
-    _restore(instance, "_loss_function", state.saved_loss_function)
+    model.loss_function = state.saved_loss_function
     return model
