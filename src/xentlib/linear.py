@@ -160,6 +160,18 @@ def _by_onednn(x: Tensor, weight: Tensor) -> bool:
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _active_rows(valid: Tensor, chunk: int) -> Tensor:
+    """The rows whose target is not ignored, padded with an ignored row (loss and gradient 0) to a multiple of
+    `chunk`: every chunk then has the same shape from step to step, whatever the number of ignored rows, so the
+    allocator reuses its memory instead of fragmenting over a training run."""
+    active = valid.nonzero().squeeze(1)
+    pad = -active.numel() % chunk
+    if pad and active.numel() > 0:
+        ignored = (~valid).nonzero()[:1]
+        active = torch.cat([active, ignored.reshape(1).expand(pad)])
+    return active
+
+
 def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: bool, row_scale=None):
     """One pass over the row chunks: per-row losses (and stats), and the gradients flagged in `grads`."""
     problem, x = lp.rows, lp.flat_input
@@ -175,7 +187,7 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     # On an accelerator that would read the mask on the host: there the kernels give ignored rows zeros.
     active = None
     if x.device.type == "cpu" and not want_stats and not bool(problem.valid.all()):
-        active = problem.valid.reshape(-1).nonzero().squeeze(1)
+        active = _active_rows(problem.valid.reshape(-1), plan.chunk)
     total = count if active is None else active.numel()
     out.grad_input = torch.zeros_like(x) if want_input else None
     # The first chunk overwrites the weight gradient (accumulate_mm_(first=True)); with no rows it stays zero.

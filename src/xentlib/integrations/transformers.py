@@ -148,7 +148,7 @@ def linear_causal_lm_loss(
             rows,
             weight,
             target,
-            bias=bias,
+            linear_bias=bias,
             ignore_index=ignore_index,
             reduction=reduction,
             normalizer=normalizer,
