@@ -138,7 +138,9 @@ def test_opcheck():
     h = torch.randn(N, 4, dtype=torch.float64, requires_grad=True)
     head = torch.randn(C, 4, dtype=torch.float64, requires_grad=True)
     linear_scalars = (0.0, -100, "mean", 0.0, 0.0, None, torch.float64, True, True, False, False, "auto", 0)
-    torch.library.opcheck(torch.ops.xentlib.linear_cross_entropy, (h, head, None, t.unsqueeze(1), None, None, None, None, *linear_scalars))
+    torch.library.opcheck(
+        torch.ops.xentlib.linear_cross_entropy, (h, head, None, t.unsqueeze(1), None, None, None, None, *linear_scalars)
+    )
 
 
 def test_cpu_bounds_error_is_torchs_index_error():

@@ -78,13 +78,13 @@ def scale_by_grad_output_(reduction: str, buffer: Tensor, grad_loss: Tensor) -> 
         return buffer.copy_(buffer.float().mul_(grad_loss.reshape(batch, 1, spatial).float()))
     if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
         return buffer
-    if buffer.element_size() < 4:  # grad_output may not fit a half type (GradScaler's 65536 overflows float16)
-        return buffer.copy_(buffer.float().mul_(grad_loss.float()))
     if buffer.device.type == "cuda" and buffer.is_contiguous() and _triton_runs_on(buffer.device):
         from xentlib.backends.triton.ops import SCALE_DTYPES, scale_unless_one_
 
-        if buffer.dtype in SCALE_DTYPES:
+        if buffer.dtype in SCALE_DTYPES:  # computes in float32
             return scale_unless_one_(buffer, grad_loss)
+    if buffer.element_size() < 4:  # grad_output may not fit a half type (GradScaler's 65536 overflows float16)
+        return buffer.copy_(buffer.float().mul_(grad_loss.float()))
     return buffer.mul_(grad_loss.to(buffer.dtype))
 
 

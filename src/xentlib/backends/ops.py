@@ -145,13 +145,15 @@ def _eager(tensor: Tensor) -> bool:
 
 
 def _rounded_once(reduction: str, logits: Tensor, grad_loss: Tensor) -> Tensor | None:
-    """The grad_output to fold into a recomputed half-precision gradient, or None where scaling the saved one
-    loses nothing: float32/float64 gradients, grad_output 1, a traced graph (it scales in float32 once), or
-    reduction='none' (per-row scales: the composite handles them)."""
+    """The grad_output to fold into a recomputed half-precision gradient, or None where the saved one is scaled
+    instead: float32/float64 gradients, grad_output 1, a traced graph, reduction='none' (per-row scales: the
+    composite handles them on CPU), and accelerators, where reading grad_output would synchronise (there a
+    grad_output other than 1 rounds a half-precision gradient twice)."""
     if logits.element_size() >= 4 or reduction == "none" or not _eager(grad_loss):
         return None
-    if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
-        return None
+    if grad_loss.device.type != "cpu" or float(grad_loss) == 1.0:
+        return None  # on an accelerator reading it would synchronise: the saved gradient is scaled on the device
+
     return grad_loss.detach().reshape(())
 
 

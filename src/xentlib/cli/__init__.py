@@ -32,7 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUNTIME_BENCHES = ("overhead", "step")  # `xentlib bench overhead|step ...`: xentlib.bench.runtime
+HF_MEMORY_BENCH = "hf-memory"  # `xentlib bench hf-memory ...`: xentlib.bench.hf_memory
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"] and argv[1:2] and argv[1] in RUNTIME_BENCHES:
+        from xentlib.bench import runtime
+
+        return runtime.main(argv[1:])
+    if argv[:2] == ["bench", HF_MEMORY_BENCH]:
+        from xentlib.bench import hf_memory
+
+        return hf_memory.main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
