@@ -239,10 +239,10 @@ def linear_cross_entropy_op(
     vocab = weight.shape[0]
     count = target.shape[0]
     norm = normalizer if normalizer is not None else (normalizer_value if normalizer_value > 0 else None)
+    placeholder = sem.as_rows(sem.logits_placeholder(count, vocab, input))
     problem = sem.problem_tensors(
-        sem.as_rows(sem.logits_placeholder(count, vocab, input)), target, class_weight, norm, ignore_index, reduction, smoothing,
-        z_loss, softcap, output_dtype,
-    )  # fmt: skip
+        placeholder, target, class_weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
+    )
     lp = sem.LinearProblem(rows=problem, flat_input=input, input_rows=input_rows)
     grads = (grad_input, grad_weight, grad_bias)
     sweep = _sweep(lp, weight, bias, _plan(input, weight, problem, backend, chunk_size), grads, with_stats, row_scale)
@@ -392,9 +392,10 @@ def _composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy):
     call = ctx.call
     norm = normalizer if normalizer is not None else (call["normalizer_value"] or None)
     count, vocab = target.shape[0], weight.shape[0]
+    placeholder = sem.as_rows(sem.logits_placeholder(count, vocab, input))
     problem = sem.problem_tensors(
-        sem.as_rows(sem.logits_placeholder(count, vocab, input)), target.detach(), class_weight, norm, call["ignore_index"],
-        call["reduction"], call["smoothing"], call["z_loss"], call["softcap"], call["output_dtype"],
+        placeholder, target.detach(), class_weight, norm, call["ignore_index"], call["reduction"], call["smoothing"],
+        call["z_loss"], call["softcap"], call["output_dtype"],
     )  # fmt: skip
     create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():

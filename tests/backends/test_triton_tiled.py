@@ -184,7 +184,8 @@ def test_never_allocates_logits():
          NotImplementedError, "return_stats"),
         (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend=TILED, chunk_size=4),
          ValueError, "chunk_size"),
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x.double(), w.double(), t, linear_bias=b.double(), backend=TILED),
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(
+            x.double(), w.double(), t, linear_bias=b.double(), backend=TILED),
          RuntimeError, "float64"),
         (lambda x, w, t, b, cw: xentlib.cross_entropy(x @ w.T, t, backend=TILED), ValueError, "backend must be"),
         (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend="tiled"), ValueError,

@@ -73,9 +73,8 @@ def run_overhead(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(1)
     rows = [measure_overhead(shape, args.calls) for shape in ((8, 10), (128, 1000))]
     print("host overhead per call, 1 thread, best of 7 loops (microseconds):")
-    print(
-        f"{'logits':>10} {'torch fwd':>10} {'xentlib fwd':>12} {'ratio':>6} {'torch f+b':>10} {'xentlib f+b':>12} {'ratio':>6}"
-    )
+    header = ("logits", "torch fwd", "xentlib fwd", "ratio", "torch f+b", "xentlib f+b", "ratio")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (10, 10, 12, 6, 10, 12, 6))))
     for r in rows:
         print(
             f"{r['shape']:>10} {r['torch_forward_us']:10.1f} {r['xentlib_forward_us']:12.1f} {r['forward_ratio']:6.2f} "
