@@ -411,7 +411,7 @@ def problem_tensors(
         elif torch.compiler.is_compiling():  # the data is read inside an op, where the tracer does not follow
             safe_index = torch.ops.xentlib.class_indices(index, ignore_index, classes)
         else:
-            safe_index = class_indices(index, ignore_index, classes)
+            safe_index = checked_class_indices(index, ignore_index, classes)
         if class_weight is None:
             target_weight = valid.to(acc)
         else:
@@ -490,8 +490,7 @@ def _check_index_target_dtype(input: Tensor, target: Tensor) -> None:
     )
 
 
-@torch.library.custom_op("xentlib::class_indices", mutates_args=())
-def class_indices(index: Tensor, ignore_index: int, classes: int) -> Tensor:
+def checked_class_indices(index: Tensor, ignore_index: int, classes: int) -> Tensor:
     """The class indices with ignored positions replaced by 0, after checking the others are in [0, C): on CPU
     torch's IndexError with the first bad value; on an accelerator a device-side assertion (reading the data on
     the host would synchronise). A torch op, so that the check stays inside a compiled graph."""
@@ -509,6 +508,9 @@ def class_indices(index: Tensor, ignore_index: int, classes: int) -> Tensor:
             f"or ignore_index={ignore_index})"
         )
     return _safe_class_indices(index, valid)
+
+
+class_indices = torch.library.custom_op("xentlib::class_indices", mutates_args=())(checked_class_indices)
 
 
 @class_indices.register_fake

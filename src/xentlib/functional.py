@@ -111,7 +111,8 @@ def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, r
     with_grad = torch.is_grad_enabled() and call.logits.requires_grad
     normalizer = call.normalizer if isinstance(call.normalizer, Tensor) else None
     normalizer_value = 0.0 if normalizer is not None or call.normalizer is None else float(call.normalizer)
-    loss, _, lse, entropy, row_loss, argmax = torch.ops.xentlib.cross_entropy(
+    op = torch.ops.xentlib.cross_entropy if torch.compiler.is_compiling() else _ops.eager_cross_entropy
+    loss, _, lse, entropy, row_loss, argmax = op(
         call.logits, call.target, call.weight, normalizer, normalizer_value, call.ignore_index, call.reduction,
         call.smoothing, call.z_loss, call.softcap, call.output_dtype, with_grad, return_stats, backend, chunk,
     )  # fmt: skip

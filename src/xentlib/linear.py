@@ -395,7 +395,7 @@ def _composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy):
     placeholder = sem.as_rows(sem.logits_placeholder(count, vocab, input))
     problem = sem.problem_tensors(
         placeholder, target.detach(), class_weight, norm, call["ignore_index"], call["reduction"], call["smoothing"],
-        call["z_loss"], call["softcap"], call["output_dtype"],
+        call["z_loss"], call["softcap"], call["output_dtype"], check_targets=False,  # checked by the forward
     )  # fmt: skip
     create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():

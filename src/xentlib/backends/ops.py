@@ -32,8 +32,7 @@ def _rows_fn(problem, backend: str, chunk_size: int):
     return rows_function(name, None if chunk_size <= 0 else chunk_size)
 
 
-@torch.library.custom_op("xentlib::cross_entropy", mutates_args=())
-def cross_entropy(
+def cross_entropy_impl(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -68,6 +67,9 @@ def cross_entropy(
         empty = rows.loss.new_empty(_EMPTY)
         return loss, grad, empty, empty.clone(), empty.clone(), empty.new_empty(_EMPTY, dtype=torch.long)
     return loss, grad, rows.lse, rows.entropy, rows.loss.to(output_dtype, copy=True), rows.argmax
+
+
+cross_entropy = torch.library.custom_op("xentlib::cross_entropy", mutates_args=())(cross_entropy_impl)
 
 
 @cross_entropy.register_fake
@@ -131,7 +133,8 @@ def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax)
     call = dict(ctx.call)
     value = call.pop("normalizer_value")
     norm = normalizer if normalizer is not None else (value if value > 0 else None)
-    problem = sem.problem_tensors(logits.detach(), target.detach(), weight, norm, **call)
+    # the targets were checked by the forward pass (and the compiler may be tracing this backward)
+    problem = sem.problem_tensors(logits.detach(), target.detach(), weight, norm, **call, check_targets=False)
     if simple:  # per-row scales of a half-precision gradient: float32 all the way, rounded once
         grads = composite.gradients(problem, logits.float(), target, weight, needs[:3], grad_loss, None, None)
         return (grads[0].to(logits.dtype),) + (None,) * 14
@@ -158,3 +161,24 @@ def _rounded_once(reduction: str, logits: Tensor, grad_loss: Tensor) -> Tensor |
 
 
 cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+
+
+class EagerCrossEntropy(torch.autograd.Function):
+    """The op's implementation and autograd formula without the dispatcher, for eager calls (the dispatcher's
+    Python layers cost more than the whole computation of a small call). Compiled graphs, export and opcheck
+    see `torch.ops.xentlib.cross_entropy`; both run the same two functions above."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = cross_entropy_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def eager_cross_entropy(*inputs):
+    """`torch.ops.xentlib.cross_entropy(*inputs)` for an eager call."""
+    if inputs[0].requires_grad and torch.is_grad_enabled():
+        return EagerCrossEntropy.apply(*inputs)
+    return cross_entropy_impl(*inputs)
