@@ -72,7 +72,9 @@ class _Case(common_nn.NNTestCase):
 
     def _backward(self, module, input, output, grad_output, create_graph=False):
         output.backward(grad_output, retain_graph=True, create_graph=create_graph)
-        grads = tuple(None if i.grad is None else i.grad.data for i in (input if isinstance(input, tuple) else (input,)))
+        grads = tuple(
+            None if i.grad is None else i.grad.data for i in (input if isinstance(input, tuple) else (input,))
+        )
         return grads if isinstance(input, tuple) else grads[0]
 
     def _forward_criterion(self, criterion, input, target, extra_args=None):
