@@ -197,11 +197,12 @@ def test_half_softmax_against_float32(fn, atol, dtype):
 @pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
 def test_softmax_results_with_dtype(fn):
     # TestNNDeviceType.test_softmax_results (CPU: float input, dtype=float; odd sizes, empty, shifted views;
-    # first and second derivatives against a second run on a copy). The largest size (16, 30576) is cut to
-    # (16, 3057) to keep the run short.
+    # first and second derivatives against a second run on a copy). To keep the run short the largest size
+    # (16, 30576) is cut to (16, 3057) and the wide sizes take two of the four shifts.
     sizes = [(0, 10), (32, 20), (10, 0), (31, 20), (32, 21), (31, 23), (32, 1536), (31, 2048), (33, 2049), (16, 3057)]
     g = generator()
-    for size, (s0, s1), dim in itertools.product(sizes, [(0, 0), (1, 0), (0, 1), (1, 1)], (0, 1)):
+    cases = [(size, shift, dim) for size in sizes for shift in [(0, 0), (1, 0), (0, 1), (1, 1)] for dim in (0, 1)]
+    for size, (s0, s1), dim in [c for c in cases if c[0][1] < 1000 or c[1] in ((0, 0), (1, 1))]:
         input = torch.rand(size, generator=g)[s0:, s1:].detach().requires_grad_()
         reference = input.detach().clone().requires_grad_()
         grad_output = torch.rand(size, generator=g)[s0:, s1:]
