@@ -343,8 +343,16 @@ def binary_cross_entropy(
     _check_unit_interval("target", target, "")
     _check_broadcast("weight", weight, input.shape)
     if _transformed(input, target):  # torch.func / forward-mode AD: torch's own op, which carries their rules
-        return torch.nn.functional.binary_cross_entropy(input, target, weight, reduction=reduction)
+        if weight is not None:
+            weight = weight.expand(torch.broadcast_shapes(target.shape, weight.shape))
+        return torch._C._nn.binary_cross_entropy(input, target, weight, _reduction_enum(reduction))
     return torch_chunked.BinaryCrossEntropyFunction.apply(input, target, weight, reduction)
+
+
+def _reduction_enum(reduction: str) -> int:
+    """torch's aten ops take the reduction as an enum. They are called directly (not through
+    torch.nn.functional) so that code which swaps torch.nn.functional for xentlib does not recurse."""
+    return torch.nn._reduction.get_enum(reduction)
 
 
 def _check_unit_interval(name: str, tensor: Tensor, detail: str) -> None:
@@ -403,9 +411,7 @@ def binary_cross_entropy_with_logits(
     _check_broadcast("pos_weight", pos_weight, input.shape)
     _check_broadcast("weight", weight, input.shape)
     if _transformed(input, target):  # torch.func / forward-mode AD: torch's own op, which carries their rules
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            input, target, weight, reduction=reduction, pos_weight=pos_weight
-        )
+        return torch.binary_cross_entropy_with_logits(input, target, weight, pos_weight, _reduction_enum(reduction))
     out_dtype = target.dtype
     if _runs_in_float32(input) and out_dtype != torch.float64:  # torch's autocast runs it in float32
         out_dtype = torch.float32

@@ -69,13 +69,15 @@ def composite_rows(problem: CrossEntropyProblem, logits: Tensor, target: Tensor,
 def scale_by_grad_output_(reduction: str, buffer: Tensor, grad_loss: Tensor) -> Tensor:
     """The saved gradient times grad_output, in place: per row for reduction='none', else one scale that is
     skipped when it is 1 (the common `loss.backward()`). On CPU that is read on the host; on a GPU reading it
-    would synchronise, so a Triton kernel checks it on the device."""
+    would synchronise, so a Triton kernel checks it on the device. Half types multiply in float32 (one
+    rounding); float32 and float64 in their own precision."""
+    wide = torch.promote_types(buffer.dtype, torch.float32)
     if type(grad_loss) is not Tensor:  # traced by the compiler (fake/functional tensors): it plans the memory
         scale = grad_loss.reshape(buffer.shape[0], 1, buffer.shape[2]) if reduction == "none" else grad_loss
-        return (buffer.float() * scale.float()).to(buffer.dtype)
+        return (buffer.to(wide) * scale.to(wide)).to(buffer.dtype)
     if reduction == "none":
         batch, _, spatial = buffer.shape
-        return buffer.copy_(buffer.float().mul_(grad_loss.reshape(batch, 1, spatial).float()))
+        return buffer.copy_(buffer.to(wide).mul_(grad_loss.reshape(batch, 1, spatial).to(wide)))
     if grad_loss.device.type == "cpu" and float(grad_loss) == 1.0:
         return buffer
     if buffer.device.type == "cuda" and buffer.is_contiguous() and _triton_runs_on(buffer.device):
