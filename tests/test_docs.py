@@ -139,6 +139,7 @@ def run_block(code: str, namespace: dict, name: str) -> None:
         failures: list[str] = []
         result = doctest.DocTestRunner(optionflags=FLAGS).run(test, out=failures.append, clear_globs=False)
         assert result.failed == 0, "".join(failures)
+        namespace.update(test.globs)  # a DocTest runs in a copy: later blocks see what this one defined
     else:
         exec(compile(code, name, "exec"), namespace)
 
@@ -179,3 +180,19 @@ def test_markdown_runner_reads_blocks_and_reasons():
         ("python", "y = 2\n", "needs a GPU"),
         ("bash", "ls\n", None),
     ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the tests the documentation names
+# ------------------------------------------------------------------------------------------------------------
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)(?:::(\w+))?")
+
+
+def test_every_named_test_exists():
+    """`(test: tests/x.py::test_name)` in the docs names a test function that exists (or a test file)."""
+    for path in MARKDOWN_FILES:
+        for file, name in TEST_REFERENCE.findall((ROOT / path).read_text()):
+            assert (ROOT / file).is_file(), f"{path}: {file} does not exist"
+            if name:
+                source = (ROOT / file).read_text()
+                assert re.search(rf"^\s*def {name}\(", source, re.M), f"{path}: {file}::{name} does not exist"
