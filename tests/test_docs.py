@@ -42,6 +42,12 @@ MODULES_WITH_EXAMPLES = {
     "xentlib.integrations.transformers",
 }
 MARKDOWN_FILES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+NEEDS_TRANSFORMERS = {"xentlib.integrations.transformers", "docs/transformers.md"}
+
+
+def with_marks(names: list[str]) -> list:
+    """The parameters, those that need transformers marked `hf` (and skipped without it)."""
+    return [pytest.param(name, marks=pytest.mark.hf) if name in NEEDS_TRANSFORMERS else name for name in names]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -80,8 +86,10 @@ def one_rank_group(request):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("module_name", DOCSTRING_MODULES)
+@pytest.mark.parametrize("module_name", with_marks(DOCSTRING_MODULES))
 def test_docstring_examples(module_name, one_rank_group):
+    if module_name in NEEDS_TRANSFORMERS:
+        pytest.importorskip("transformers")
     module = importlib.import_module(module_name)
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     attempted = 0
@@ -144,8 +152,10 @@ def run_block(code: str, namespace: dict, name: str) -> None:
         exec(compile(code, name, "exec"), namespace)
 
 
-@pytest.mark.parametrize("path", MARKDOWN_FILES)
+@pytest.mark.parametrize("path", with_marks(MARKDOWN_FILES))
 def test_markdown_examples(path):
+    if path in NEEDS_TRANSFORMERS:
+        pytest.importorskip("transformers")
     text = (ROOT / path).read_text()
     namespace: dict = {"__name__": "__docs__"}
     torch.manual_seed(0)
