@@ -70,8 +70,9 @@ def cross_entropy(
         normalizer: keyword-only, with reduction='sum': the sum is divided by it (a number or 0-d tensor), the
             way to get the exact global token mean under gradient accumulation and data parallelism.
         return_stats: keyword-only; also return `CrossEntropyStats(lse, loss, argmax, correct, entropy)` per row.
-        backend: 'auto' | 'torch' | 'triton' (see `xentlib.backends.explain_dispatch`).
-        chunk_size: rows per chunk for the PyTorch backend (default: about 1 MiB of float32 per chunk).
+        backend: 'auto' | 'cpu' | 'torch' | 'triton' (see `xentlib.backends.explain_dispatch`).
+        chunk_size: rows per chunk of the PyTorch ops (default: about 8 MiB of float32 per chunk). Giving it on
+            CPU runs the chunked PyTorch ops instead of the compiled kernel, which has no chunks.
         inplace_backward: write the gradient into the logits' memory (they are marked as modified): no extra
             gradient-sized buffer at all. The logits' values are lost after the call.
 
@@ -269,7 +270,7 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dty
     Example::
 
         >>> log_softmax(torch.tensor([1e4, 0.0, -1e4]), dim=0)
-        tensor([ 0.0000e+00, -1.0000e+04, -2.0000e+04])
+        tensor([     0., -10000., -20000.])
     """
     return _softmax_common("log_softmax", input, dim, _stacklevel, dtype, log=True)
 

@@ -469,7 +469,9 @@ def linear_cross_entropy(
         options: a `torch.nn.LinearCrossEntropyOptions` (or None). xentlib always chunks; `batch_chunk_size`
             sets the rows per chunk when `chunk_size` is not given. The other fields (`chunking_method`,
             `acc_policy`, `acc_dtype`, `allow_retain_graph`) have no effect: xentlib chunks over rows,
-            accumulates in float32 (rounded once) and supports retain_graph and double backward always.
+            computes each chunk's loss and logits' gradient in float32 (rounded once), and supports retain_graph
+            and double backward always. The weight gradient of half-precision weights accumulates in float32 on
+            Triton and in the weight's dtype elsewhere, rounded once per chunk (docs/numerics.md section 9).
         shift: keyword-only; predict `target[..., 1:]` from `input[..., :-1, :]` (next-token prediction) without
             copying the input.
         z_loss, softcap, normalizer, return_stats, backend: as `cross_entropy`. `backend="triton-tiled"` also

@@ -43,6 +43,11 @@ def count_tokens(
     of reduction='mean'. Without an initialized process group, the local count. Every rank of `group` must
     call it (it holds one all-reduce of two numbers) and gets the same value, or the same error when the
     arguments of any rank are wrong.
+
+    Example (two micro-batches on one rank)::
+
+        >>> count_tokens([torch.tensor([[5, 2, -100]]), torch.tensor([[-100, -100, 7]])])
+        tensor(3., dtype=torch.float64)
     """
     group = _data_parallel_group(group)
     if group is None:
@@ -146,7 +151,13 @@ def data_parallel_normalizer(
 
 def vocab_shard_range(vocab_size: int, world_size: int, rank: int) -> tuple[int, int]:
     """(vocab_start, local_size) of `rank` when V classes are split like `torch.chunk` (sizes ceil(V / world),
-    the last shards smaller or empty): the layout of DTensor's Shard(dim) placement."""
+    the last shards smaller or empty): the layout of DTensor's Shard(dim) placement.
+
+    Example (V = 10 over 4 ranks: shards of 3, 3, 3 and 1 classes)::
+
+        >>> [vocab_shard_range(10, 4, rank) for rank in range(4)]
+        [(0, 3), (3, 3), (6, 3), (9, 1)]
+    """
     step = -(-vocab_size // world_size)
     start = min(rank * step, vocab_size)
     return start, min(step, vocab_size - start)

@@ -86,8 +86,10 @@ def for_causal_lm_loss(
 
     Example::
 
+        >>> reference = model(input_ids, labels=input_ids).loss  # transformers' own loss
         >>> model.loss_function = for_causal_lm_loss
-        >>> model(input_ids, labels=input_ids).loss
+        >>> torch.allclose(model(input_ids, labels=input_ids).loss, reference)
+        True
     """
     from xentlib import functional
 
@@ -573,8 +575,12 @@ def patch(
     Example::
 
         >>> handle = patch(model)
-        >>> model.train(); loss = model(input_ids, labels=input_ids).loss   # no logits held
-        >>> unpatch(model)                                                   # exactly as before
+        >>> out = model.train()(input_ids, labels=input_ids)  # the loss, without (tokens, vocab) logits
+        >>> out.logits is None
+        True
+        >>> unpatch(model)  # forward and loss_function exactly as before
+        >>> model(input_ids, labels=input_ids).logits.shape
+        torch.Size([2, 8, 128])
     """
     if is_patched(model):
         raise ValueError(f"this {type(model).__name__} is already patched by xentlib; unpatch it first")
