@@ -623,6 +623,7 @@ def check_log_probs_call(fn, input, target, weight=None, bias=None, *, temperatu
     leading shape and holds int64 class indices. Returns (temperature, ignore_index, softcap) canonical."""
     check_tensor(fn, "input", 1, input)
     check_tensor(fn, "target", 3 if weight is not None else 2, target)
+    check_floating_input(fn, input)
     if weight is not None:
         check_tensor(fn, "weight", 2, weight)
         check_tensor(fn, "bias", 4, bias, optional=True)
@@ -641,7 +642,6 @@ def check_log_probs_call(fn, input, target, weight=None, bias=None, *, temperatu
                 )
     elif input.dim() < 1:
         raise RuntimeError(f"{fn}: logits must have at least one dimension (..., V), got a 0-d tensor")
-    check_floating_input(fn, input)
     if target.dtype != torch.long:
         raise RuntimeError(
             f"{fn}: expected target dtype Long, got {dtype_name(target.dtype)} (class indices must be int64, "

@@ -246,7 +246,7 @@ def log_probs(
         >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
         >>> logp, entropy = log_probs(logits, torch.tensor([0, -100]), return_entropy=True)
         >>> [round(v, 4) for v in logp.tolist()], [round(v, 4) for v in entropy.tolist()]
-        ([-0.2395, 0.0], [0.6705, 0.0])
+        ([-0.2395, 0.0], [0.6656, 0.0])
     """
     temperature, ignore_index, softcap = sem.check_log_probs_call(
         "log_probs", logits, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap
@@ -402,11 +402,11 @@ def linear_log_probs_backward_op(
         t_c, v_c, lse_c, g_c = safe[index], valid[index], lse[index], g[index]
         ent_c = entropy[index] if with_entropy else None
         h_c = h[index] if with_entropy else None
-        for block in rows.blocks(z.shape[0]):
+        for block in rows.blocks(z.shape[0]):  # z becomes dZ, block by block
             rows.backward_(
                 z[block], t_c[block], v_c[block], lse_c[block], None if ent_c is None else ent_c[block],
                 g_c[block], None if h_c is None else h_c[block], z[block],
-            )  # fmt: skip  (z now holds dZ)
+            )  # fmt: skip
         if grad_input:
             if isinstance(index, slice) and not chunks.onednn:  # straight into the gradient's rows
                 torch.mm(z, weight, out=dx[index])
