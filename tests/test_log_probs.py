@@ -104,7 +104,9 @@ def test_linear_log_probs_matches_reference(temperature, softcap, bias, dtype):
     assert logp.dtype == entropy.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     beta = 0.37
     grads = torch.autograd.grad(_rl_loss(logp, entropy, adv, beta), leaves)
-    ref, ref_grads = _reference_all(x, w, b, t, adv, torch.full(t.shape, -beta, dtype=torch.float64), temperature, softcap)
+    ref, ref_grads = _reference_all(
+        x, w, b, t, adv, torch.full(t.shape, -beta, dtype=torch.float64), temperature, softcap
+    )
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(logp.detach().numpy(), ref.log_prob, **tol)
     np.testing.assert_allclose(entropy.detach().numpy(), ref.entropy, **tol)
@@ -184,7 +186,8 @@ def test_non_contiguous_logits():
     logp, entropy = xentlib.log_probs(z, t, return_entropy=True)
     ref_logp, ref_entropy = _torch_log_probs(z, t)
     torch.testing.assert_close((logp, entropy), (ref_logp, ref_entropy))
-    torch.testing.assert_close(torch.autograd.grad(logp.sum() + entropy.sum(), z), torch.autograd.grad(ref_logp.sum() + ref_entropy.sum(), z))  # fmt: skip
+    ours = torch.autograd.grad(logp.sum() + entropy.sum(), z)
+    torch.testing.assert_close(ours, torch.autograd.grad(ref_logp.sum() + ref_entropy.sum(), z))
 
 
 def test_all_rows_ignored():
@@ -319,7 +322,9 @@ def test_opcheck():
     logp, entropy, lse = torch.ops.xentlib.log_probs(z.detach(), t, 0.5, IGNORE, None, True)
     g, h = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
     torch.library.opcheck(torch.ops.xentlib.log_probs_backward, (z.detach(), t, lse, entropy, g, h, 0.5, IGNORE, None))
-    logp, entropy, lse = torch.ops.xentlib.linear_log_probs(x.detach(), w.detach(), b.detach(), t, 2.0, IGNORE, 3.0, True, 4)
+    logp, entropy, lse = torch.ops.xentlib.linear_log_probs(
+        x.detach(), w.detach(), b.detach(), t, 2.0, IGNORE, 3.0, True, 4
+    )
     torch.library.opcheck(
         torch.ops.xentlib.linear_log_probs_backward,
         (x.detach(), w.detach(), b.detach(), t, lse, entropy, g, None, 2.0, IGNORE, 3.0, 4, True, True, True),
