@@ -54,24 +54,30 @@ class _Rows:
         for start in range(0, rows, self.block):
             yield slice(start, min(start + self.block, rows))
 
-    def scaled(self, z: Tensor) -> Tensor:
-        """u = softcap(z) / T in float32 (a work buffer; z is not modified), computed in float32 from the start."""
-        u = self.work[: z.shape[0]]
-        u.copy_(z)
+    def log_softmax(self, z: Tensor, owned: bool) -> Tensor:
+        """log softmax(softcap(z) / T) of a block, in float32 (float64), one pass per step: written over z when
+        the caller `owned` it (a chunk of computed logits), else into the work buffer (the caller's logits are
+        never modified). The soft-cap is computed in float32 from the start."""
+        work = z if owned and z.dtype == self.acc else self.work[: z.shape[0]]
+        u = work
+        if z.dtype != self.acc:  # widen first: an op on bfloat16 z would round its result to bfloat16
+            u.copy_(z)
+            z = u
         if self.softcap is not None:
-            u.div_(self.softcap).tanh_().mul_(self.softcap / self.temperature)
+            torch.div(z, self.softcap, out=u).tanh_().mul_(self.softcap / self.temperature)
         elif self.temperature != 1.0:
-            u.mul_(1.0 / self.temperature)
-        return u
+            torch.mul(z, 1.0 / self.temperature, out=u)
+        else:
+            u = z  # log_softmax reads z and writes the work buffer (or z itself): no copy
+        return torch.log_softmax(u, 1, out=work)  # row-wise, so u may be its own output
 
-    def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool):
+    def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool, owned: bool = False):
         """(log p_t, lse, H or None) of a block of rows z (R, V); 0 on ignored rows."""
-        u = self.scaled(z)
-        best = u.argmax(1, keepdim=True)
-        u_best = u.gather(1, best)
-        log_p = torch.log_softmax(u, 1, out=u)  # row-wise, so u may be its own output
-        # lse = u_a - log p_a at the arg-max a, where log p_a = -log sum exp(u - u_a) lies in [-log V, 0]: exact
-        lse = (u_best - log_p.gather(1, best)).squeeze(1)
+        m = self._max_of_scaled(z)
+        log_p = self.log_softmax(z, owned)
+        # lse = m - max_v log p_v: log_softmax is monotonic, so its row maximum sits at the arg-max a of u, where
+        # log p_a = -log sum exp(u - u_a) lies in [-log V, 0]: exact, with no cancellation
+        lse = m - log_p.amax(1)
         # log p_t straight from log_softmax ((u_t - m) - log s), never u_t - lse, which cancels
         logp = log_p.gather(1, target.unsqueeze(1)).squeeze(1)
         zero = torch.zeros((), dtype=self.acc, device=z.device)
@@ -79,6 +85,13 @@ class _Rows:
         if want_entropy:  # H = sum_v entr(p_v), entr(p) = -p log p (0 at p = 0)
             entropy = torch.where(valid, torch.special.entr(log_p.exp_(), out=log_p).sum(1), zero)
         return torch.where(valid, logp, zero), lse, entropy
+
+    def _max_of_scaled(self, z: Tensor) -> Tensor:
+        """max_v u_v of each row, u = softcap(z) / T: both maps are increasing, so it is the map of max_v z_v."""
+        m = z.amax(1, keepdim=True).to(self.acc)  # then the same float32 ops as `log_softmax`
+        if self.softcap is not None:
+            return m.div_(self.softcap).tanh_().mul_(self.softcap / self.temperature).squeeze(1)
+        return (m.mul_(1.0 / self.temperature) if self.temperature != 1.0 else m).squeeze(1)
 
     def backward_(self, z: Tensor, target, valid, lse, entropy, g: Tensor, h: Tensor | None, out: Tensor) -> None:
         """dL/dz of a block into `out` (R, V), for upstream gradients g of log p_t and h of H (R,), both zero on
@@ -96,13 +109,17 @@ class _Rows:
         g = g.unsqueeze(1) * inv_t  # the 1/T of du/dz, folded into the per-row coefficients
         if h is None:  # dL/du = g onehot - g p
             grad = log_p.exp_().mul_(-g)
-        else:  # dL/du = g onehot - p (g + h (log p + H))
+        else:  # dL/du = g onehot - p (g + h (log p + H)) = g onehot + p (-h log p - (g + h H))
             p = torch.exp(log_p, out=self.probs[:rows])
-            grad = log_p.add_(entropy.unsqueeze(1)).mul_(-h.unsqueeze(1) * inv_t).sub_(g).mul_(p)
+            h = h.unsqueeze(1) * inv_t
+            grad = torch.addcmul(-(g + h * entropy.unsqueeze(1)), log_p, -h, out=log_p).mul_(p)
         grad.scatter_add_(1, target.unsqueeze(1), g)
         if self.softcap is not None:  # dy/dz = 1 - tanh^2(z / c) = 1 - (y / c)^2
             grad.mul_(y.div_(self.softcap).square_().neg_().add_(1.0))
-        grad.masked_fill_(~valid.unsqueeze(1), 0.0)  # exact zeros on ignored rows, even for non-finite logits
+        # exact zeros on ignored rows, even for non-finite logits (elsewhere g = h = 0 there already); on CPU the
+        # mask is read on the host to skip the pass when every row counts
+        if valid.device.type != "cpu" or not bool(valid.all()):
+            grad.masked_fill_(~valid.unsqueeze(1), 0.0)
         if grad is not out:
             out.copy_(grad)
 
@@ -345,7 +362,7 @@ def linear_log_probs_op(
     for index, _, z in chunks:
         t_c, v_c = safe[index], valid[index]
         for block in rows.blocks(z.shape[0]):
-            lp, ls, ent = rows.forward(z[block], t_c[block], v_c[block], with_entropy)
+            lp, ls, ent = rows.forward(z[block], t_c[block], v_c[block], with_entropy, owned=True)
             logp[_sub(index, block)], lse[_sub(index, block)] = lp, ls
             if with_entropy:
                 entropy[_sub(index, block)] = ent
