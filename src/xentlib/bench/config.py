@@ -118,7 +118,9 @@ def parse_shape(text: str) -> Shape:
     """`ce:NxV`, `linear:NxDxV` or `logprobs:NxDxV` -> Shape."""
     match = _SHAPE_PATTERN.match(text.strip().lower())
     if not match:
-        raise BenchConfigError(f"bad shape {text!r}: expected ce:NxV, linear:NxDxV or logprobs:NxDxV")
+        raise BenchConfigError(
+            f"bad shape {text!r}: expected ce:NxV or linear:NxDxV (e.g. ce:2048x32000); logprobs:NxDxV as linear"
+        )
     problem, dims_text = match.groups()
     dims = [int(part) for part in dims_text.split("x")]
     expected = 3 if problem in LINEAR_PROBLEMS else 2
