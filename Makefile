@@ -21,7 +21,7 @@ $(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(PIP) "$(TORCH)" -e ".[dev,demo,triton,hf]"
+	$(PIP) "$(TORCH)" -e ".[dev,demo,triton,hf,rl]"
 	touch $@
 
 demo: $(VENV)/.demo-installed

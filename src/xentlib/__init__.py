@@ -20,3 +20,4 @@ else:
         nll_loss,
         softmax,
     )
+    from xentlib.rl import linear_log_probs, log_probs  # noqa: F401

@@ -612,3 +612,54 @@ def prepare_linear_cross_entropy(*args, **kwargs) -> LinearProblem:
     lp = check_linear_cross_entropy(*args, **kwargs)
     lp.rows = problem_from_call(lp.rows)
     return lp
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-token log-probabilities (xentlib.rl): log p(target) and entropy of softmax(softcap(logits) / temperature)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_log_probs_call(fn, input, target, weight=None, bias=None, *, temperature, ignore_index, softcap):
+    """The rules of `log_probs` (weight None: `input` is the (..., V) logits) and `linear_log_probs` (`input`
+    is (..., D), `weight` (V, D), `bias` (V,)). Classes lie on the last dimension; the target has the input's
+    leading shape and holds int64 class indices. Returns (temperature, ignore_index, softcap) canonical."""
+    check_tensor(fn, "input", 1, input)
+    check_tensor(fn, "target", 3 if weight is not None else 2, target)
+    check_floating_input(fn, input)
+    if weight is not None:
+        check_tensor(fn, "weight", 2, weight)
+        check_tensor(fn, "bias", 4, bias, optional=True)
+        if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+            raise RuntimeError(
+                f"{fn}: input {tuple(input.shape)} and weight {tuple(weight.shape)} cannot be multiplied "
+                "(expected input (..., D) and weight (V, D))"
+            )
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise RuntimeError(f"{fn}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        for name, other in (("weight", weight), ("bias", bias)):
+            if other is not None and other.dtype != input.dtype:
+                raise RuntimeError(
+                    f"{fn}: expected {name} to have the input's dtype {dtype_name(input.dtype)}, "
+                    f"got {dtype_name(other.dtype)}"
+                )
+    elif input.dim() < 1:
+        raise RuntimeError(f"{fn}: logits must have at least one dimension (..., V), got a 0-d tensor")
+    if target.dtype != torch.long:
+        raise RuntimeError(
+            f"{fn}: expected target dtype Long, got {dtype_name(target.dtype)} (class indices must be int64, "
+            "e.g. target.long())"
+        )
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"{fn}: target shape {tuple(target.shape)} does not match the input's leading shape "
+            f"{tuple(input.shape[:-1])} (one class index per row of the input; the classes lie on the last dimension)"
+        )
+    if isinstance(temperature, Tensor) and temperature.dim() == 0:
+        temperature = temperature.item()
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"{fn}: temperature must be a float, not {type(temperature).__name__}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
+    ignore_index = check_ignore_index(fn, ignore_index)
+    softcap = check_extensions("none", 0.0, softcap, None)[1]
+    return float(temperature), ignore_index, softcap

@@ -9,7 +9,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROBLEMS = ("ce", "linear")
+PROBLEMS = ("ce", "linear", "logprobs")
+# problems with input (n, d) and weight (v, d): NxDxV on the command line
+LINEAR_PROBLEMS = ("linear", "logprobs")
 
 # name on the command line -> attribute of the torch module
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -71,7 +73,8 @@ class BenchConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Shape:
-    """One problem size: `ce` has logits (n, v); `linear` has input (n, d) and weight (v, d)."""
+    """One problem size: `ce` has logits (n, v); `linear` and `logprobs` (per-token log-probabilities and
+    entropy of the logits input @ weight.T) have input (n, d) and weight (v, d)."""
 
     problem: str
     n: int
@@ -80,7 +83,7 @@ class Shape:
 
     @property
     def label(self) -> str:
-        return f"{self.n}x{self.d}x{self.v}" if self.problem == "linear" else f"{self.n}x{self.v}"
+        return f"{self.n}x{self.d}x{self.v}" if self.problem in LINEAR_PROBLEMS else f"{self.n}x{self.v}"
 
     @property
     def spec(self) -> str:
@@ -108,23 +111,25 @@ class BenchConfig:
     seed: int = 0
 
 
-_SHAPE_PATTERN = re.compile(r"^(ce|linear):(\d+(?:x\d+)*)$")
+_SHAPE_PATTERN = re.compile(r"^(ce|linear|logprobs):(\d+(?:x\d+)*)$")
 
 
 def parse_shape(text: str) -> Shape:
-    """`ce:NxV` or `linear:NxDxV` -> Shape."""
+    """`ce:NxV`, `linear:NxDxV` or `logprobs:NxDxV` -> Shape."""
     match = _SHAPE_PATTERN.match(text.strip().lower())
     if not match:
-        raise BenchConfigError(f"bad shape {text!r}: expected ce:NxV or linear:NxDxV (e.g. ce:2048x32000)")
+        raise BenchConfigError(
+            f"bad shape {text!r}: expected ce:NxV or linear:NxDxV (e.g. ce:2048x32000); logprobs:NxDxV as linear"
+        )
     problem, dims_text = match.groups()
     dims = [int(part) for part in dims_text.split("x")]
-    expected = 3 if problem == "linear" else 2
+    expected = 3 if problem in LINEAR_PROBLEMS else 2
     if len(dims) != expected:
-        layout = "NxDxV" if problem == "linear" else "NxV"
+        layout = "NxDxV" if problem in LINEAR_PROBLEMS else "NxV"
         raise BenchConfigError(f"bad shape {text!r}: {problem} takes {expected} sizes ({problem}:{layout})")
     if min(dims) < 1:
         raise BenchConfigError(f"bad shape {text!r}: every size must be >= 1")
-    if problem == "linear":
+    if problem in LINEAR_PROBLEMS:
         n, d, v = dims
         return Shape(problem, n=n, v=v, d=d)
     n, v = dims

@@ -288,6 +288,62 @@ def build_three_matmuls(case: Case) -> Step:
     return Step(forward=forward, backward=backward)
 
 
+# ----------------------------------------------------------------------------------- logprobs builders
+# RL post-training: per-token log p(target) and entropy of the logits x @ W.T, then the policy-gradient loss
+# -(A * logp).sum() - beta * H.sum() with fixed random advantages A (its gradient flows through both outputs).
+
+ENTROPY_BONUS = 0.01
+
+
+def _policy_gradient_step(case: Case, per_token: Callable) -> Step:
+    """forward: (logp, entropy) of every token; backward: the RL loss of them, back-propagated."""
+    import torch
+
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    advantages = torch.randn(case.shape.n, generator=generator).to(x.device)
+
+    def backward(outputs):
+        logp, entropy = outputs
+        (-(advantages * logp).sum() - ENTROPY_BONUS * entropy.sum()).backward()
+
+    return Step(forward=lambda: per_token(x, weight, target), backward=backward)
+
+
+def build_xentlib_logprobs(case: Case) -> Step:
+    import xentlib
+
+    kwargs = {"chunk_size": case.chunk_size} if case.chunk_size else {}
+    return _policy_gradient_step(case, lambda x, w, t: xentlib.linear_log_probs(x, w, t, return_entropy=True, **kwargs))
+
+
+def torch_logprobs(x, weight, target):
+    """The composition an RL trainer writes: log_softmax of the logits, gathered; entropy -sum p log p."""
+    import torch
+
+    log_p = torch.log_softmax((x @ weight.T).float(), dim=-1)
+    logp = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return logp, -(log_p.exp() * log_p).sum(-1)
+
+
+def build_torch_eager_logprobs(case: Case) -> Step:
+    return _policy_gradient_step(case, torch_logprobs)
+
+
+def build_torch_compile_logprobs(case: Case) -> Step:
+    import torch
+
+    return _policy_gradient_step(case, torch.compile(torch_logprobs, dynamic=False))
+
+
+def _missing_rl(case: Case) -> str | None:
+    try:
+        importlib.import_module("xentlib.rl")
+    except ImportError as error:
+        return f"xentlib.rl not importable ({error})"
+    return None
+
+
 def _index_targets_only(case: Case) -> str | None:
     return None if case.targets == "index" else "class-index targets only"
 
@@ -336,6 +392,10 @@ IMPLS: tuple[Impl, ...] = (
         _needs_gpu_and("cut_cross_entropy", "linear_cross_entropy", index_only=True, no_smoothing=True),
     ),
     Impl("3-matmuls", "linear", "floor", build_three_matmuls),
+    Impl("xentlib", "logprobs", "xentlib", build_xentlib_logprobs, _missing_rl),
+    Impl("torch-eager", "logprobs", "baseline", build_torch_eager_logprobs),
+    Impl("torch-compile", "logprobs", "baseline", build_torch_compile_logprobs, compiled=True),
+    Impl("3-matmuls", "logprobs", "floor", build_three_matmuls),
 )
 
 IMPL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(impl.name for impl in IMPLS))

@@ -56,9 +56,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_argument_group("what to run")
-    what.add_argument("--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV (replaces --preset)")
+    what.add_argument("--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV / logprobs:NxDxV")
     what.add_argument("--preset", choices=tuple(PRESETS), help="a named run, see below (default: default)")
-    what.add_argument("--problems", metavar="LIST", help="keep only these problems: ce, linear (default: both)")
+    what.add_argument("--problems", metavar="LIST", help="problems to keep: ce, linear, logprobs (default: all)")
     what.add_argument("--dtypes", metavar="LIST", help="fp32, bf16, fp16 (default: the preset's, fp32,bf16 for most)")
     what.add_argument("--impls", metavar="LIST", help="keep only these implementations (default: all that apply)")
     what.add_argument(

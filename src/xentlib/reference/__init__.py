@@ -9,6 +9,7 @@ NumPy is imported: this package works where torch is not installed.
     cross_entropy (+ _backward), cross_entropy_stats (+ _backward), cross_entropy_steps (every intermediate)
                                                     cross_entropy.py  (the unified formula lives there)
     linear_cross_entropy (+ _backward)              linear.py
+    log_probs, linear_log_probs (+ _backward)       log_probs.py  (per-token log p(target) and entropy, for RL)
     binary_cross_entropy(_with_logits) (+ _backward) bce.py
 
 Cross-entropy of logits x against a class t is -log softmax(x)_t = log sum_c exp(x_c) - x_t. Two rows:
@@ -57,6 +58,14 @@ from xentlib.reference.linear import (
     linear_cross_entropy,
     linear_cross_entropy_backward,
 )
+from xentlib.reference.log_probs import (
+    LinearLogProbsGrads,
+    LogProbs,
+    linear_log_probs,
+    linear_log_probs_backward,
+    log_probs,
+    log_probs_backward,
+)
 from xentlib.reference.nll import nll_loss, nll_loss_backward, nll_loss_steps
 from xentlib.reference.softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
@@ -66,6 +75,8 @@ __all__ = [
     "CrossEntropyStats",
     "CrossEntropySteps",
     "LinearCrossEntropyGrads",
+    "LinearLogProbsGrads",
+    "LogProbs",
     "SoftmaxSteps",
     "binary_cross_entropy",
     "binary_cross_entropy_backward",
@@ -78,8 +89,12 @@ __all__ = [
     "cross_entropy_steps",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
+    "linear_log_probs",
+    "linear_log_probs_backward",
     "log_softmax",
     "log_softmax_backward",
+    "log_probs",
+    "log_probs_backward",
     "nll_loss",
     "nll_loss_backward",
     "nll_loss_steps",

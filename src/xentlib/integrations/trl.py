@@ -1,0 +1,121 @@
+"""xentlib's per-token log-probabilities inside TRL's RL trainers (GRPO, RLOO).
+
+TRL computes the policy's per-token log-probabilities (and entropies) through a "fused LM head": its trainers
+call `add_fused_lm_head(model, temperature=..., outputs=(...))` once, which replaces the model's forward so
+that `model(..., labels=labels, fused_lm_head=True)` returns a `FusedCausalLMOutput` (log_probs, entropy, loss,
+label_mask, ...) instead of logits. This module provides the same protocol computed by
+`xentlib.linear_log_probs` (the (tokens, vocab) logits are never held; exact float32 results):
+
+    from xentlib.integrations import trl as xtrl
+    xtrl.patch_trl_trainers()            # GRPOTrainer / RLOOTrainer built from now on use xentlib
+    trainer = GRPOTrainer(model=..., ...)
+
+or, for a model used by hand, `xtrl.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))`.
+The head maths a config declares (`final_logit_softcapping`, `logit_scale`, ...) are read as
+`xentlib.integrations.transformers` reads them. The fields `log_sum_sq_probs`, `mean_logits` and `is_top1` are
+not computed (asking for them raises). trl is imported only when a function here is called.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+
+import torch
+
+__all__ = ["add_fused_lm_head", "patch_trl_trainers", "unpatch_trl_trainers"]
+
+SUPPORTED_OUTPUTS = ("log_probs", "entropy")
+TRAINER_MODULES = ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
+_ORIGINALS: dict[str, object] = {}
+
+
+def add_fused_lm_head(
+    model: torch.nn.Module,
+    temperature: float = 1.0,
+    cast_lm_head_to_fp32: bool = False,
+    outputs: tuple[str, ...] = ("log_probs",),
+    *,
+    chunk_size: int | None = None,
+) -> None:
+    """TRL's `add_fused_lm_head` (same arguments, same `fused_lm_head=True` protocol and output), computed by
+    `xentlib.linear_log_probs`: per-token log p(label) and entropy under softmax(softcap(scale * logits) / T),
+    zero where the label is -100, for next-token labels (`labels[:, 1:]`) or pre-shifted `shift_labels`."""
+    from xentlib.integrations.transformers import _base_model, _head_maths, _output_head
+
+    unknown = [name for name in outputs if name not in SUPPORTED_OUTPUTS]
+    if unknown:
+        raise NotImplementedError(f"xentlib's fused LM head computes {SUPPORTED_OUTPUTS}, not {unknown}")
+    _output_head(model)  # a plain nn.Linear head, checked once here (and looked up on each call)
+    maths = _head_maths(model)
+    original_forward = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
+            return original_forward(*args, **kw, **{k: v for k, v in extra.items() if v is not None})
+        kw["use_cache"] = False
+        hidden = _base_model(self)(*args, **kw).last_hidden_state
+        if shift_labels is None:  # position t predicts label t + 1
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        head = _output_head(self)
+        hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
+        return _fused_output(hidden, head, labels, maths, temperature, cast_lm_head_to_fp32, outputs, chunk_size,
+                             num_items_in_batch)  # fmt: skip
+
+    model.forward = types.MethodType(forward, model)
+
+
+def _fused_output(hidden, head, labels, maths, temperature, cast_fp32, outputs, chunk_size, num_items_in_batch):
+    """TRL's `FusedCausalLMOutput` from the shifted hidden states and labels."""
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    import xentlib
+
+    weight, bias = head.weight, head.bias
+    if cast_fp32:
+        hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
+    if maths.logit_scale != 1.0:  # scale * (h W^T + b) = (scale h) W^T + scale b
+        hidden = hidden * maths.logit_scale
+        bias = None if bias is None else bias * maths.logit_scale
+    with torch.autocast(hidden.device.type, enabled=not cast_fp32 and torch.is_autocast_enabled(hidden.device.type)):
+        log_probs, entropy = xentlib.linear_log_probs(
+            hidden, weight, labels, bias, temperature=temperature, ignore_index=-100, return_entropy=True,
+            softcap=maths.softcap, chunk_size=chunk_size,
+        )  # fmt: skip
+    mask = labels != -100
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return FusedCausalLMOutput(
+        loss=-log_probs.sum() / count,
+        log_probs=log_probs,
+        entropy=entropy if "entropy" in outputs else None,
+        label_mask=mask,
+    )
+
+
+def patch_trl_trainers() -> list[str]:
+    """Make TRL's GRPO and RLOO trainers built from now on compute their per-token log-probabilities with
+    xentlib: each trainer module's `add_fused_lm_head`, which the trainer calls on its policy (and reference
+    model) in `__init__`, is replaced by this module's. Returns the patched module names; idempotent."""
+    patched = []
+    for name in TRAINER_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "add_fused_lm_head"):
+            _ORIGINALS.setdefault(name, module.add_fused_lm_head)
+            module.add_fused_lm_head = add_fused_lm_head
+            patched.append(name)
+    return patched
+
+
+def unpatch_trl_trainers() -> None:
+    """Undo `patch_trl_trainers` (trainers built afterwards use TRL's own head again)."""
+    for name, original in list(_ORIGINALS.items()):
+        importlib.import_module(name).add_fused_lm_head = original
+        del _ORIGINALS[name]
