@@ -472,7 +472,8 @@ def distillation_loss(
     Example::
 
         >>> s, t = torch.randn(4, 10), torch.randn(4, 10)
-        >>> kl = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True)
+        >>> kl_div = torch.nn.functional.kl_div
+        >>> kl = kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True)
         >>> torch.allclose(distillation_loss(s, t, beta=0.0), kl)
         True
     """
