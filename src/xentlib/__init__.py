@@ -11,6 +11,7 @@ except ImportError:  # pragma: no cover - exercised by the torch-blocked referen
     pass
 else:
     from xentlib import functional, nn  # noqa: F401
+    from xentlib.distill import distillation_loss, linear_distillation_loss  # noqa: F401
     from xentlib.functional import (  # noqa: F401
         binary_cross_entropy,
         binary_cross_entropy_with_logits,

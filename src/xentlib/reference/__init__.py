@@ -11,6 +11,7 @@ NumPy is imported: this package works where torch is not installed.
     linear_cross_entropy (+ _backward)              linear.py
     log_probs, linear_log_probs (+ _backward)       log_probs.py  (per-token log p(target) and entropy, for RL)
     binary_cross_entropy(_with_logits) (+ _backward) bce.py
+    distillation, linear_distillation (+ _backward) distillation.py  (GKD's generalized Jensen-Shannon divergence)
 
 Cross-entropy of logits x against a class t is -log softmax(x)_t = log sum_c exp(x_c) - x_t. Two rows:
 
@@ -53,6 +54,13 @@ from xentlib.reference.cross_entropy import (
     cross_entropy_stats_backward,
     cross_entropy_steps,
 )
+from xentlib.reference.distillation import (
+    LinearDistillationGrads,
+    distillation,
+    distillation_backward,
+    linear_distillation,
+    linear_distillation_backward,
+)
 from xentlib.reference.linear import (
     LinearCrossEntropyGrads,
     linear_cross_entropy,
@@ -77,6 +85,7 @@ __all__ = [
     "LinearCrossEntropyGrads",
     "LinearLogProbsGrads",
     "LogProbs",
+    "LinearDistillationGrads",
     "SoftmaxSteps",
     "binary_cross_entropy",
     "binary_cross_entropy_backward",
@@ -87,10 +96,14 @@ __all__ = [
     "cross_entropy_stats",
     "cross_entropy_stats_backward",
     "cross_entropy_steps",
+    "distillation",
+    "distillation_backward",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "linear_log_probs",
     "linear_log_probs_backward",
+    "linear_distillation",
+    "linear_distillation_backward",
     "log_softmax",
     "log_softmax_backward",
     "log_probs",
