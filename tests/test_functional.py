@@ -938,10 +938,11 @@ def test_inplace_backward_gives_the_same_gradient(kind, reduction, options, dtyp
     "make, match",
     [
         (lambda x: x, "leaf Variable that requires grad"),
+        (lambda x: x.view(8, 6), "view of a leaf Variable"),
         (lambda x: (x[0] * 1).expand(8, 6), "more than one element"),
         (lambda x: (x * 1).as_strided((8, 6), (3, 1)), "more than one element"),
     ],
-    ids=["leaf", "expanded", "overlapping"],
+    ids=["leaf", "view-of-leaf", "expanded", "overlapping"],
 )
 def test_inplace_backward_refuses_what_torch_refuses(make, match, request):
     """Writing the gradient over a parameter, or over memory several logits share, is what torch's in-place ops

@@ -23,6 +23,12 @@ def check_writable(input: Tensor) -> None:
             "a leaf Variable that requires grad is being used in an in-place operation (inplace_backward=True "
             "writes the gradient over the logits: pass logits computed from the parameters, not a leaf)"
         )
+    base = input._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise RuntimeError(
+            "a view of a leaf Variable that requires grad is being used in an in-place operation "
+            "(inplace_backward=True would overwrite the leaf's values with the gradient)"
+        )
     if torch._debug_has_internal_overlap(input) != 0:
         raise RuntimeError(
             "unsupported operation: more than one element of the written-to tensor refers to a single memory "
