@@ -663,6 +663,8 @@ def check_log_probs_call(fn, input, target, weight=None, bias=None, *, temperatu
     ignore_index = check_ignore_index(fn, ignore_index)
     softcap = check_extensions("none", 0.0, softcap, None)[1]
     return float(temperature), ignore_index, softcap
+
+
 # Distillation divergences (xentlib.distill): argument rules and reduction denominators
 # --------------------------------------------------------------------------------------------------------------
 
