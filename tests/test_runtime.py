@@ -275,3 +275,34 @@ def test_training_step_captured_in_a_cuda_graph():
         loss.backward()
     graph.replay()
     torch.testing.assert_close(loss, F.cross_entropy(model(x), t))
+
+
+def test_linear_cross_entropy_under_torch_func_and_forward_ad():
+    """The transforms differentiate the composite (which holds the logits): equal to torch's composition."""
+    x, t, _ = _inputs()
+    w = torch.randn(C, N, dtype=torch.float64)
+    ours = lambda x: xentlib.linear_cross_entropy(x, w, t, label_smoothing=0.1)  # noqa: E731
+    theirs = lambda x: F.cross_entropy(x @ w.T, t, label_smoothing=0.1)  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(ours)(x), torch.func.grad(theirs)(x))
+    tangent = torch.randn_like(x)
+    with torch.autograd.forward_ad.dual_level():
+        got = torch.autograd.forward_ad.unpack_dual(ours(torch.autograd.forward_ad.make_dual(x, tangent))).tangent
+        want = torch.autograd.forward_ad.unpack_dual(theirs(torch.autograd.forward_ad.make_dual(x, tangent))).tangent
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x, t: xentlib.log_probs(x, t).sum(),
+        lambda x, t: xentlib.distillation_loss(x, 2 * x.detach()),
+    ],
+    ids=["log_probs", "distillation_loss"],
+)
+def test_ops_without_transform_rules_refuse_rather_than_drop_the_tangent(call):
+    x, t, _ = _inputs()
+    t = t.clamp(0)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        torch.func.grad(lambda x: call(x, t))(x)
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
+        call(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), t)

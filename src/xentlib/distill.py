@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends.composite import refuse_transforms
 from xentlib.linear import accumulate_mm_, default_chunk_rows
 
 __all__ = ["distillation_loss", "linear_distillation_loss"]
@@ -477,6 +478,7 @@ def distillation_loss(
         >>> torch.allclose(distillation_loss(s, t, beta=0.0), kl)
         True
     """
+    refuse_transforms("distillation_loss", student_logits, teacher_logits)
     fn = "distillation_loss"
     call = sem.check_distillation(
         fn, student_logits, teacher_logits, target, beta, temperature, reduction, ignore_index
@@ -524,6 +526,7 @@ def linear_distillation_loss(
         >>> torch.allclose(linear_distillation_loss(xs, ws, xt, wt, beta=0.5), ref)
         True
     """
+    refuse_transforms("linear_distillation_loss", student_input, student_weight, student_bias)
     fn = "linear_distillation_loss"
     call = sem.check_linear_distillation(
         fn, student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, target,

@@ -16,6 +16,7 @@ from xentlib import _semantics as sem
 from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xentlib.*)
 from xentlib.backends import torch_chunked
 from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
+from xentlib.backends.composite import transforms_active as _transformed
 from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
 from xentlib.backends.inplace import InplaceCrossEntropy, check_writable
 
@@ -144,24 +145,6 @@ def _composite_cross_entropy(call: sem.CrossEntropyCall, return_stats: bool):
 def _runs_in_float32(input: Tensor) -> bool:
     """Whether torch's autocast would run the loss in float32 for this input (it does on every device)."""
     return input.is_floating_point() and torch.is_autocast_enabled(input.device.type)
-
-
-def _transformed(*tensors) -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) or forward-mode AD is active on these tensors:
-    then the composite runs, which those transforms differentiate like any torch code."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return _has_tangent(tensors)
-
-
-def _has_tangent(tensors) -> bool:
-    from torch.autograd import forward_ad
-
-    if forward_ad._current_level < 0:
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _check_chunk_size(chunk_size) -> int:

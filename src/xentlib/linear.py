@@ -507,6 +507,8 @@ def linear_cross_entropy(
     call = lp.rows
     if autocast:  # autocast runs cross_entropy in float32: so does the loss of the fused computation
         call.output_dtype = torch.promote_types(call.output_dtype, torch.float32)
+    if composite.transforms_active(input, linear_weight, linear_bias, target, weight):
+        return _composite_linear_cross_entropy(lp, linear_weight, linear_bias, return_stats)
     if backend == TILED_BACKEND:
         lp.rows = sem.problem_from_call(call)
         return _tiled_linear_cross_entropy(input, linear_weight, linear_bias, lp, return_stats, chunk_size)
@@ -537,6 +539,26 @@ def linear_cross_entropy(
         entropy=entropy.reshape(shape),
     )  # fmt: skip
     return loss, stats
+
+
+def _composite_linear_cross_entropy(lp: sem.LinearProblem, weight: Tensor, bias: Tensor | None, return_stats):
+    """Under the torch.func transforms and forward-mode AD: `cross_entropy(linear(...))` as plain torch ops,
+    which those transforms differentiate like any torch code. It holds the (N, C) logits."""
+    from xentlib.functional import _composite_cross_entropy
+
+    call = lp.rows
+    rows = lp.flat_input if lp.input_rows is None else lp.flat_input.index_select(0, lp.input_rows)
+    logits = torch.nn.functional.linear(rows, weight, bias)
+    loss, stats = _composite_cross_entropy(dataclasses.replace(call, logits=sem.as_rows(logits)), return_stats)
+    if not return_stats:
+        return loss
+    index = None if call.kind == "prob" else call.target.reshape(call.output_shape)
+    correct = (
+        stats["argmax"] == call.target.reshape(*call.output_shape, -1).argmax(-1)
+        if index is None
+        else (stats["argmax"] == index) & (index != call.ignore_index)
+    )
+    return loss, CrossEntropyStats(**stats, correct=correct)
 
 
 def _chunk_rows(options, chunk_size) -> int | None:

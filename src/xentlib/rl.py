@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends.composite import refuse_transforms
 from xentlib.backends.torch_chunked import CHUNK_ELEMENTS
 from xentlib.linear import CHUNK_BYTES_CAP, _autocast_operands, _by_onednn, accumulate_mm_
 
@@ -265,6 +266,7 @@ def log_probs(
         >>> [round(v, 4) for v in logp.tolist()], [round(v, 4) for v in entropy.tolist()]
         ([-0.2395, 0.0], [0.6656, 0.0])
     """
+    refuse_transforms("log_probs", logits)
     temperature, ignore_index, softcap = sem.check_log_probs_call(
         "log_probs", logits, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap
     )
@@ -515,6 +517,7 @@ def linear_log_probs(
         >>> torch.allclose(linear_log_probs(x, w, t), ref, atol=1e-6)
         True
     """
+    refuse_transforms("linear_log_probs", input, weight, bias)
     temperature, ignore_index, softcap = sem.check_log_probs_call(
         "linear_log_probs", input, target, weight, bias,
         temperature=temperature, ignore_index=ignore_index, softcap=softcap,

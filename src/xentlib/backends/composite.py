@@ -125,6 +125,34 @@ def gradients(problem: CrossEntropyProblem, input, target, weight, wrt, grad_los
     return [None if g is None else g.reshape(tensor.shape).to(tensor.dtype) for g, tensor in zip(grads, tensors)]
 
 
+def transforms_active(*tensors) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) or forward-mode AD is active on these tensors:
+    then the composite runs, which those transforms differentiate like any torch code."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return _has_tangent(tensors)
+
+
+def _has_tangent(tensors) -> bool:
+    from torch.autograd import forward_ad
+
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def refuse_transforms(name: str, *tensors) -> None:
+    """For the ops that have no rule for the torch.func transforms and forward-mode AD yet: refuse rather than
+    return a result without its tangent or batch dimension."""
+    if transforms_active(*tensors):
+        raise NotImplementedError(
+            f"xentlib.{name} does not support torch.func transforms or forward-mode AD yet; compute it from "
+            "torch.log_softmax for those (plain autograd and torch.compile work)"
+        )
+
+
 def as_leaf(tensor: Tensor) -> Tensor:
     """The tensor itself when autograd tracks it (so double backward reaches the caller's graph), else a leaf."""
     return tensor if tensor.requires_grad else tensor.detach().requires_grad_()
