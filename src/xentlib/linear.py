@@ -277,7 +277,7 @@ def _(input, weight, bias, target, class_weight, normalizer, input_rows, row_sca
 
 def _plan(input: Tensor, weight: Tensor, problem, backend: str, chunk_size: int) -> _Plan:
     """The backend's row function, the rows per chunk and the weight gradient's accumulation dtype."""
-    name, _ = select_backend(input.device, backend, problem)
+    name, _ = select_backend(input.device, backend, problem, rows_contiguous=True)  # chunks are made contiguous
     count, vocab = problem.logits.shape[0], problem.logits.shape[1]
     # the Triton kernels, like the compiled CPU kernel, turn a chunk of logits into its gradient in place
     in_place_rows = name in ("triton", "cpu")

@@ -22,10 +22,12 @@ BACKENDS = ("auto", "cpu", "torch", "triton")
 _warned: set[str] = set()
 
 
-def select_backend(device: torch.device, backend: str = "auto", problem=None) -> tuple[str, str]:
+def select_backend(device: torch.device, backend: str = "auto", problem=None, rows_contiguous=False) -> tuple[str, str]:
     """(name, reason) of the backend that runs on `device` for the requested `backend` (and `problem`, when
     given: its dtype, layout and options decide between the compiled CPU kernel and the PyTorch ops, and the
-    Triton kernels accumulate in float32, so float64 work stays on the PyTorch backend)."""
+    Triton kernels accumulate in float32, so float64 work stays on the PyTorch backend). `rows_contiguous`: the
+    rows will be laid out by the caller (linear_cross_entropy's chunks of logits), so only dtype and options
+    count."""
     from xentlib.backends import cpu_kernel
     from xentlib.backends import triton as triton_backend
 
@@ -44,7 +46,7 @@ def select_backend(device: torch.device, backend: str = "auto", problem=None) ->
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpu' runs on CPU tensors, not on {device.type!r} tensors")
         ok, why = cpu_kernel.status()
-        if ok and problem is not None and not cpu_kernel.supports_layout(problem):
+        if ok and problem is not None and not _kernel_covers(problem, device, rows_contiguous):
             ok, why = False, "the compiled kernel does not cover this call (" + cpu_kernel.coverage() + ")"
         if ok:
             return "cpu", why
@@ -60,6 +62,14 @@ def select_backend(device: torch.device, backend: str = "auto", problem=None) ->
         _warned.add(reason)
         warnings.warn(f"xentlib: falling back to the PyTorch backend: {reason}", RuntimeWarning, stacklevel=4)
     return "torch", f"fell back to chunked PyTorch ops: {reason}"
+
+
+def _kernel_covers(problem, device: torch.device, rows_contiguous: bool) -> bool:
+    from xentlib.backends import cpu_kernel
+
+    if rows_contiguous:
+        return cpu_kernel.supports_call(device, problem.logits.dtype, problem)
+    return cpu_kernel.supports_layout(problem)
 
 
 def rows_function(name: str, chunk_size: int | None = None) -> Callable:
