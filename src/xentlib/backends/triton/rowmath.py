@@ -28,6 +28,10 @@ which loses all digits when the logits are large. The target term likewise is ``
 ``lse - y_t`` nor ``lse - ref``: ``lse`` is rounded at the logits' magnitude (ulp(1e4) ~ 1e-3), so a row
 ``[1e4, 1e4, 0]`` would give 0.6934 instead of ln 2 (docs/numerics.md, section 2). When ``ref`` grows,
 ``G += (ref_new - ref_old) * A_old``.
+
+The same maths exists in backends/torch_chunked.py (torch ops) and backends/cpu_rows.c (C); the kernels are pinned
+to it by tests/backends/test_triton.py (a float64 torch composition, the NumPy reference, the PyTorch backend) and
+tests/test_accuracy.py (the "triton" cases: error against float64 no larger than torch's).
 """
 
 import os
