@@ -14,7 +14,9 @@ WANT_GRAD ``grad_scale * d(row loss)/d(logits)`` rounded once to the gradient's 
 
 Parameters, grouped by role (the same names in every kernel): logits and their (b, c, s) strides; the gradient
 and its strides; per-row inputs (contiguous (B * S,): target, valid, target weight; the class weights (C,); the
-upstream scale, 0-d read with stride 0 or per row); per-row outputs; sizes and extension scalars; flags.
+upstream scale, 0-d read with stride 0 or per row); per-row outputs; sizes and extension scalars; flags. The two
+class-index kernels take the same parameters (plus R and BLOCK_R for the tile): ops.py launches either with one
+set of arguments.
 """
 
 import triton
