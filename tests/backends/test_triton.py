@@ -595,22 +595,23 @@ def test_public_linear_cross_entropy_chunks_like_an_in_place_kernel(monkeypatch)
 
 
 def test_kernels_compile_for_a_gpu_target():
-    """The compiled path (typing of loop-carried values, constexpr branches, bf16 rounding) is checked by
-    compiling both kernels to a CUDA binary with triton's bundled toolchain; no GPU is needed for that."""
+    """The compiled path (typing of loop-carried values, constexpr branches, bf16 rounding, the shared row
+    helpers) is checked by compiling every kernel to a CUDA binary with triton's bundled toolchain; no GPU is
+    needed for that."""
     script = """
 import sys
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
-from xentlib.backends.triton import kernels
+from xentlib.backends.triton import kernels, linear_kernels
 
 def signature(fn, consts, logits_type):
     def kind(name):
         if name in consts:
             return "constexpr"
-        if name in ("logits_ptr", "grad_ptr"):
+        if name in ("logits_ptr", "grad_ptr", "x_ptr", "w_ptr", "bias_ptr"):
             return logits_type
         if name in ("target_ptr", "argmax_ptr"):
-            return "*i64" if fn is kernels.index_target_rows_kernel or name == "argmax_ptr" else logits_type
+            return logits_type if fn is kernels.prob_target_rows_kernel and name == "target_ptr" else "*i64"
         if name == "valid_ptr":
             return "*i1"
         if name.endswith("_ptr"):
@@ -624,6 +625,9 @@ flags = dict(HAS_SOFTCAP=True, WANT_GRAD=True, WANT_STATS=True, BLOCK_C=4096)
 cases = [(kernels.index_target_rows_kernel, dict(flags, SMOOTH=True), "*bf16"),
          (kernels.prob_target_rows_kernel, flags, "*fp32"),
          (kernels.index_target_tile_kernel, dict(flags, SMOOTH=True, BLOCK_C=64, BLOCK_R=64), "*fp16")]
+linear = dict(HAS_BIAS=True, SMOOTH=True, HAS_SOFTCAP=True, DOT_FP32=False, BLOCK_V=32, BLOCK_N=16, BLOCK_D=32)
+cases += [(linear_kernels.linear_index_forward_kernel, linear, "*bf16"),
+          (linear_kernels.linear_index_backward_kernel, dict(linear, WANT_X=True, WANT_W=True, WANT_B=True), "*bf16")]
 for fn, consts, logits_type in cases:
     source = ASTSource(fn, signature(fn, consts, logits_type), consts)
     compiled = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})

@@ -268,8 +268,9 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def cross_entropy_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, result) -> None:
-    """Fill `result` (a torch_chunked.RowResult with float32 tensors of shape (B, 1)) and `grad_out`."""
+def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, result) -> None:
+    """Run the compiled kernel: fill `result` (a `backends.base.RowResult` of float32 (B, 1) tensors, allocated by
+    `rows`) and `grad_out` in place. `rows` is the backend contract; this is the call into C."""
     fn = _load()
     x = problem.logits
     batch, classes, _ = x.shape
@@ -328,8 +329,8 @@ def coverage() -> str:
 
 
 def rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, want_stats: bool):
-    """The "cpu" backend's `cross_entropy_rows` (backends/base.py): the compiled kernel, or the PyTorch ops for
-    a call it does not cover (a gradient buffer laid out otherwise, an empty problem)."""
+    """The "cpu" backend's rows function (the contract of backends/base.py, `-> RowResult`): the compiled kernel,
+    or the PyTorch ops for a call it does not cover (a gradient buffer laid out otherwise, an empty problem)."""
     from xentlib.backends import torch_chunked
     from xentlib.backends.base import RowResult
 
@@ -344,5 +345,5 @@ def rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, want_stats
         argmax=empty(torch.long) if want_stats else None,
         entropy=empty() if want_stats else None,
     )
-    cross_entropy_rows(problem, grad_out, result)
+    fill_rows(problem, grad_out, result)
     return result

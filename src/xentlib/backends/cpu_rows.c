@@ -19,6 +19,11 @@
  * while taking the max, (2) exponentiate in place and sum, (3) write the gradient. The logits are read from
  * memory once and the gradient written once. A row whose max is not finite (a NaN, a +inf, or all -inf) has no
  * finite softmax: its loss, lse, entropy and gradient are NaN, as torch's log_softmax gives.
+ *
+ * A copy on purpose: this is the row maths of backends/torch_chunked.py and backends/triton/rowmath.py again, in C
+ * for one sweep per row. What pins the copies together: tests/backends/test_cpu_kernel.py (against the PyTorch ops,
+ * float64 and the NumPy reference, xentlib/reference/cross_entropy.py) and tests/test_accuracy.py (error against
+ * float64 no larger than torch's, the "cpu-kernel" cases).
  */
 #include <math.h>
 #include <pthread.h>

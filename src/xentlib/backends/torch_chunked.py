@@ -1,17 +1,22 @@
-"""The pure-PyTorch backend: row chunks, gradient made in the forward pass, float32 accumulation, any device.
+"""The pure-PyTorch backend ("torch"): row chunks, gradient made in the forward pass, float32 accumulation, any device.
 
-`cross_entropy_rows` is the backend contract shared with the Triton backend: given a validated
-`CrossEntropyProblem` it returns per-row statistics and, when asked, writes d(loss)/d(logits) into `grad_out`
-(which may be the logits themselves, for the in-place gradient).
+`cross_entropy_rows(problem, grad_out, want_stats) -> RowResult` fulfils the backend contract of
+`backends/base.py`: given a validated `CrossEntropyProblem` it returns per-row statistics and, when asked, writes
+d(loss)/d(logits) into `grad_out` (which may be the logits themselves, for the in-place gradient).
 
 How a chunk is processed (derivation in docs/numerics.md, "Row loss and gradient"): with y the (capped) logits,
     log p = log_softmax(y)                         torch's stable, vectorized row kernel
     l     = -sum_c q_c log p_c + z_loss lse^2       class index without smoothing: -w_t log p_t (a gather)
     dl/dy = (sum(q) + 2 z_loss lse) p - q           p = exp(log p), written over log p
     dl/dz = dl/dy (1 - (y / softcap)^2)             with softcap
-lse (needed for z-loss and statistics) is y_a - log p_a at the row's arg-max a. A chunk (about 8 MiB) stays in the
-cache, so the few passes over it cost little next to the one read of the logits and the one write of the
-gradient; its float32 work buffers are allocated once per call and reused.
+lse (needed for z-loss and statistics) is y_a - log p_a at the row's arg-max a. A chunk (CHUNK_ELEMENTS elements
+in the accumulation dtype, 8 MiB in float32) stays in the cache, so the few passes over it cost little next to
+the one read of the logits and the one write of the gradient; its work buffers are allocated once per call and
+reused.
+
+The other functions of the family live beside it: `softmax.py` (log_softmax / softmax, on the same chunks) and
+`bce.py` (the binary cross-entropy pair). Their autograd functions stay importable from here under their old
+names (`SoftmaxFunction`, `BinaryCrossEntropyFunction`, `BinaryCrossEntropyWithLogitsFunction`).
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
 from xentlib.backends.base import RowResult
 
-# Elements per chunk: 2M float32 = 8 MiB, resident in a large shared L3 cache. Smaller chunks pay torch's per-op
-# overhead (dispatch and a parallel region per op) too often; measured on the 2-core CI machine.
+# Elements per chunk: 2M float32 = 8 MiB, meant to stay in a large shared L3 cache. Smaller chunks pay torch's
+# per-op overhead (dispatch and a parallel region per op) too often (docs/numerics.md section 7; timings in
+# docs/bench/).
 CHUNK_ELEMENTS = 1 << 21
 
 
@@ -202,158 +207,18 @@ def _class_dot(a: Tensor, w: Tensor, products: Tensor) -> Tensor:
     return torch.mul(a, w.view((1, -1, 1)[: a.dim()]), out=products).sum(1, keepdim=True)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# log_softmax / softmax: one chunked pass, float32 accumulation for half types, gradient from the saved output
-# --------------------------------------------------------------------------------------------------------------
+# Moved to their own modules; re-exported lazily (softmax.py imports this module for its chunking).
+_MOVED = {
+    "SoftmaxFunction": "softmax",
+    "softmax_forward": "softmax",
+    "BinaryCrossEntropyFunction": "bce",
+    "BinaryCrossEntropyWithLogitsFunction": "bce",
+}
 
 
-def _rows_along(tensor: Tensor, dim: int) -> Tensor:
-    """View `tensor` as (before, size(dim), after) so that `dim` becomes dimension 1 without a transposed copy."""
-    shape = tensor.shape
-    return tensor.reshape(math.prod(shape[:dim]), shape[dim] if shape else 1, math.prod(shape[dim + 1 :]))
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
 
-
-def softmax_forward(input: Tensor, dim: int, log: bool) -> Tensor:
-    """log_softmax = d - log sum exp(d), softmax = exp(d) / sum exp(d), with d = x - max(x) along `dim`."""
-    out = torch.empty_like(input, memory_format=torch.contiguous_format)
-    if input.numel() == 0:
-        return out
-    x3, out3 = _rows_along(input, dim), _rows_along(out, dim)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    batch, classes, spatial = x3.shape
-    block = chunk_shape(batch, classes, spatial, None)
-    work_full = torch.empty((block[0], classes, block[1]), dtype=acc, device=input.device)
-    exp_full = torch.empty_like(work_full) if log else None
-    for rows, cols in iter_chunks(batch, spatial, block):
-        x = x3[rows, :, cols]
-        r, _, s = x.shape
-        work = work_full[:r, :, :s]
-        m = x.amax(1, keepdim=True).to(acc)
-        if x.dtype == acc:
-            torch.sub(x, m, out=work)
-        else:
-            work.copy_(x)
-            work.sub_(m)
-        if log:
-            e = exp_full[:r, :, :s]
-            torch.exp(work, out=e)
-            torch.sub(work, e.sum(1, keepdim=True).log_(), out=out3[rows, :, cols])
-        else:
-            work.exp_()
-            torch.div(work, work.sum(1, keepdim=True), out=out3[rows, :, cols])
-    return out
-
-
-class SoftmaxFunction(torch.autograd.Function):
-    """Backward from the saved output (plain torch ops, so double backward works):
-    log_softmax: dx = g - exp(out) * sum(g);   softmax: dx = out * (g - sum(g * out))."""
-
-    @staticmethod
-    def forward(ctx, input, dim, log):
-        out = softmax_forward(input, dim, log)
-        ctx.save_for_backward(out)
-        ctx.dim, ctx.log = dim, log
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-        g, o = grad.to(acc), out.to(acc)
-        if ctx.log:
-            result = g - o.exp() * g.sum(ctx.dim, keepdim=True)
-        else:
-            result = o * (g - (g * o).sum(ctx.dim, keepdim=True))
-        return result.to(out.dtype), None, None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Binary cross-entropy pair: one elementwise pass in the accumulation dtype, analytic gradients
-# --------------------------------------------------------------------------------------------------------------
-
-BCE_GRAD_EPS = 9.999999960041972e-13  # float32(1e-12), used by torch for every dtype
-
-
-def _reduce_elements(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    total = loss.sum()
-    return total / loss.numel() if reduction == "mean" else total
-
-
-def _grad_elements(grad: Tensor, reduction: str, numel: int, acc: torch.dtype) -> Tensor:
-    grad = grad.to(acc)
-    return grad / numel if reduction == "mean" else grad
-
-
-class BinaryCrossEntropyFunction(torch.autograd.Function):
-    """l = -w (y max(log x, -100) + (1 - y) max(log(1 - x), -100));
-    dl/dx = w (x - y) / max(x (1 - x), eps);  dl/dy = w (log(1 - x) - log x)."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, reduction):
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        x, y = input.to(acc), target.to(acc)
-        log_x = torch.log(x).clamp_min_(-100.0)
-        log_1mx = torch.log1p(-x).clamp_min_(-100.0)
-        loss = -(y * log_x + (1.0 - y) * log_1mx)
-        if weight is not None:
-            loss = loss * weight.to(acc)
-        ctx.save_for_backward(input, target, weight)
-        ctx.reduction = reduction
-        return _reduce_elements(loss, reduction).to(input.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, target, weight = ctx.saved_tensors
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        x, y = input.to(acc), target.to(acc)
-        g = _grad_elements(grad, ctx.reduction, input.numel(), acc)
-        if weight is not None:
-            g = g * weight.to(acc)
-        grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad_input = (g * (x - y) / (x * (1.0 - x)).clamp_min(BCE_GRAD_EPS)).to(input.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_target = (g * (torch.log1p(-x) - torch.log(x))).to(target.dtype)
-        return grad_input, grad_target, None, None
-
-
-class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
-    """With softplus(-x) = log1p(exp(-|x|)) + max(-x, 0) (stable) and pos_weight p:
-    l = w ((1 - y) x + (1 + (p - 1) y) softplus(-x))
-    dl/dx = w ((p y + 1 - y) sigmoid(x) - p y);   dl/dy = w (log sigmoid(-x) - p log sigmoid(x))."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, pos_weight, reduction, out_dtype):
-        acc = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
-        x, y = input.to(acc), target.to(acc)
-        softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)
-        if pos_weight is None:
-            loss = (1.0 - y) * x + softplus_neg
-        else:
-            loss = (1.0 - y) * x + (1.0 + (pos_weight.to(acc) - 1.0) * y) * softplus_neg
-        if weight is not None:
-            loss = loss * weight.to(acc)
-        ctx.save_for_backward(input, target, weight, pos_weight)
-        ctx.reduction = reduction
-        return _reduce_elements(loss, reduction).to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        input, target, weight, pos_weight = ctx.saved_tensors
-        acc = torch.float64 if torch.float64 in (input.dtype, target.dtype) else torch.float32
-        x, y = input.to(acc), target.to(acc)
-        g = _grad_elements(grad, ctx.reduction, input.numel(), acc)
-        if weight is not None:
-            g = g * weight.to(acc)
-        p = 1.0 if pos_weight is None else pos_weight.to(acc)
-        grad_input = grad_target = None
-        if ctx.needs_input_grad[0]:
-            grad_input = (g * ((p * y + 1.0 - y) * torch.sigmoid(x) - p * y)).to(input.dtype)
-        if ctx.needs_input_grad[1]:
-            # -x + (p - 1) softplus(-x), written as log sigmoid(-x) - p log sigmoid(x): equal, but finite or +-inf
-            # (never inf - inf) at x = +-inf
-            grad_y = -x if pos_weight is None else F.logsigmoid(-x) - p * F.logsigmoid(x)
-            grad_target = (g * grad_y).to(target.dtype)
-        return grad_input, grad_target, None, None, None, None
+        return getattr(importlib.import_module(f"xentlib.backends.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,10 +75,35 @@ def _grad_scale_operand(grad_scale: torch.Tensor, device: torch.device) -> tuple
     return grad_scale.contiguous().reshape(-1), 1
 
 
-def _class_weight_operand(problem, num_classes: int, device: torch.device) -> torch.Tensor:
+def _class_weight_operand(problem, device: torch.device) -> torch.Tensor:
     if problem.class_weight is None:
-        return torch.ones(num_classes, dtype=torch.float32, device=device)
+        return torch.ones(problem.num_classes, dtype=torch.float32, device=device)
     return problem.class_weight.to(device=device, dtype=torch.float32).contiguous()
+
+
+def extension_scalars(problem) -> dict:
+    """The scalar arguments every kernel takes (smoothing, z_loss, softcap; 1.0 stands in for no cap)."""
+    return dict(
+        smoothing=float(problem.smoothing),
+        z_loss=float(problem.z_loss),
+        softcap=float(problem.softcap) if problem.softcap is not None else 1.0,
+        HAS_SOFTCAP=problem.softcap is not None,
+    )
+
+
+def index_target_operands(problem, device: torch.device) -> dict:
+    """The per-row inputs of the class-index kernels, flat (rows,): target, valid flag, target weight; the class
+    weights (C,) when smoothing reads them (SMOOTH), else a float32 stand-in the kernel never reads."""
+    smooth = problem.smoothing > 0
+    target_weight = problem.target_weight if problem.target_weight is not None else problem.valid
+    target_weight = _per_row(target_weight, torch.float32)
+    return dict(
+        target_ptr=_per_row(problem.target, torch.int64),
+        valid_ptr=_per_row(problem.valid, torch.bool),
+        target_weight_ptr=target_weight,
+        class_weight_ptr=_class_weight_operand(problem, device) if smooth else target_weight,
+        SMOOTH=smooth,
+    )
 
 
 def cross_entropy_rows(
@@ -121,7 +146,6 @@ def cross_entropy_rows(
     want_grad = grad_out is not None
     grad = grad_out if want_grad else logits  # never written when WANT_GRAD is False
     scale, scale_stride = _grad_scale_operand(problem.grad_scale, device)
-    valid = _per_row(problem.valid, torch.bool)
     common_head = (logits, *logits.stride(), grad, *grad.stride())
     common_tail = dict(
         grad_scale_ptr=scale,
@@ -132,27 +156,14 @@ def cross_entropy_rows(
         entropy_ptr=entropy if want_stats else loss,
         S=positions,
         C=num_classes,
-        smoothing=float(problem.smoothing),
-        z_loss=float(problem.z_loss),
-        softcap=float(problem.softcap) if problem.softcap is not None else 1.0,
-        HAS_SOFTCAP=problem.softcap is not None,
+        **extension_scalars(problem),
         WANT_GRAD=want_grad,
         WANT_STATS=want_stats,
         BLOCK_C=block,
         num_warps=_num_warps(block),
     )
     if problem.kind == "index":
-        smooth = problem.smoothing > 0
-        target_weight = problem.target_weight
-        if target_weight is None:
-            target_weight = problem.valid
-        index_args = dict(
-            target_ptr=_per_row(problem.target, torch.int64),
-            valid_ptr=valid,
-            target_weight_ptr=_per_row(target_weight, torch.float32),
-            class_weight_ptr=_class_weight_operand(problem, num_classes, device) if smooth else scale,
-            SMOOTH=smooth,
-        )
+        index_args = index_target_operands(problem, device)
         if strategy is None:
             strategy = "tile" if block_size is None and num_classes <= TILE_MAX_CLASSES else "row"
         if strategy == "tile":
@@ -171,8 +182,8 @@ def cross_entropy_rows(
             stride_tb=target.stride(0),
             stride_tc=target.stride(1),
             stride_ts=target.stride(2),
-            valid_ptr=valid,
-            class_weight_ptr=_class_weight_operand(problem, num_classes, device),
+            valid_ptr=_per_row(problem.valid, torch.bool),
+            class_weight_ptr=_class_weight_operand(problem, device),
             **common_tail,
         )
     else:

@@ -1,7 +1,7 @@
 """linear_cross_entropy that never writes logits to memory: `backend="triton-tiled"`.
 
 The chunked path (`backend="triton"`, the default on GPUs) holds one chunk of logits and runs its matmuls on
-cuBLAS; this one holds none. Its kernels (`linear_index_*_kernel` in kernels.py) compute each
+cuBLAS; this one holds none. Its kernels (`linear_index_*_kernel` in linear_kernels.py) compute each
 [BLOCK_V classes x BLOCK_N rows] tile of Z = X W^T + b on the fly:
 
     forward   per row block, over the vocabulary tiles: online log-sum-exp (max m, s = sum exp(y - m)), the
@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from xentlib.backends.triton import kernels, require, supports_problem
+from xentlib.backends.triton import linear_kernels, require, supports_problem
+from xentlib.backends.triton.ops import extension_scalars, index_target_operands
 
 BLOCK_V = 32
 BLOCK_N = 16
@@ -49,21 +50,6 @@ def check_supported(problem, *, want_stats: bool) -> None:
         raise RuntimeError(f"backend='triton-tiled' cannot run this call: {why}")
 
 
-def _row_operands(problem, device) -> dict:
-    """Per-row target, valid flag, target weight (flat (N,)) and the class weights (for smoothing)."""
-    target_weight = problem.target_weight if problem.target_weight is not None else problem.valid
-    smooth = problem.smoothing > 0
-    class_weight = problem.class_weight
-    if smooth and class_weight is None:
-        class_weight = torch.ones(problem.num_classes, dtype=torch.float32, device=device)
-    return dict(
-        target_ptr=problem.target.reshape(-1).to(torch.int64).contiguous(),
-        valid_ptr=problem.valid.reshape(-1).to(torch.bool).contiguous(),
-        target_weight_ptr=target_weight.reshape(-1).to(torch.float32).contiguous(),
-        class_weight_ptr=class_weight.to(torch.float32).contiguous() if smooth else target_weight,
-    )
-
-
 def _matrix_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     return (x, *x.stride(), weight, *weight.stride(), bias if bias is not None else x)
 
@@ -73,13 +59,9 @@ def _options(problem, bias, num_rows: int, num_classes: int, hidden: int, x_devi
         N=num_rows,
         V=num_classes,
         D=hidden,
-        smoothing=float(problem.smoothing),
-        z_loss=float(problem.z_loss),
-        softcap=float(problem.softcap) if problem.softcap is not None else 1.0,
+        **extension_scalars(problem),
         HAS_BIAS=bias is not None,
-        SMOOTH=problem.smoothing > 0,
-        HAS_SOFTCAP=problem.softcap is not None,
-        DOT_FP32=x_device_type == "cpu",  # the interpreter: see _logits_tile
+        DOT_FP32=x_device_type == "cpu",  # the interpreter: see linear_kernels.py
         BLOCK_V=BLOCK_V,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
@@ -95,9 +77,9 @@ def tiled_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     lse = torch.empty(num_rows, dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return loss, lse
-    rows = _row_operands(problem, x.device)
+    rows = index_target_operands(problem, x.device)
     grid = (triton.cdiv(num_rows, BLOCK_N),)
-    kernels.linear_index_forward_kernel[grid](
+    linear_kernels.linear_index_forward_kernel[grid](
         *_matrix_operands(x, weight, bias),
         **rows,
         loss_ptr=loss,
@@ -119,10 +101,10 @@ def tiled_backward(x, weight, bias, problem, lse: torch.Tensor, row_scale: torch
     grad_b = torch.zeros(num_classes, **fp32) if want_b else None
     if num_rows > 0 and (want_x or want_w or want_b):
         scale = (torch.as_tensor(problem.grad_scale, **fp32) * row_scale.to(**fp32)).reshape(-1).contiguous()
-        rows = _row_operands(problem, x.device)
+        rows = index_target_operands(problem, x.device)
         weight_sum = rows["class_weight_ptr"].sum().reshape(1) if problem.smoothing > 0 else scale
         grid = (triton.cdiv(num_classes, BLOCK_V), triton.cdiv(num_rows, BLOCK_N))
-        kernels.linear_index_backward_kernel[grid](
+        linear_kernels.linear_index_backward_kernel[grid](
             *_matrix_operands(x, weight, bias),
             **rows,
             weight_sum_ptr=weight_sum,
