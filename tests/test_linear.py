@@ -943,3 +943,20 @@ def test_autocast_like_linear_then_cross_entropy(kind):
         assert a.dtype == e.dtype == torch.float32, f"{name}: {a.dtype}, torch {e.dtype}"
         assert a.shape == e.shape, name
         torch.testing.assert_close(a, e, rtol=2e-2, atol=2e-2, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunks_run_the_compiled_kernel(dtype, monkeypatch):
+    """Each chunk of logits is a contiguous buffer, so where the compiled CPU kernel is built it computes the
+    rows (the PyTorch ops are several passes slower); `explain_dispatch` of such logits says the same."""
+    from xentlib.backends import cpu_kernel
+
+    if not cpu_kernel.status()[0]:
+        pytest.skip("the compiled kernel is not available here: " + cpu_kernel.status()[1])
+    calls = []
+    original = cpu_kernel.fill_rows
+    monkeypatch.setattr(cpu_kernel, "fill_rows", lambda *a: calls.append(1) or original(*a))
+    case = make_case(lead=(40,), hidden=8, vocab=300, dtype=dtype)
+    x, w = fresh(case.x), fresh(case.weight)
+    xentlib.linear_cross_entropy(x, w, case.target, chunk_size=16).backward()
+    assert len(calls) == 3  # ceil(40 / 16) chunks

@@ -14,11 +14,12 @@ from torch import Tensor
 
 from xentlib import _semantics as sem
 from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xentlib.*)
-from xentlib.backends import torch_chunked
+from xentlib.backends.bce import BinaryCrossEntropyFunction, BinaryCrossEntropyWithLogitsFunction
 from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
 from xentlib.backends.composite import transforms_active as _transformed
 from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
 from xentlib.backends.inplace import InplaceCrossEntropy, check_writable
+from xentlib.backends.softmax import SoftmaxFunction
 
 __all__ = [
     "CrossEntropyStats",
@@ -244,7 +245,7 @@ def _softmax_common(name: str, input: Tensor, dim, stacklevel: int, dtype, log: 
     if _transformed(input):  # torch.func / forward-mode AD: torch's own kernel, which carries their rules
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         return (torch.log_softmax if log else torch.softmax)(input.to(acc), dim).to(input.dtype)
-    return torch_chunked.SoftmaxFunction.apply(input, dim, log)
+    return SoftmaxFunction.apply(input, dim, log)
 
 
 def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None):
@@ -330,7 +331,7 @@ def binary_cross_entropy(
         if weight is not None:
             weight = weight.expand(torch.broadcast_shapes(target.shape, weight.shape))
         return torch._C._nn.binary_cross_entropy(input, target, weight, _reduction_enum(reduction))
-    return torch_chunked.BinaryCrossEntropyFunction.apply(input, target, weight, reduction)
+    return BinaryCrossEntropyFunction.apply(input, target, weight, reduction)
 
 
 def _reduction_enum(reduction: str) -> int:
@@ -399,9 +400,7 @@ def binary_cross_entropy_with_logits(
     out_dtype = target.dtype
     if _runs_in_float32(input) and out_dtype != torch.float64:  # torch's autocast runs it in float32
         out_dtype = torch.float32
-    return torch_chunked.BinaryCrossEntropyWithLogitsFunction.apply(
-        input, target, weight, pos_weight, reduction, out_dtype
-    )
+    return BinaryCrossEntropyWithLogitsFunction.apply(input, target, weight, pos_weight, reduction, out_dtype)
 
 
 from xentlib.linear import linear_cross_entropy  # noqa: E402, F401  (re-exported: part of the functional API)

@@ -205,20 +205,3 @@ def _row_dot(a: Tensor, b: Tensor, products: Tensor) -> Tensor:
 def _class_dot(a: Tensor, w: Tensor, products: Tensor) -> Tensor:
     """sum_c a[r, c, ...] * w[c] with keepdim, through `products` (a's shape, overwritten)."""
     return torch.mul(a, w.view((1, -1, 1)[: a.dim()]), out=products).sum(1, keepdim=True)
-
-
-# Moved to their own modules; re-exported lazily (softmax.py imports this module for its chunking).
-_MOVED = {
-    "SoftmaxFunction": "softmax",
-    "softmax_forward": "softmax",
-    "BinaryCrossEntropyFunction": "bce",
-    "BinaryCrossEntropyWithLogitsFunction": "bce",
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"xentlib.backends.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
