@@ -42,13 +42,14 @@ def add_fused_lm_head(
     """TRL's `add_fused_lm_head` (same arguments, same `fused_lm_head=True` protocol and output), computed by
     `xentlib.linear_log_probs`: per-token log p(label) and entropy under softmax(softcap(scale * logits) / T),
     zero where the label is -100, for next-token labels (`labels[:, 1:]`) or pre-shifted `shift_labels`."""
-    from xentlib.integrations.transformers import _base_model, _head_maths, _output_head
+    from xentlib.integrations._hf_head import base_model, head_maths_candidates, output_head, text_config, verify
 
     unknown = [name for name in outputs if name not in SUPPORTED_OUTPUTS]
     if unknown:
         raise NotImplementedError(f"xentlib's fused LM head computes {SUPPORTED_OUTPUTS}, not {unknown}")
-    _output_head(model)  # a plain nn.Linear head, checked once here (and looked up on each call)
-    maths = _head_maths(model)
+    head = output_head(model)  # a plain nn.Linear head, checked once here (and looked up on each call)
+    # the head maths (logit scale, soft-capping) the model's own forward confirms on a probe batch
+    maths = verify(model, head, head_maths_candidates(text_config(model)), {"chunk_size": chunk_size}).head_maths
     original_forward = model.forward
 
     @functools.wraps(type(model).forward)
@@ -57,12 +58,12 @@ def add_fused_lm_head(
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original_forward(*args, **kw, **{k: v for k, v in extra.items() if v is not None})
         kw["use_cache"] = False
-        hidden = _base_model(self)(*args, **kw).last_hidden_state
+        hidden = base_model(self)(*args, **kw).last_hidden_state
         if shift_labels is None:  # position t predicts label t + 1
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        head = _output_head(self)
+        head = output_head(self)
         hidden, labels = hidden.to(head.weight.device), labels.to(head.weight.device)
         return _fused_output(hidden, head, labels, maths, temperature, cast_lm_head_to_fp32, outputs, chunk_size,
                              num_items_in_batch)  # fmt: skip
