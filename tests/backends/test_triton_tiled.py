@@ -57,7 +57,7 @@ OPTIONS = [
 def _resolve(options, class_weight, dtype=None):
     out = dict(options)
     if out.pop("class_weight", False):
-        out["class_weight"] = class_weight if dtype is None else class_weight.cpu().to(dtype)
+        out["weight"] = class_weight if dtype is None else class_weight.cpu().to(dtype)
     return out
 
 
@@ -75,10 +75,10 @@ def test_matches_float64(options, reduction):
     reference = _resolve(options, class_weight, torch.float64)
     if "z_loss" in options or "softcap" in options:  # extensions: the PyTorch backend in float64
         truth = xentlib.linear_cross_entropy(
-            *leaves[:2], target.cpu(), leaves[2], reduction=reduction, backend="torch", **reference
+            *leaves[:2], target.cpu(), linear_bias=leaves[2], reduction=reduction, backend="torch", **reference
         )
     else:  # torch's own expression
-        weight = reference.pop("class_weight", None)
+        weight = reference.pop("weight", None)
         logits = leaves[0] @ leaves[1].T + leaves[2]
         truth = F.cross_entropy(logits, target.cpu(), weight=weight, reduction=reduction, **reference)
     expected = gradients(truth, leaves, upstream.cpu().double())
@@ -184,9 +184,8 @@ def test_never_allocates_logits():
          NotImplementedError, "return_stats"),
         (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend=TILED, chunk_size=4),
          ValueError, "chunk_size"),
-        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(
-            x.double(), w.double(), t, linear_bias=b.double(), backend=TILED),
-         RuntimeError, "float64"),
+        (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x.double(), w.double(), t, linear_bias=b.double(),
+                                                              backend=TILED), RuntimeError, "float64"),
         (lambda x, w, t, b, cw: xentlib.cross_entropy(x @ w.T, t, backend=TILED), ValueError, "backend must be"),
         (lambda x, w, t, b, cw: xentlib.linear_cross_entropy(x, w, t, linear_bias=b, backend="tiled"), ValueError,
          "backend must be"),
