@@ -204,7 +204,8 @@ def test_bad_shapes_from_the_command_line_exit_non_zero_without_traceback(tmp_pa
     done = run_bench("--shapes", "ce:2048x", "--out", str(tmp_path / "unused"), timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "xentlib bench: error: bad shape 'ce:2048x': expected ce:NxV or linear:NxDxV (e.g. ce:2048x32000)"
+        "xentlib bench: error: bad shape 'ce:2048x': expected ce:NxV, linear:NxDxV or logprobs:NxDxV "
+        "(e.g. ce:2048x32000)"
     ]
     assert not (tmp_path / "unused").exists()
 

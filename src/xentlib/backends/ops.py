@@ -112,33 +112,32 @@ def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax)
     buffer, ctx.grad_buffer = ctx.grad_buffer, None
     if not ctx.with_stats:  # the statistics were empty placeholders: nothing flows through them
         grad_lse = grad_entropy = None
-    simple = grad_lse is None and grad_entropy is None and not (needs[1] or needs[2])
-    if simple and not torch.is_grad_enabled() and ctx.has_grad:
+    reduction = ctx.call["reduction"]
+    only_the_loss = grad_lse is None and grad_entropy is None and not (needs[1] or needs[2])
+    # per-row scales of a half-precision gradient cannot be folded into one kernel scale: float32 composite
+    per_row_half = reduction == "none" and logits.element_size() < 4 and _eager(grad_loss)
+    if only_the_loss and not torch.is_grad_enabled() and ctx.has_grad and not per_row_half:
         if grad_loss is None:
             return (None,) * 15
-        rounded_once = _rounded_once(ctx.call["reduction"], logits, grad_loss)
-        if rounded_once is not None:  # half precision: the scale goes in before the one rounding
-            buffer = None
-        if buffer is None:  # also a second backward of the same graph: the same kernel again, the same bits
+        rounded_once = _rounded_once(reduction, logits, grad_loss)
+        if rounded_once is not None or buffer is None:
+            # half precision: the scale goes in before the one rounding; a second backward of the same graph:
+            # the same kernel again, so the same bits
             call = dict(ctx.call, with_grad=True, with_stats=False, backend=ctx.backend, chunk_size=ctx.chunk_size)
             buffer = torch.ops.xentlib.cross_entropy(
                 logits.detach(), target, weight, normalizer, **call, grad_output=rounded_once
             )[1]
             if rounded_once is not None:
                 return (buffer,) + (None,) * 14
-        if ctx.call["reduction"] == "none" and logits.element_size() < 4 and _eager(grad_loss):
-            simple = False  # per-row scales of a half-precision gradient: the float32 composite, rounded once
-        else:
-            return (composite.scale_by_grad_output_(ctx.call["reduction"], buffer, grad_loss),) + (None,) * 14
+        return (composite.scale_by_grad_output_(reduction, buffer, grad_loss),) + (None,) * 14
     call = dict(ctx.call)
     value = call.pop("normalizer_value")
     norm = normalizer if normalizer is not None else (value if value > 0 else None)
     # the targets were checked by the forward pass (and the compiler may be tracing this backward)
     problem = sem.problem_tensors(logits.detach(), target.detach(), weight, norm, **call, check_targets=False)
-    if simple:  # per-row scales of a half-precision gradient: float32 all the way, rounded once
-        grads = composite.gradients(problem, logits.float(), target, weight, needs[:3], grad_loss, None, None)
-        return (grads[0].to(logits.dtype),) + (None,) * 14
-    grads = composite.gradients(problem, logits, target, weight, needs[:3], grad_loss, grad_lse, grad_entropy)
+    x = logits.float() if per_row_half and only_the_loss else logits  # float32 all the way, rounded once
+    grads = composite.gradients(problem, x, target, weight, needs[:3], grad_loss, grad_lse, grad_entropy)
+    grads[0] = None if grads[0] is None else grads[0].to(logits.dtype)
     return (*grads,) + (None,) * 12
 
 

@@ -119,7 +119,7 @@ def parse_shape(text: str) -> Shape:
     match = _SHAPE_PATTERN.match(text.strip().lower())
     if not match:
         raise BenchConfigError(
-            f"bad shape {text!r}: expected ce:NxV or linear:NxDxV (e.g. ce:2048x32000); logprobs:NxDxV as linear"
+            f"bad shape {text!r}: expected ce:NxV, linear:NxDxV or logprobs:NxDxV (e.g. ce:2048x32000)"
         )
     problem, dims_text = match.groups()
     dims = [int(part) for part in dims_text.split("x")]

@@ -361,7 +361,7 @@ def patch(
         >>> out = model.train()(input_ids, labels=input_ids)  # the loss, without (tokens, vocab) logits
         >>> out.logits is None
         True
-        >>> unpatch(model)  # forward and loss_function exactly as before
+        >>> model = unpatch(model)  # forward and loss_function exactly as before
         >>> model(input_ids, labels=input_ids).logits.shape
         torch.Size([2, 8, 128])
     """
