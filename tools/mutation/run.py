@@ -1,0 +1,155 @@
+"""Named-mutation runner: does the test suite catch the bugs it claims to catch?
+
+Each mutant is one exact text replacement in a file under src/xentlib/, applied to a temporary copy of src/
+(the working tree is never touched), with the tests that should catch it. The tests run from this checkout's
+tests/ with PYTHONPATH pointing at the mutated copy, and XENTLIB_CACHE_DIR at a cache private to this run (the
+C kernel's cache name is a hash of its source, so a mutated cpu_rows.c is rebuilt and an unmutated one is built
+once and shared by every mutant). A mutant is killed when at least one selected test fails (or errors).
+
+    python tools/mutation/run.py                    # every mutant, then a Markdown table
+    python tools/mutation/run.py --list             # names and tests
+    python tools/mutation/run.py NAME [NAME ...]    # a few mutants
+    python tools/mutation/run.py --baseline NAME    # the same tests on the unmutated copy (must all pass)
+    python tools/mutation/run.py --json out.json    # also write the results
+
+See tools/mutation/README.md for the method and the latest table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+from mutants import MUTANTS, Mutant
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "src" / "xentlib"
+
+
+@dataclass
+class Outcome:
+    name: str
+    tests: int
+    failed: int
+    seconds: float
+    note: str = ""
+
+    @property
+    def killed(self) -> bool:
+        return self.failed > 0
+
+
+def mutated_copy(mutant: Mutant | None, into: Path) -> Path:
+    """Copy src/ into `into` and apply the mutant's replacement there; returns the copy's src directory."""
+    src = into / "src"
+    shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    if mutant is None:
+        return src
+    path = src / "xentlib" / mutant.file
+    text = path.read_text()
+    found = text.count(mutant.old)
+    expected = mutant.count if mutant.count is not None else found
+    if found == 0 or found != expected:
+        raise SystemExit(
+            f"{mutant.name}: expected {expected} occurrence(s) of the old text in {mutant.file}, found "
+            f"{found} (the source moved: update tools/mutation/mutants.py)"
+        )
+    path.write_text(text.replace(mutant.old, mutant.new))
+    return src
+
+
+def run_tests(src: Path, tests: list[str], cache: Path, report: Path, timeout: float) -> tuple[int, int, str]:
+    """(tests run, tests failed or errored, note) of pytest on `tests` with `src` first on the path."""
+    env = dict(os.environ, PYTHONPATH=str(src), XENTLIB_CACHE_DIR=str(cache), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+               f"--junitxml={report}", *tests]  # fmt: skip
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 0, 1, f"timed out after {timeout:.0f} s (counted as killed)"
+    if not report.exists():
+        tail = (done.stdout + done.stderr)[-400:]
+        return 0, 1, f"pytest exit {done.returncode} without a report (counted as killed): {tail}"
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+    failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    note = f"{skipped} skipped" if skipped else ""
+    if total == 0:
+        failed, note = 1, f"no test collected (pytest exit {done.returncode}): fix the selection"
+    return total - skipped, failed, note
+
+
+def check_imports_the_copy(src: Path, cache: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(src), XENTLIB_CACHE_DIR=str(cache))
+    where = subprocess.run([sys.executable, "-c", "import xentlib; print(xentlib.__file__)"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    if not where.startswith(str(src)):
+        raise SystemExit(f"the mutated copy is not imported: xentlib comes from {where}")
+
+
+def run_mutant(mutant: Mutant | None, tests: list[str], cache: Path, timeout: float, name: str) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix="xentlib-mutant-") as tmp:
+        src = mutated_copy(mutant, Path(tmp))
+        check_imports_the_copy(src, cache)
+        start = time.perf_counter()
+        total, failed, note = run_tests(src, tests, cache, Path(tmp) / "report.xml", timeout)
+        return Outcome(name, total, failed, time.perf_counter() - start, note)
+
+
+def table(outcomes: list[Outcome]) -> str:
+    lines = ["| mutant | tests failing / run | verdict | s |", "|---|---|---|---|"]
+    for o in outcomes:
+        verdict = "killed" if o.killed else "**survived**"
+        note = f" ({o.note})" if o.note else ""
+        lines.append(f"| {o.name} | {o.failed} / {o.tests}{note} | {verdict} | {o.seconds:.0f} |")
+    killed = sum(o.killed for o in outcomes)
+    lines.append(f"\nscore: {killed} / {len(outcomes)} killed")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
+    parser.add_argument("--baseline", action="store_true", help="run the selected tests on the unmutated copy")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant (default 300)")
+    parser.add_argument("--json", type=Path, help="write the outcomes here")
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant(s) {unknown}; --list shows them")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTANTS)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.file}: {m.why}\n    tests: {' '.join(m.tests)}")
+        return 0
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="xentlib-mutation-cache-") as cache:
+        for m in chosen:
+            outcome = run_mutant(None if args.baseline else m, m.tests, Path(cache), args.timeout, m.name)
+            outcomes.append(outcome)
+            verdict = "killed" if outcome.killed else "SURVIVED"
+            print(f"{m.name}: {outcome.failed}/{outcome.tests} failing, {verdict} ({outcome.seconds:.0f} s)"
+                  f"{' ' + outcome.note if outcome.note else ''}", flush=True)  # fmt: skip
+    print()
+    print(table(outcomes))
+    if args.json:
+        args.json.write_text(json.dumps([o.__dict__ for o in outcomes], indent=1))
+    if args.baseline:
+        return 1 if any(o.killed for o in outcomes) else 0
+    return 0 if all(o.killed for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
