@@ -384,7 +384,7 @@ MUTANTS: list[Mutant] = [
         "backends/torch_chunked.py",
         "lse = y_best - log_p.gather(1, best)",
         "lse = y_best + log_p.gather(1, best)",
-        [f"{F}::test_return_stats", "-k", "float64"],
+        [f"{F}::test_return_stats", "-k", "dtype0"],  # dtype0: float64 (the PyTorch ops)
         "lse = y_a + log p_a (log p_a <= 0, so the wrong side of y_a)",
     ),
     Mutant(
@@ -435,5 +435,66 @@ MUTANTS: list[Mutant] = [
         "bits = bits",
         [f"{T}::test_low_precision_at_least_as_accurate_as_torch", "-k", "dtype0"],  # dtype0: bfloat16
         "Triton bfloat16 results truncated instead of rounded (the interpreter's software rounding)",
+    ),
+    # ---------------------------------------------------------------- subtler: shifts, NaN rules, tiny constants
+    Mutant(
+        "dist-softcap-max-uncapped",
+        "distributed/_shard.py",
+        "    if softcap is not None:\n        m = softcap * torch.tanh(m / softcap)\n",
+        "",
+        [
+            "tests/distributed/test_vocab_parallel.py::test_matches_unsharded_for_every_option",
+            "tests/distributed/test_shard_extremes.py",
+        ],
+        "with softcap, the rows are shifted by the max of the UNcapped logits (exact in maths; exp underflows when "
+        "the raw logits are far above the cap)",
+    ),
+    Mutant(
+        "c-nan-row-not-detected",
+        "backends/cpu_rows.c",
+        "return any_nan ? NAN : m;",
+        "return m;",
+        [K, "-k", "non_finite"],
+        "a NaN logit that is not the row's max leaves the row finite",
+    ),
+    Mutant(
+        "c-argmax-of-nan-row",
+        "backends/cpu_rows.c",
+        "if (scratch[c] == value || (value != value && scratch[c] != scratch[c])) return c;",
+        "if (scratch[c] == value) return c;",
+        [K, "-k", "non_finite"],
+        "the arg-max of a NaN row is 0 instead of the first NaN (torch.argmax)",
+    ),
+    Mutant(
+        "torch-bce-grad-eps-1e-12",
+        "backends/torch_chunked.py",
+        "BCE_GRAD_EPS = 9.999999960041972e-13",
+        "BCE_GRAD_EPS = 1e-12",
+        [f"{F}::test_binary_cross_entropy_clamp_and_grad_eps", f"{F}::test_binary_cross_entropy"],
+        "the BCE gradient's eps as the float64 1e-12 instead of torch's float32(1e-12)",
+    ),
+    Mutant(
+        "torch-bce-logits-unstable-softplus",
+        "backends/torch_chunked.py",
+        "softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)",
+        "softplus_neg = torch.log1p(torch.exp(-x))",
+        [f"{F}::test_bce_with_logits_extreme_and_non_finite"],
+        "softplus(-x) as log1p(exp(-x)) (overflows for x << 0)",
+    ),
+    Mutant(
+        "linear-half-accumulator-not-zeroed",
+        "linear.py",
+        "    if first:\n        acc.zero_()\n",
+        "",
+        [f"{T}::test_linear_bfloat16_close_to_float64", f"{T}::test_linear_chunks_match_float64"],
+        "the float32 weight-gradient accumulator of the Triton path (half inputs) starts from uninitialized memory",
+    ),
+    Mutant(
+        "sem-nan-smoothing-passes",
+        "_semantics.py",
+        "    if not value > 0.0:  # also NaN",
+        "    if value <= 0.0:",
+        [f"{E}::test_accepted_label_smoothing_values_do_not_raise", f"{F}::test_label_smoothing"],
+        "label_smoothing=NaN kept (torch: NaN means no smoothing)",
     ),
 ]

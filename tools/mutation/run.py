@@ -63,7 +63,13 @@ def mutated_copy(mutant: Mutant | None, into: Path) -> Path:
             f"{mutant.name}: expected {expected} occurrence(s) of the old text in {mutant.file}, found "
             f"{found} (the source moved: update tools/mutation/mutants.py)"
         )
-    path.write_text(text.replace(mutant.old, mutant.new))
+    mutated = text.replace(mutant.old, mutant.new)
+    if path.suffix == ".py":  # a mutant that does not compile would be "killed" by any test: refuse it
+        try:
+            compile(mutated, str(path), "exec")
+        except SyntaxError as error:
+            raise SystemExit(f"{mutant.name}: the mutated {mutant.file} does not compile: {error}") from None
+    path.write_text(mutated)
     return src
 
 
@@ -89,18 +95,25 @@ def run_tests(src: Path, tests: list[str], cache: Path, report: Path, timeout: f
     return total - skipped, failed, note
 
 
-def check_imports_the_copy(src: Path, cache: Path) -> None:
+def check_imports_the_copy(src: Path, cache: Path, needs_kernel: bool) -> None:
+    """The tests must import the copy; a mutated C kernel must build (else the PyTorch ops would run instead and
+    the mutant would be neither killed nor survived, only skipped)."""
     env = dict(os.environ, PYTHONPATH=str(src), XENTLIB_CACHE_DIR=str(cache))
-    where = subprocess.run([sys.executable, "-c", "import xentlib; print(xentlib.__file__)"], env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    probe = (
+        "import xentlib; from xentlib.backends import cpu_kernel; print(xentlib.__file__); print(cpu_kernel.status())"
+    )
+    lines = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    where, kernel = lines.stdout.strip().splitlines()[:2]
     if not where.startswith(str(src)):
         raise SystemExit(f"the mutated copy is not imported: xentlib comes from {where}")
+    if needs_kernel and not kernel.startswith("(True"):
+        raise SystemExit(f"the mutated C kernel does not build: {kernel}")
 
 
 def run_mutant(mutant: Mutant | None, tests: list[str], cache: Path, timeout: float, name: str) -> Outcome:
     with tempfile.TemporaryDirectory(prefix="xentlib-mutant-") as tmp:
         src = mutated_copy(mutant, Path(tmp))
-        check_imports_the_copy(src, cache)
+        check_imports_the_copy(src, cache, needs_kernel=mutant is not None and mutant.file.endswith(".c"))
         start = time.perf_counter()
         total, failed, note = run_tests(src, tests, cache, Path(tmp) / "report.xml", timeout)
         return Outcome(name, total, failed, time.perf_counter() - start, note)
