@@ -497,4 +497,21 @@ MUTANTS: list[Mutant] = [
         [f"{E}::test_accepted_label_smoothing_values_do_not_raise", f"{F}::test_label_smoothing"],
         "label_smoothing=NaN kept (torch: NaN means no smoothing)",
     ),
+    # ---------------------------------------------------------------- argument bounds
+    Mutant(
+        "sem-ignore-index-upper-bound",
+        "_semantics.py",
+        "if not -(2**63) <= value < 2**63:",
+        "if not -(2**63) <= value <= 2**63:",
+        [E, "-k", "ignore_index", "tests/test_argument_bounds.py"],
+        "ignore_index = 2**63 accepted (torch: Overflow, it does not fit in int64)",
+    ),
+    Mutant(
+        "sem-ignore-index-lower-bound",
+        "_semantics.py",
+        "if not -(2**63) <= value < 2**63:",
+        "if not -(2**63) - 1 <= value < 2**63:",
+        [E, "-k", "ignore_index", "tests/test_argument_bounds.py"],
+        "ignore_index = -2**63 - 1 accepted (torch: Overflow)",
+    ),
 ]
