@@ -4,7 +4,8 @@ Each mutant is one exact text replacement in a file under src/xentlib/, applied 
 (the working tree is never touched), with the tests that should catch it. The tests run from this checkout's
 tests/ with PYTHONPATH pointing at the mutated copy, and XENTLIB_CACHE_DIR at a cache private to this run (the
 C kernel's cache name is a hash of its source, so a mutated cpu_rows.c is rebuilt and an unmutated one is built
-once and shared by every mutant). A mutant is killed when at least one selected test fails (or errors).
+once and shared by every mutant). A mutant is killed when at least one selected test fails (or errors) on it
+that passes on an unmutated copy (each selection is run once unmutated; --no-baseline skips that).
 
     python tools/mutation/run.py                    # every mutant, then a Markdown table
     python tools/mutation/run.py --list             # names and tests
@@ -39,14 +40,21 @@ PACKAGE = ROOT / "src" / "xentlib"
 @dataclass
 class Outcome:
     name: str
-    tests: int
-    failed: int
+    tests: int  # tests run (not skipped)
+    failed: int  # tests that fail on the mutant and pass on the unmutated copy
     seconds: float
     note: str = ""
 
     @property
     def killed(self) -> bool:
         return self.failed > 0
+
+
+@dataclass
+class TestRun:
+    ran: int
+    failing: set[str]  # node ids of the failed or errored tests
+    note: str = ""
 
 
 def locate(mutant: Mutant, package: Path) -> Path:
@@ -94,26 +102,31 @@ def mutated_copy(mutant: Mutant | None, into: Path) -> Path:
     return src
 
 
-def run_tests(src: Path, tests: list[str], cache: Path, report: Path, timeout: float) -> tuple[int, int, str]:
-    """(tests run, tests failed or errored, note) of pytest on `tests` with `src` first on the path."""
+def run_tests(src: Path, tests: list[str], cache: Path, report: Path, timeout: float) -> TestRun:
+    """pytest on `tests` with `src` first on the path: how many ran and which failed (or errored)."""
     env = dict(os.environ, PYTHONPATH=str(src), XENTLIB_CACHE_DIR=str(cache), PYTHONDONTWRITEBYTECODE="1")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                f"--junitxml={report}", *tests]  # fmt: skip
     try:
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return 0, 1, f"timed out after {timeout:.0f} s (counted as killed)"
+        return TestRun(0, {"<timeout>"}, f"timed out after {timeout:.0f} s (counted as killed)")
     if not report.exists():
         tail = (done.stdout + done.stderr)[-400:]
-        return 0, 1, f"pytest exit {done.returncode} without a report (counted as killed): {tail}"
-    suite = ET.parse(report).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    total, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
-    failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
-    note = f"{skipped} skipped" if skipped else ""
-    if total == 0:
-        failed, note = 1, f"no test collected (pytest exit {done.returncode}): fix the selection"
-    return total - skipped, failed, note
+        return TestRun(0, {"<no report>"}, f"pytest exit {done.returncode} without a report: {tail}")
+    ran, failing, skipped = 0, set(), 0
+    for case in ET.parse(report).getroot().iter("testcase"):
+        node = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("skipped") is not None:
+            skipped += 1
+        elif case.find("failure") is not None or case.find("error") is not None:
+            failing.add(node)
+            ran += 1
+        else:
+            ran += 1
+    if ran == 0:
+        return TestRun(0, {"<nothing collected>"}, f"no test collected (pytest exit {done.returncode})")
+    return TestRun(ran, failing, f"{skipped} skipped" if skipped else "")
 
 
 def check_imports_the_copy(src: Path, cache: Path, needs_kernel: bool) -> None:
@@ -131,13 +144,29 @@ def check_imports_the_copy(src: Path, cache: Path, needs_kernel: bool) -> None:
         raise SystemExit(f"the mutated C kernel does not build: {kernel}")
 
 
-def run_mutant(mutant: Mutant | None, tests: list[str], cache: Path, timeout: float, name: str) -> Outcome:
+def run_mutant(mutant: Mutant | None, tests: list[str], cache: Path, timeout: float) -> TestRun:
     with tempfile.TemporaryDirectory(prefix="xentlib-mutant-") as tmp:
         src = mutated_copy(mutant, Path(tmp))
         check_imports_the_copy(src, cache, needs_kernel=mutant is not None and mutant.file.endswith(".c"))
-        start = time.perf_counter()
-        total, failed, note = run_tests(src, tests, cache, Path(tmp) / "report.xml", timeout)
-        return Outcome(name, total, failed, time.perf_counter() - start, note)
+        return run_tests(src, tests, cache, Path(tmp) / "report.xml", timeout)
+
+
+def outcome(mutant: Mutant, cache: Path, timeout: float, baselines: dict | None) -> Outcome:
+    """The mutant's run; with `baselines` (a cache per selection), tests that fail unmutated do not count."""
+    start = time.perf_counter()
+    run = run_mutant(mutant, mutant.tests, cache, timeout)
+    seconds = time.perf_counter() - start
+    note = [run.note] if run.note else []
+    failing = run.failing
+    if baselines is not None:
+        key = tuple(mutant.tests)
+        if key not in baselines:
+            baselines[key] = run_mutant(None, mutant.tests, cache, timeout)
+        broken = baselines[key].failing
+        if broken:
+            note.append(f"{len(broken)} failing unmutated, not counted")
+            failing = failing - broken
+    return Outcome(mutant.name, run.ran, len(failing), seconds, "; ".join(note))
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -157,6 +186,9 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and their tests")
     parser.add_argument("--check", action="store_true", help="only check that every mutant applies and compiles")
     parser.add_argument("--baseline", action="store_true", help="run the selected tests on the unmutated copy")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="count every failing test, also those failing unmutated"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per mutant (default 300)")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
     args = parser.parse_args(argv)
@@ -176,13 +208,22 @@ def main(argv=None) -> int:
         print(f"{len(chosen)} mutants apply to {PACKAGE}")
         return 0
     outcomes = []
+    baselines = None if args.no_baseline else {}
     with tempfile.TemporaryDirectory(prefix="xentlib-mutation-cache-") as cache:
         for m in chosen:
-            outcome = run_mutant(None if args.baseline else m, m.tests, Path(cache), args.timeout, m.name)
-            outcomes.append(outcome)
-            verdict = "killed" if outcome.killed else "SURVIVED"
-            print(f"{m.name}: {outcome.failed}/{outcome.tests} failing, {verdict} ({outcome.seconds:.0f} s)"
-                  f"{' ' + outcome.note if outcome.note else ''}", flush=True)  # fmt: skip
+            if args.baseline:
+                run = run_mutant(None, m.tests, Path(cache), args.timeout)
+                result = Outcome(m.name, run.ran, len(run.failing), 0.0, run.note)
+            else:
+                result = outcome(m, Path(cache), args.timeout, baselines)
+            outcomes.append(result)
+            verdict = (
+                ("FAILING UNMUTATED" if result.killed else "passes")
+                if args.baseline
+                else ("killed" if result.killed else "SURVIVED")
+            )
+            print(f"{m.name}: {result.failed}/{result.tests} failing, {verdict} ({result.seconds:.0f} s)"
+                  f"{' ' + result.note if result.note else ''}", flush=True)  # fmt: skip
     print()
     print(table(outcomes))
     if args.json:
