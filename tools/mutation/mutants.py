@@ -188,20 +188,12 @@ MUTANTS: list[Mutant] = [
     ),
     # ---------------------------------------------------------------- Triton (runs in the interpreter on CPU)
     Mutant(
-        "triton-rows-smoothing-eps-x1.2",
-        "backends/triton/kernels.py",
-        "    soft = smoothing / C\n    loss = hard * (log_s + (ref - y_t)) + z_loss * lse * lse\n    if SMOOTH:",
-        "    soft = smoothing * 1.2 / C\n    loss = hard * (log_s + (ref - y_t)) + z_loss * lse * lse\n    if SMOOTH:",
-        [f"{T}::test_row_kernel_matches_float64", "-k", "smooth"],
-        "label smoothing 1.2 eps in the Triton row kernel (backend='triton', linear's default on GPUs)",
-    ),
-    Mutant(
-        "triton-tiled-smoothing-eps-x1.2",
-        "backends/triton/kernels.py",
-        "loss += smoothing / V * (w_sum * log_s + w_gap)",
-        "loss += smoothing * 1.2 / V * (w_sum * log_s + w_gap)",
-        ["tests/backends/test_triton_tiled.py", "-k", "smooth"],
-        "label smoothing 1.2 eps in the tiled linear kernel's loss (backend='triton-tiled')",
+        "triton-smoothing-eps-x1.2",
+        "backends/triton/rowmath.py",
+        "        loss += smoothing / C * (w_sum * log_s + w_gap)",
+        "        loss += smoothing * 1.2 / C * (w_sum * log_s + w_gap)",
+        [f"{T}::test_row_kernel_matches_float64", "tests/backends/test_triton_tiled.py", "-k", "smooth"],
+        "label smoothing 1.2 eps in the shared Triton row maths (row, tile and tiled linear kernels)",
     ),
     Mutant(
         "triton-softcap-slope",
