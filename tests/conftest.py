@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # (rtol, atol) for comparing xentlib with torch in a given dtype. float64 and float32: both sides compute the
 # same formula, only the summation order differs. float16/bfloat16: torch rounds intermediate results to the
@@ -174,3 +175,42 @@ def gradients(output, leaves, grad_output):
     if not leaves or not output.requires_grad:
         return None
     return torch.autograd.grad(output, leaves, grad_output.to(output.dtype), allow_unused=True)
+
+
+def composed_cross_entropy(
+    x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, z_loss=0.0, softcap=None,
+    normalizer=None,
+):  # fmt: skip
+    """The pinned extension semantics written with torch ops in float64, cast to torch's output dtype.
+
+    y = softcap tanh(x / softcap); row = torch's 'none' loss on y + z_loss lse(y)^2 on non-ignored rows;
+    'mean' divides the sum by torch's own denominator (weighted count, or row count for probabilities);
+    'sum' divides by the normalizer.
+    """
+    probabilities = x.shape == t.shape
+    out_dtype = torch.promote_types(x.dtype, t.dtype) if probabilities else x.dtype
+    if probabilities and weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    y = x.double()
+    if softcap is not None:
+        y = softcap * torch.tanh(y / softcap)
+    w = None if weight is None else weight.double()
+    target = t.double() if probabilities else t
+    rows = F.cross_entropy(y, target, w, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    lse = torch.logsumexp(y, 0 if x.dim() == 1 else 1)
+    valid = torch.ones_like(lse, dtype=torch.bool) if probabilities else t != ignore_index
+    rows = rows + torch.where(valid, z_loss * lse * lse, 0.0)
+    if reduction == "none":
+        return rows.to(out_dtype)
+    total = rows.sum()
+    if reduction == "mean":
+        if probabilities:
+            count = torch.tensor(float(lse.numel()), dtype=torch.float64)
+        elif w is None:
+            count = valid.sum().double()
+        else:
+            count = torch.where(valid, w[torch.where(valid, t, 0)], 0.0).sum()
+        total = total / count
+    elif normalizer is not None:
+        total = total / normalizer
+    return total.to(out_dtype)
