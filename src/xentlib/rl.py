@@ -168,10 +168,14 @@ def log_probs_op(
 
 @log_probs_op.register_fake
 def _(logits, target, temperature, ignore_index, softcap, with_entropy):
-    acc = sem.accumulation_dtype(logits.dtype)
-    count = logits.shape[0]
-    out = logits.new_empty((count,), dtype=acc)
-    return out, logits.new_empty((count if with_entropy else 0,), dtype=acc), torch.empty_like(out)
+    return _fake_rows(logits, with_entropy)
+
+
+def _fake_rows(like: Tensor, with_entropy: bool):
+    """(log p, entropy or empty, lse) of the forward ops, one per row of `like`, in the accumulation dtype."""
+    acc = sem.accumulation_dtype(like.dtype)
+    out = like.new_empty((like.shape[0],), dtype=acc)
+    return out, like.new_empty((like.shape[0] if with_entropy else 0,), dtype=acc), torch.empty_like(out)
 
 
 @torch.library.custom_op("xentlib::log_probs_backward", mutates_args=())
@@ -380,10 +384,7 @@ def _sub(index, block: slice):
 
 @linear_log_probs_op.register_fake
 def _(input, weight, bias, target, temperature, ignore_index, softcap, with_entropy, chunk_size):
-    acc = sem.accumulation_dtype(input.dtype)
-    count = input.shape[0]
-    out = input.new_empty((count,), dtype=acc)
-    return out, input.new_empty((count if with_entropy else 0,), dtype=acc), torch.empty_like(out)
+    return _fake_rows(input, with_entropy)
 
 
 @torch.library.custom_op("xentlib::linear_log_probs_backward", mutates_args=())
