@@ -324,6 +324,8 @@ import torch
 import xentlib.functional as X
 from xentlib.backends import cpu_kernel
 
+# Python leaves SIGINT ignored when it starts with SIGINT ignored (a background job, some CI runners)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(2)
 assert cpu_kernel.status()[0], cpu_kernel.status()
 x = torch.randn(2048, 32768).to(torch.bfloat16).requires_grad_()
