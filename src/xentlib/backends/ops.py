@@ -53,7 +53,9 @@ def cross_entropy_impl(
     """(loss, grad, lse, entropy, row_loss, argmax) of (B, C, S) logits and canonical targets.
 
     `normalizer` (a 0-d tensor) or `normalizer_value` (> 0, a number) divides a 'sum'. `grad` is d loss / d
-    logits for grad_output = 1, or an empty tensor without `with_grad`; the statistics are (B, S), or empty."""
+    logits for grad_output = 1, or for the 0-d `grad_output` given (the backward of half-precision logits passes
+    it, so the scale is applied in float32 before the one rounding), or an empty tensor without `with_grad`;
+    the statistics are (B, S), or empty."""
     norm = normalizer if normalizer is not None else (normalizer_value if normalizer_value > 0 else None)
     problem = sem.problem_tensors(
         logits, target, weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
