@@ -529,16 +529,20 @@ def linear_cross_entropy(
     if not return_stats:
         return loss
     argmax = argmax.reshape(shape)
-    if call.kind == "prob":
-        correct = argmax == call.target.reshape(*shape, -1).argmax(-1)
-    else:
-        index = call.target.reshape(shape)
-        correct = (argmax == index) & (index != call.ignore_index)
     stats = CrossEntropyStats(
-        lse=lse.reshape(shape), loss=row_loss.reshape(shape), argmax=argmax, correct=correct,
+        lse=lse.reshape(shape), loss=row_loss.reshape(shape), argmax=argmax, correct=_correct(call, argmax),
         entropy=entropy.reshape(shape),
     )  # fmt: skip
     return loss, stats
+
+
+def _correct(call: sem.CrossEntropyCall, argmax: Tensor) -> Tensor:
+    """argmax == target on the rows that count (class indices), or == the target distribution's argmax."""
+    shape = call.output_shape
+    if call.kind == "prob":
+        return argmax == call.target.reshape(*shape, -1).argmax(-1)
+    index = call.target.reshape(shape)
+    return (argmax == index) & (index != call.ignore_index)
 
 
 def _composite_linear_cross_entropy(lp: sem.LinearProblem, weight: Tensor, bias: Tensor | None, return_stats):
@@ -552,13 +556,7 @@ def _composite_linear_cross_entropy(lp: sem.LinearProblem, weight: Tensor, bias:
     loss, stats = _composite_cross_entropy(dataclasses.replace(call, logits=sem.as_rows(logits)), return_stats)
     if not return_stats:
         return loss
-    index = None if call.kind == "prob" else call.target.reshape(call.output_shape)
-    correct = (
-        stats["argmax"] == call.target.reshape(*call.output_shape, -1).argmax(-1)
-        if index is None
-        else (stats["argmax"] == index) & (index != call.ignore_index)
-    )
-    return loss, CrossEntropyStats(**stats, correct=correct)
+    return loss, CrossEntropyStats(**stats, correct=_correct(call, stats["argmax"]))
 
 
 def _chunk_rows(options, chunk_size) -> int | None:
