@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -277,3 +278,16 @@ def test_plain_table_without_rich(monkeypatch, capsys):
     xentlib_line = next(line for line in lines if " xentlib " in line)
     assert "2.50x" in xentlib_line and "4 MiB" in xentlib_line and "1.00x" in xentlib_line
     assert "error: compiler missing" in next(line for line in lines if "torch-compile" in line)
+
+
+def test_overhead_kind_reports_ratios_to_torch(tmp_path):
+    """`xentlib bench overhead` times both libraries on tiny logits and writes the ratios it prints."""
+    from xentlib.cli import main
+
+    out = tmp_path / "overhead.json"
+    assert main(["bench", "overhead", "--calls", "20", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [row["shape"] for row in rows] == ["8x10", "128x1000"]
+    for row in rows:
+        assert row["forward_ratio"] == pytest.approx(row["xentlib_forward_us"] / row["torch_forward_us"])
+        assert row["forward_backward_ratio"] > 0
