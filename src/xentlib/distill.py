@@ -435,14 +435,6 @@ def _wants(*tensors: Tensor | None) -> list[bool]:
     return [on and t is not None and t.requires_grad for t in tensors]
 
 
-def _chunk_arg(chunk_size) -> int:
-    if chunk_size is None:
-        return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    return chunk_size
-
-
 def distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -483,7 +475,7 @@ def distillation_loss(
     call = sem.check_distillation(
         fn, student_logits, teacher_logits, target, beta, temperature, reduction, ignore_index
     )
-    chunk = _chunk_arg(chunk_size)
+    chunk = sem.check_chunk_size(chunk_size)
     student = student_logits.reshape(call.rows, call.vocab)
     teacher = teacher_logits.detach().reshape(call.rows, call.vocab)
     (with_grad,) = _wants(student_logits)
@@ -532,7 +524,7 @@ def linear_distillation_loss(
         fn, student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, target,
         beta, temperature, reduction, ignore_index,
     )  # fmt: skip
-    chunk = _chunk_arg(chunk_size)
+    chunk = sem.check_chunk_size(chunk_size)
     xs = student_input.reshape(call.rows, student_input.shape[-1])
     xt = teacher_input.detach().reshape(call.rows, teacher_input.shape[-1])
     wt = teacher_weight.detach()

@@ -94,7 +94,7 @@ def cross_entropy(
         call.output_dtype = torch.promote_types(call.output_dtype, torch.float32)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
-    chunk = 0 if chunk_size is None else _check_chunk_size(chunk_size)
+    chunk = sem.check_chunk_size(chunk_size)
     if _transformed(input, target, weight):
         loss, stats = _composite_cross_entropy(call, return_stats)
     elif inplace_backward and not torch.compiler.is_compiling():
@@ -112,8 +112,7 @@ def cross_entropy(
 def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, return_stats: bool):
     """The op of backends/ops.py: the loss, and the statistics reshaped to the caller's shape."""
     with_grad = torch.is_grad_enabled() and call.logits.requires_grad
-    normalizer = call.normalizer if isinstance(call.normalizer, Tensor) else None
-    normalizer_value = 0.0 if normalizer is not None or call.normalizer is None else float(call.normalizer)
+    normalizer, normalizer_value = sem.normalizer_operands(call.normalizer)
     op = torch.ops.xentlib.cross_entropy if torch.compiler.is_compiling() else _ops.eager_cross_entropy
     loss, _, lse, entropy, row_loss, argmax = op(
         call.logits, call.target, call.weight, normalizer, normalizer_value, call.ignore_index, call.reduction,
@@ -146,12 +145,6 @@ def _composite_cross_entropy(call: sem.CrossEntropyCall, return_stats: bool):
 def _runs_in_float32(input: Tensor) -> bool:
     """Whether torch's autocast would run the loss in float32 for this input (it does on every device)."""
     return input.is_floating_point() and torch.is_autocast_enabled(input.device.type)
-
-
-def _check_chunk_size(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    return chunk_size
 
 
 def _check_inplace(input: Tensor, target: Tensor, weight: Tensor | None, return_stats: bool) -> None:

@@ -236,13 +236,10 @@ def linear_cross_entropy_op(
     (V, D) weight and flat (N,) or (N, V) targets. The gradients are for grad_output = 1, or, with `row_scale`
     (N,), for those per-row upstream gradients; a gradient not asked for (and the statistics without
     `with_stats`) is an empty tensor."""
-    vocab = weight.shape[0]
-    count = target.shape[0]
-    norm = normalizer if normalizer is not None else (normalizer_value if normalizer_value > 0 else None)
-    placeholder = sem.as_rows(sem.logits_placeholder(count, vocab, input))
-    problem = sem.problem_tensors(
-        placeholder, target, class_weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
-    )
+    problem = _rows_problem(
+        input, weight, target, class_weight, normalizer, normalizer_value, ignore_index, reduction, smoothing,
+        z_loss, softcap, output_dtype,
+    )  # fmt: skip
     lp = sem.LinearProblem(rows=problem, flat_input=input, input_rows=input_rows)
     grads = (grad_input, grad_weight, grad_bias)
     sweep = _sweep(lp, weight, bias, _plan(input, weight, problem, backend, chunk_size), grads, with_stats, row_scale)
@@ -254,6 +251,14 @@ def linear_cross_entropy_op(
         stats = sweep.loss.new_empty((0,))
         return (*outputs, stats, stats.clone(), stats.clone(), stats.new_empty((0,), dtype=torch.long))
     return (*outputs, sweep.lse, sweep.entropy, sweep.loss.to(output_dtype, copy=True), sweep.argmax)
+
+
+def _rows_problem(input, weight, target, class_weight, normalizer, normalizer_value, *scalars, check_targets=True):
+    """The (N, V) problem of the op's flat call; its logits are a placeholder that holds no memory. `scalars`:
+    ignore_index, reduction, smoothing, z_loss, softcap, output_dtype."""
+    placeholder = sem.as_rows(sem.logits_placeholder(target.shape[0], weight.shape[0], input))
+    norm = sem.normalizer_from_operands(normalizer, normalizer_value)
+    return sem.problem_tensors(placeholder, target, class_weight, norm, *scalars, check_targets=check_targets)
 
 
 @linear_cross_entropy_op.register_fake
@@ -389,14 +394,16 @@ def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
 def _composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy):
     """The rare paths: materialize the logits and differentiate `composite_rows` (differentiable itself)."""
     input, weight, bias, target, class_weight, normalizer, input_rows = tensors
-    call = ctx.call
-    norm = normalizer if normalizer is not None else (call["normalizer_value"] or None)
-    count, vocab = target.shape[0], weight.shape[0]
-    placeholder = sem.as_rows(sem.logits_placeholder(count, vocab, input))
-    problem = sem.problem_tensors(
-        placeholder, target.detach(), class_weight, norm, call["ignore_index"], call["reduction"], call["smoothing"],
-        call["z_loss"], call["softcap"], call["output_dtype"], check_targets=False,  # checked by the forward
-    )  # fmt: skip
+    scalars = [ctx.call[name] for name in _LINEAR_SCALARS[:7]]  # normalizer_value ... output_dtype
+    problem = _rows_problem(
+        input,
+        weight,
+        target.detach(),
+        class_weight,
+        normalizer,
+        *scalars,
+        check_targets=False,  # checked in forward
+    )
     create_graph = torch.is_grad_enabled()  # read before enable_grad: True only for double backward
     with torch.enable_grad():
         leaves = [as_leaf(t) if need else t for t, need in zip(tensors[:5], needs)]
@@ -405,7 +412,7 @@ def _composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy):
             x = x.index_select(0, input_rows)
         logits = torch.nn.functional.linear(x, w, b).unsqueeze(2)
         if problem.kind == "prob":
-            t = t.reshape(count, vocab, 1)
+            t = t.reshape(problem.logits.shape)
         loss_rows, lse, entropy = composite_rows(problem, logits, t, cw)
         pairs = [
             (reduce_rows(problem, loss_rows), grad_loss),
@@ -511,16 +518,15 @@ def linear_cross_entropy(
         return _composite_linear_cross_entropy(lp, linear_weight, linear_bias, return_stats)
     if backend == TILED_BACKEND:
         lp.rows = sem.problem_from_call(call)
-        return _tiled_linear_cross_entropy(input, linear_weight, linear_bias, lp, return_stats, chunk_size)
+        return _tiled_linear_cross_entropy(input, linear_weight, linear_bias, lp, return_stats, chunk_size or None)
     grad_on = torch.is_grad_enabled()
     wants = [grad_on and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)]
-    normalizer_tensor = call.normalizer if isinstance(call.normalizer, Tensor) else None
-    normalizer_value = 0.0 if normalizer_tensor is not None or call.normalizer is None else float(call.normalizer)
+    normalizer_tensor, normalizer_value = sem.normalizer_operands(call.normalizer)
     with torch.autocast(input.device.type, enabled=False):
         outputs = torch.ops.xentlib.linear_cross_entropy(
             lp.flat_input, linear_weight, linear_bias, call.target, call.weight, normalizer_tensor, lp.input_rows,
             None, normalizer_value, call.ignore_index, call.reduction, call.smoothing, call.z_loss, call.softcap,
-            call.output_dtype, *wants, return_stats, backend, chunk_size or 0,
+            call.output_dtype, *wants, return_stats, backend, chunk_size,
         )  # fmt: skip
     loss, *_, lse, entropy, row_loss, argmax = outputs
     shape = call.output_shape
@@ -559,10 +565,8 @@ def _composite_linear_cross_entropy(lp: sem.LinearProblem, weight: Tensor, bias:
     return loss, CrossEntropyStats(**stats, correct=_correct(call, stats["argmax"]))
 
 
-def _chunk_rows(options, chunk_size) -> int | None:
-    """`chunk_size`, else the `batch_chunk_size` of torch's `LinearCrossEntropyOptions`; validated."""
+def _chunk_rows(options, chunk_size) -> int:
+    """`chunk_size`, else the `batch_chunk_size` of torch's `LinearCrossEntropyOptions`; 0 for the default."""
     if chunk_size is None and options is not None:
         chunk_size = getattr(options, "batch_chunk_size", None)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
-    return chunk_size
+    return sem.check_chunk_size(chunk_size)

@@ -527,13 +527,12 @@ def linear_log_probs(
         raise ValueError(
             f"linear_log_probs: backend must be 'auto' or 'torch' (it runs on chunks of PyTorch ops), got {backend!r}"
         )
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"linear_log_probs: chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    chunk_size = sem.check_chunk_size(chunk_size, "linear_log_probs")
     input, weight, bias = _autocast_operands(input, weight, bias)
     with torch.autocast(input.device.type, enabled=False):
         logp, entropy, _ = torch.ops.xentlib.linear_log_probs(
             input.reshape(-1, input.shape[-1]), weight, bias, target.reshape(-1), temperature, ignore_index,
-            softcap, bool(return_entropy), chunk_size or 0,
+            softcap, bool(return_entropy), chunk_size,
         )  # fmt: skip
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp

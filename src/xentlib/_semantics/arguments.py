@@ -169,3 +169,25 @@ def check_extensions(reduction: str, z_loss, softcap, normalizer) -> tuple[float
         elif not isinstance(normalizer, numbers.Real) or isinstance(normalizer, bool) or not normalizer > 0:
             raise ValueError(f"normalizer must be a number > 0 or a 0-d tensor, got {normalizer!r}")
     return float(z_loss), softcap
+
+
+def check_chunk_size(chunk_size, fn: str | None = None) -> int:
+    """Rows per chunk as the torch ops take it: a positive int, or 0 for None (the backend's default)."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        prefix = f"{fn}: " if fn else ""
+        raise ValueError(f"{prefix}chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+    return chunk_size
+
+
+def normalizer_operands(normalizer) -> tuple[Tensor | None, float]:
+    """A checked normalizer as the torch ops take it: (a 0-d tensor or None, a number > 0 or 0 for none)."""
+    if isinstance(normalizer, Tensor):
+        return normalizer, 0.0
+    return None, 0.0 if normalizer is None else float(normalizer)
+
+
+def normalizer_from_operands(tensor: Tensor | None, value: float) -> Tensor | float | None:
+    """The inverse of `normalizer_operands`, inside an op."""
+    return tensor if tensor is not None else (value if value > 0 else None)

@@ -56,7 +56,7 @@ def cross_entropy_impl(
     logits for grad_output = 1, or for the 0-d `grad_output` given (the backward of half-precision logits passes
     it, so the scale is applied in float32 before the one rounding), or an empty tensor without `with_grad`;
     the statistics are (B, S), or empty."""
-    norm = normalizer if normalizer is not None else (normalizer_value if normalizer_value > 0 else None)
+    norm = sem.normalizer_from_operands(normalizer, normalizer_value)
     problem = sem.problem_tensors(
         logits, target, weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype
     )
@@ -133,8 +133,7 @@ def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax)
                 return (buffer,) + (None,) * 14
         return (composite.scale_by_grad_output_(reduction, buffer, grad_loss),) + (None,) * 14
     call = dict(ctx.call)
-    value = call.pop("normalizer_value")
-    norm = normalizer if normalizer is not None else (value if value > 0 else None)
+    norm = sem.normalizer_from_operands(normalizer, call.pop("normalizer_value"))
     # the targets were checked by the forward pass (and the compiler may be tracing this backward)
     problem = sem.problem_tensors(logits.detach(), target.detach(), weight, norm, **call, check_targets=False)
     x = logits.float() if per_row_half and only_the_loss else logits  # float32 all the way, rounded once
