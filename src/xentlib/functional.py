@@ -17,7 +17,7 @@ from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xen
 from xentlib.backends.bce import BinaryCrossEntropyFunction, BinaryCrossEntropyWithLogitsFunction
 from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
 from xentlib.backends.composite import transforms_active as _transformed
-from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
+from xentlib.backends.dispatch import BACKENDS
 from xentlib.backends.inplace import InplaceCrossEntropy, check_writable
 from xentlib.backends.softmax import SoftmaxFunction
 
@@ -100,8 +100,7 @@ def cross_entropy(
     elif inplace_backward and not torch.compiler.is_compiling():
         _check_inplace(input, target, weight, return_stats)
         problem = sem.problem_from_call(call)
-        name, _ = select_backend(input.device, backend, problem)
-        loss, stats = InplaceCrossEntropy.apply(input, problem, rows_function(name, chunk_size)), None
+        loss, stats = InplaceCrossEntropy.apply(input, problem, _ops.rows_for(problem, backend, chunk)), None
     else:
         loss, stats = _fused_cross_entropy(call, backend, chunk, return_stats)
     if not return_stats:

@@ -90,10 +90,6 @@ class CrossEntropyCall:
     def kind(self) -> str:
         return "prob" if self.target.is_floating_point() else "index"
 
-    @property
-    def requires_grad(self) -> bool:
-        return self.logits.requires_grad
-
 
 def prepare_cross_entropy(input, target, weight, ignore_index, reduction: str, label_smoothing, **extensions):
     """Validate a cross_entropy call and build its problem (reads the targets: use `check_cross_entropy` and

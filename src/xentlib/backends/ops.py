@@ -24,7 +24,7 @@ from xentlib.backends.dispatch import rows_function, select_backend
 _EMPTY = (0,)
 
 
-def _rows_fn(problem, backend: str, chunk_size: int):
+def rows_for(problem, backend: str, chunk_size: int):
     """The chosen backend's row function; `chunk_size` (rows, > 0) applies to the PyTorch ops."""
     name, _ = select_backend(problem.logits.device, backend, problem)
     if name == "cpu" and chunk_size > 0:
@@ -63,7 +63,7 @@ def cross_entropy_impl(
     if grad_output is not None:
         problem.grad_scale = problem.grad_scale * grad_output.to(problem.grad_scale.dtype)
     grad = torch.empty_like(logits) if with_grad else logits.new_empty(_EMPTY)
-    rows = _rows_fn(problem, backend, chunk_size)(problem, grad if with_grad else None, with_stats)
+    rows = rows_for(problem, backend, chunk_size)(problem, grad if with_grad else None, with_stats)
     loss = composite.reduce_rows(problem, rows.loss).to(output_dtype)
     if not with_stats:
         empty = rows.loss.new_empty(_EMPTY)
