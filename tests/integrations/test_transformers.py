@@ -249,17 +249,21 @@ def test_patched_under_autocast_runs_the_head_in_the_autocast_dtype(monkeypatch)
     assert_same_grads(actual_grads, expected_grads, rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.parametrize("logits_to_keep", [5, torch.tensor([0, 3, 4, 8, 11])])
-def test_patched_honours_logits_to_keep(logits_to_keep):
-    input_ids, labels = make_batch()
-    kept_labels = labels[:, -5:] if isinstance(logits_to_keep, int) else labels[:, logits_to_keep]
-    inputs = {"input_ids": input_ids, "labels": kept_labels, "logits_to_keep": logits_to_keep}
+def assert_patched_llama_matches(**inputs):
+    """The patched tiny Llama's loss and every parameter gradient equal the unpatched model's on `inputs`."""
     model = make_model("llama")
     expected, expected_grads = loss_and_grads(model, **inputs)
     with patch(model):
         actual, actual_grads = loss_and_grads(model, **inputs)
     torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
     assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("logits_to_keep", [5, torch.tensor([0, 3, 4, 8, 11])])
+def test_patched_honours_logits_to_keep(logits_to_keep):
+    input_ids, labels = make_batch()
+    kept_labels = labels[:, -5:] if isinstance(logits_to_keep, int) else labels[:, logits_to_keep]
+    assert_patched_llama_matches(input_ids=input_ids, labels=kept_labels, logits_to_keep=logits_to_keep)
 
 
 def test_patched_returns_logits_when_asked_or_not_training():
@@ -629,13 +633,7 @@ def test_patched_logits_to_keep_in_every_form(form):
         logits_to_keep = torch.zeros_like(labels, dtype=torch.bool).scatter(1, positions, True)
         kept_labels = labels[logits_to_keep].reshape(3, 3)
         kept_labels = kept_labels.reshape(-1) if form.endswith("flat labels") else kept_labels
-    inputs = {"input_ids": input_ids, "labels": kept_labels, "logits_to_keep": logits_to_keep}
-    model = make_model("llama")
-    expected, expected_grads = loss_and_grads(model, **inputs)
-    with patch(model):
-        actual, actual_grads = loss_and_grads(model, **inputs)
-    torch.testing.assert_close(actual.loss, expected.loss, rtol=1e-5, atol=1e-6)
-    assert_same_grads(actual_grads, expected_grads, rtol=1e-4, atol=1e-6)
+    assert_patched_llama_matches(input_ids=input_ids, labels=kept_labels, logits_to_keep=logits_to_keep)
 
 
 def test_patched_forward_names_positional_arguments_as_the_class_forward_does():
