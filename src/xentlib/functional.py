@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends import common_call
 from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xentlib.*)
 from xentlib.backends.bce import BinaryCrossEntropyFunction, BinaryCrossEntropyWithLogitsFunction
 from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
@@ -84,6 +85,11 @@ def cross_entropy(
         >>> cross_entropy(logits, torch.tensor([0, 2]), reduction="none")
         tensor([1.5210, 0.6247])
     """
+    if _only_common_options(weight, size_average, reduce, label_smoothing, z_loss, softcap, normalizer, return_stats,
+                            backend, chunk_size, inplace_backward):  # fmt: skip
+        loss = common_call.cross_entropy(input, target, ignore_index, reduction)
+        if loss is not None:
+            return loss
     reduction = sem.resolve_reduction(size_average, reduce, reduction)
     autocast = _runs_in_float32(input)
     call = sem.check_cross_entropy(
@@ -106,6 +112,26 @@ def cross_entropy(
     if not return_stats:
         return loss
     return loss, CrossEntropyStats(**stats, correct=_correct(call, target, stats["argmax"]))
+
+
+def _only_common_options(weight, size_average, reduce, smoothing, z_loss, softcap, normalizer, return_stats,
+                         backend, chunk_size, inplace_backward) -> bool:  # fmt: skip
+    """Every option but ignore_index and reduction at its default: a call `backends/common_call.py` may take."""
+    return (
+        weight is None
+        and size_average is None
+        and reduce is None
+        and type(smoothing) is float
+        and smoothing == 0.0
+        and type(z_loss) is float
+        and z_loss == 0.0
+        and softcap is None
+        and normalizer is None
+        and return_stats is False
+        and backend == "auto"
+        and chunk_size is None
+        and inplace_backward is False
+    )
 
 
 def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, return_stats: bool):

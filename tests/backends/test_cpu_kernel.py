@@ -426,18 +426,23 @@ def test_a_failed_build_warns_once_and_the_pytorch_ops_run(monkeypatch, tmp_path
     torch.testing.assert_close(leaf.grad, torch.func.grad(lambda z: F.cross_entropy(z, target))(x))
 
 
-def test_the_binding_is_declared_once():
-    """The ctypes table matches the layout the C source declares, and a call must name every argument."""
+@pytest.mark.parametrize(
+    "table, layout, field",
+    [("ARGUMENTS", "LAYOUT", "smoothing:f32"), ("COMMON_ARGUMENTS", "COMMON_LAYOUT", "ignore_index:i64")],
+)
+def test_the_binding_is_declared_once(table, layout, field):
+    """Each ctypes table matches the layout the C source declares (a library declaring other arguments is
+    refused at load), and a rows call must name every argument."""
     if not cpu_kernel.status()[0]:
         pytest.skip(cpu_kernel.status()[1])
     with pytest.raises(TypeError, match="missing"):
         cpu_kernel.arguments(logits=0)
-    names = [name for name, _ in cpu_kernel.ARGUMENTS]
-    assert [part.split(":")[0] for part in cpu_kernel.LAYOUT.split(",")[:-1]] == names
-    mismatched = cpu_kernel.LAYOUT.replace("smoothing:f32", "smoothing:f64")
-    with pytest.MonkeyPatch.context() as patch:  # a library declaring other arguments is refused at load
-        patch.setattr(cpu_kernel, "LAYOUT", mismatched)
-        with pytest.raises(ValueError, match="its arguments are"):
+    names = [name for name, _ in getattr(cpu_kernel, table)]
+    assert [part.split(":")[0] for part in getattr(cpu_kernel, layout).split(",")[:-1]] == names
+    mismatched = getattr(cpu_kernel, layout).replace(field, field.replace(":", "_wide:"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernel, layout, mismatched)
+        with pytest.raises(ValueError, match="this module passes"):
             cpu_kernel._open(Path(cpu_kernel.status()[1].split("(")[1].rstrip(")")))
 
 

@@ -97,6 +97,30 @@ class Arguments(ctypes.Structure):
     _fields_ = list(ARGUMENTS)
 
 
+# The common call's entry point (`xent_common_call`, see backends/common_call.py): its structure, in the order of
+# `struct xent_common_call` in cpu_rows.c (checked at load, as `ARGUMENTS` is).
+COMMON_ENTRY_POINT = "xent_common_call"
+COMMON_ARGUMENTS = (
+    ("logits", ctypes.c_void_p),
+    ("rows", ctypes.c_int64),
+    ("classes", ctypes.c_int64),
+    ("target", ctypes.c_void_p),
+    ("ignore_index", ctypes.c_int64),
+    ("mean", ctypes.c_int),
+    ("loss", ctypes.c_void_p),
+    ("grad", ctypes.c_void_p),
+    ("threads", ctypes.c_int),
+    ("count", ctypes.c_int64),
+    ("bad_row", ctypes.c_int64),
+    ("status", ctypes.c_int),
+)
+COMMON_LAYOUT = "".join(f"{name}:{_CODES[kind]}," for name, kind in COMMON_ARGUMENTS)
+
+
+class CommonCallArguments(ctypes.Structure):
+    _fields_ = list(COMMON_ARGUMENTS)
+
+
 def arguments(**values) -> Arguments:
     """The kernel's argument structure, every field named (a missing or unknown name raises TypeError)."""
     if values.keys() != _NAMES:
@@ -166,19 +190,27 @@ def _compile(compiler: str, target: Path) -> str | None:
 
 
 def _open(target: Path):
-    """Load the library and its entry point; raise OSError/AttributeError/ValueError when it is not the kernel
-    this module was written for (closing what was opened, so that a rebuilt file at the same path is read anew)."""
+    """Load the library and its two entry points (rows, common call); raise OSError/AttributeError/ValueError when
+    it is not the kernel this module was written for (closing what was opened, so that a rebuilt file at the same
+    path is read anew)."""
     library = ctypes.CDLL(str(target))
     try:
-        layout = ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(library, "xent_arguments_layout"))).decode()
-        size = ctypes.c_int64.in_dll(library, "xent_arguments_size").value
-        if layout != LAYOUT or size != ctypes.sizeof(Arguments):
-            raise ValueError(f"its arguments are {layout!r} ({size} bytes), this module passes {LAYOUT!r}")
-        fn = getattr(library, ENTRY_POINT)
+        rows_fn = _entry_point(library, ENTRY_POINT, "xent_arguments", LAYOUT, Arguments)
+        common_fn = _entry_point(library, COMMON_ENTRY_POINT, "xent_common_call", COMMON_LAYOUT, CommonCallArguments)
     except (AttributeError, ValueError):
         _close(library)
         raise
-    fn.argtypes = [ctypes.POINTER(Arguments)]
+    return rows_fn, common_fn
+
+
+def _entry_point(library: ctypes.CDLL, name: str, struct: str, layout: str, structure: type):
+    """`name(struct *)`, after checking that the library's declaration of the structure is this module's."""
+    declared = ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(library, f"{struct}_layout"))).decode()
+    size = ctypes.c_int64.in_dll(library, f"{struct}_size").value
+    if declared != layout or size != ctypes.sizeof(structure):
+        raise ValueError(f"its {struct} is {declared!r} ({size} bytes), this module passes {layout!r}")
+    fn = getattr(library, name)
+    fn.argtypes = [ctypes.POINTER(structure)]
     fn.restype = None
     return fn
 
@@ -218,21 +250,27 @@ def _build():
 
 
 def _load():
+    """The rows entry point, or None where the kernel is not used (building or loading it at the first call)."""
     state = _state
     if "fn" in state:
         return state["fn"]
     with _lock:
         if "fn" not in state:
             if os.environ.get("XENTLIB_CPU_KERNEL", "1") == "0":
-                state["why"] = "XENTLIB_CPU_KERNEL=0: the PyTorch ops run instead"
-                state["fn"] = None
+                functions, why = None, "XENTLIB_CPU_KERNEL=0: the PyTorch ops run instead"
             else:
-                fn, why = _build()
-                state["why"] = why
-                state["fn"] = fn
-                if fn is None:
+                functions, why = _build()
+                if functions is None:
                     warnings.warn(f"xentlib's compiled CPU kernel is not used: {why}", RuntimeWarning, stacklevel=2)
+            state["why"] = why
+            state["common"] = None if functions is None else functions[1]
+            state["fn"] = None if functions is None else functions[0]
         return state["fn"]
+
+
+def common_call_function():
+    """The common call's entry point (`xent_common_call`), or None where the kernel is not used."""
+    return None if _load() is None else _state["common"]
 
 
 def status() -> tuple[bool, str]:

@@ -28,6 +28,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define LANES 16
@@ -39,7 +40,7 @@ typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 enum { XENT_FLOAT32 = 0, XENT_BFLOAT16 = 1 };
 
 static inline vf splat(float a) { return (vf){} + a; }
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vf blend(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 /* exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by a degree-7 polynomial (Taylor, with the last
  * coefficients slightly adjusted; max relative error ~2e-7 on [-ln2/2, ln2/2]), then 2^n added to the exponent
@@ -47,7 +48,7 @@ static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi
 static inline vf exp_nonpositive(vf x) {
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer in the low bits */
     vi tiny = x < splat(-87.0f);
-    x = select(tiny, splat(-87.0f), x);
+    x = blend(tiny, splat(-87.0f), x);
     vf shifted = x * splat(1.44269504088896341f) + magic;
     vf n = shifted - magic;
     vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f); /* ln 2 in two parts: exact n * hi */
@@ -122,7 +123,7 @@ static float load_row(const void *row, int dtype, int64_t classes, float *scratc
         else
             v = load_bf16((const uint16_t *)row + c);
         memcpy(scratch + c, &v, sizeof v);
-        best = select(v > best, v, best);
+        best = blend(v > best, v, best);
         nan |= v != v;
     }
     float m = -INFINITY;
@@ -192,14 +193,14 @@ static inline __attribute__((always_inline)) struct row_sums exponentiate(
         if (want_weighted_gap || prob.q != NULL) {
             vi inside = lane_index < (vi){} + (int32_t)(classes - c);
             vf w = class_weight != NULL ? load_lanes(class_weight, XENT_FLOAT32, c, classes) : splat(1.0f);
-            if (want_weighted_gap) weighted += select(inside, w * gap, (vf){});
+            if (want_weighted_gap) weighted += blend(inside, w * gap, (vf){});
             if (prob.q != NULL) {
                 vf q = w * (load_lanes(prob.q, prob.dtype, c, classes) * splat(prob.keep) + splat(prob.spread));
-                q_sum += select(inside, q, (vf){});
-                q_gap += select(inside, q * gap, (vf){});
+                q_sum += blend(inside, q, (vf){});
+                q_gap += blend(inside, q * gap, (vf){});
             }
         }
-        if (want_expected_gap) expected += select(e > (vf){}, e * gap, (vf){});
+        if (want_expected_gap) expected += blend(e > (vf){}, e * gap, (vf){});
     }
     return (struct row_sums){
         horizontal_sum(sum), horizontal_sum(weighted), horizontal_sum(expected), horizontal_sum(q_sum),
@@ -386,4 +387,71 @@ void xent_cross_entropy_rows(const struct xent_arguments *a) {
         else
             run_part(&parts[k]);
     }
+}
+
+/* The common call, whole: float32 rows with int64 class indices and nothing else (no class weights, smoothing,
+ * z-loss or statistics). The call's data-dependent rules are applied here, where the data is read, so that the
+ * Python side (backends/common_call.py) only checks shapes and dtypes:
+ *   - bounds: a target outside [0, classes) that is not ignore_index stops the call before anything is computed
+ *     and `bad_row` receives its row (the caller raises the family's IndexError);
+ *   - the ignore mask: an ignored row has loss 0 and gradient 0;
+ *   - 'mean' (`mean` != 0): the denominator is the number of rows not ignored (`count` receives it), and the
+ *     gradient's scale is its reciprocal rounded to float32 once, as 1 / denominator is in the general path.
+ * `loss` receives every row's loss (the caller reduces them). `status` is 0 when done, 1 for a target out of
+ * range, 2 when nothing was computed (no memory for the row masks, or an empty problem). */
+#define XENT_COMMON_CALL(X)                                                                                       \
+    X(const float *, logits, ptr) X(int64_t, rows, i64) X(int64_t, classes, i64) X(const int64_t *, target, ptr) \
+    X(int64_t, ignore_index, i64) X(int, mean, i32) X(float *, loss, ptr) X(float *, grad, ptr)                  \
+    X(int, threads, i32) X(int64_t, count, i64) X(int64_t, bad_row, i64) X(int, status, i32)
+
+struct xent_common_call {
+#define XENT_FIELD(type, name, code) type name;
+    XENT_COMMON_CALL(XENT_FIELD)
+#undef XENT_FIELD
+};
+
+#define XENT_LAYOUT(type, name, code) #name ":" #code ","
+const char xent_common_call_layout[] = XENT_COMMON_CALL(XENT_LAYOUT);
+#undef XENT_LAYOUT
+const int64_t xent_common_call_size = sizeof(struct xent_common_call);
+
+void xent_common_call(struct xent_common_call *c) {
+    int64_t rows = c->rows, classes = c->classes, ignore_index = c->ignore_index, count = 0;
+    if (rows <= 0 || classes <= 0) { /* the caller sends only non-empty problems */
+        c->status = 2;
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t t = c->target[r];
+        if (t == ignore_index) continue;
+        if (t < 0 || t >= classes) {
+            c->bad_row = r, c->status = 1;
+            return;
+        }
+        count++;
+    }
+    c->count = count;
+    int threads = c->threads < 1 ? 1 : c->threads;
+    int64_t padded = (classes + LANES - 1) / LANES * LANES;
+    uint8_t *valid = malloc((size_t)rows);
+    float *target_weight = malloc((size_t)rows * sizeof(float));
+    float *scratch = malloc((size_t)threads * (size_t)padded * sizeof(float));
+    if (valid == NULL || target_weight == NULL || scratch == NULL) {
+        free(valid), free(target_weight), free(scratch);
+        c->status = 2;
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        valid[r] = c->target[r] != ignore_index;
+        target_weight[r] = valid[r] ? 1.0f : 0.0f;
+    }
+    struct xent_arguments a = {
+        .logits = c->logits, .logits_row_stride = classes, .dtype = XENT_FLOAT32, .rows = rows, .classes = classes,
+        .target = c->target, .target_weight = target_weight, .valid = valid, .class_weight_sum = (float)classes,
+        .scale = c->mean ? 1.0f / (float)count : 1.0f, .loss = c->loss, .grad = c->grad, .grad_row_stride = classes,
+        .scratch = scratch, .scratch_row_stride = padded, .threads = threads,
+    };
+    xent_cross_entropy_rows(&a); /* an ignored row's target is never read */
+    free(valid), free(target_weight), free(scratch);
+    c->status = 0;
 }
