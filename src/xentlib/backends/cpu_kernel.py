@@ -19,10 +19,12 @@ entry point, it is rebuilt once. Where that fails, or no compiler works, the PyT
 RuntimeWarning saying why; `XENTLIB_CPU_KERNEL=0` turns the kernel off without a warning. `status()` says which
 and why.
 
-The binding is declared once: `ARGUMENTS`, a table of (name, ctypes type), makes the ctypes structure that is
-passed to the kernel, and its layout is compared at load with the string `cpu_rows.c` builds from its own
-declaration (`XENT_ARGUMENTS`): a library whose argument list differs is refused, and a call must name every
-field (a missing or unknown name raises).
+The binding is declared once per entry point: a list of `name:code` fields (cpu_rows.c's notation) makes the
+ctypes structure passed to the kernel, and its layout is compared at load with the string `cpu_rows.c` builds
+from its own declaration (`XENT_ARGUMENTS`, `XENT_COMMON_CALL`): a library whose argument list differs is
+refused, and a rows call must name every field (a missing or unknown name raises). Two entry points: the rows
+(`xent_cross_entropy_rows`, every backend call) and the common call (`xent_common_call`, see
+backends/common_call.py), which checks, masks and counts the targets itself and then runs the same rows.
 
 Interrupt safety: the C function runs its own threads (pthreads) and joins them before it returns, so no worker
 outlives the call and the tensors it writes. ctypes releases the GIL during the call; a Ctrl-C meanwhile is
@@ -60,65 +62,37 @@ LANES = 16  # floats per vector in cpu_rows.c; the scratch row is padded to a mu
 PARALLEL_MIN_ELEMENTS = 1 << 16
 ENTRY_POINT = "xent_cross_entropy_rows"
 
-# The kernel's arguments, in the order of `struct xent_arguments` in cpu_rows.c (checked at load).
-ARGUMENTS = (
-    ("logits", ctypes.c_void_p),
-    ("logits_row_stride", ctypes.c_int64),
-    ("dtype", ctypes.c_int),
-    ("rows", ctypes.c_int64),
-    ("classes", ctypes.c_int64),
-    ("target", ctypes.c_void_p),
-    ("target_weight", ctypes.c_void_p),
-    ("valid", ctypes.c_void_p),
-    ("class_weight", ctypes.c_void_p),
-    ("probs", ctypes.c_void_p),
-    ("probs_row_stride", ctypes.c_int64),
-    ("probs_dtype", ctypes.c_int),
-    ("class_weight_sum", ctypes.c_float),
-    ("smoothing", ctypes.c_float),
-    ("z_loss", ctypes.c_float),
-    ("scale", ctypes.c_float),
-    ("loss", ctypes.c_void_p),
-    ("lse", ctypes.c_void_p),
-    ("argmax", ctypes.c_void_p),
-    ("entropy", ctypes.c_void_p),
-    ("grad", ctypes.c_void_p),
-    ("grad_row_stride", ctypes.c_int64),
-    ("scratch", ctypes.c_void_p),
-    ("scratch_row_stride", ctypes.c_int64),
-    ("threads", ctypes.c_int),
+_TYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int, "f32": ctypes.c_float}
+
+
+def _structure(name: str, fields: str) -> type[ctypes.Structure]:
+    """A ctypes structure from `name:code` fields, in cpu_rows.c's notation and order; its `layout` is the string
+    the C side builds from its own declaration (compared at load)."""
+    pairs = [field.split(":") for field in fields.split()]
+    structure = type(name, (ctypes.Structure,), {"_fields_": [(field, _TYPES[code]) for field, code in pairs]})
+    structure.layout = "".join(f"{field}:{code}," for field, code in pairs)
+    return structure
+
+
+# The rows kernel's arguments: `struct xent_arguments` in cpu_rows.c.
+Arguments = _structure(
+    "Arguments",
+    """logits:ptr logits_row_stride:i64 dtype:i32 rows:i64 classes:i64 target:ptr target_weight:ptr valid:ptr
+    class_weight:ptr probs:ptr probs_row_stride:i64 probs_dtype:i32 class_weight_sum:f32 smoothing:f32 z_loss:f32
+    scale:f32 loss:ptr lse:ptr argmax:ptr entropy:ptr grad:ptr grad_row_stride:i64 scratch:ptr
+    scratch_row_stride:i64 threads:i32""",
 )
-_CODES = {ctypes.c_void_p: "ptr", ctypes.c_int64: "i64", ctypes.c_int: "i32", ctypes.c_float: "f32"}
-LAYOUT = "".join(f"{name}:{_CODES[kind]}," for name, kind in ARGUMENTS)
+ARGUMENTS, LAYOUT = Arguments._fields_, Arguments.layout
 _NAMES = frozenset(name for name, _ in ARGUMENTS)
 
-
-class Arguments(ctypes.Structure):
-    _fields_ = list(ARGUMENTS)
-
-
-# The common call's entry point (`xent_common_call`, see backends/common_call.py): its structure, in the order of
-# `struct xent_common_call` in cpu_rows.c (checked at load, as `ARGUMENTS` is).
+# The common call's arguments (backends/common_call.py): `struct xent_common_call` in cpu_rows.c.
 COMMON_ENTRY_POINT = "xent_common_call"
-COMMON_ARGUMENTS = (
-    ("logits", ctypes.c_void_p),
-    ("rows", ctypes.c_int64),
-    ("classes", ctypes.c_int64),
-    ("target", ctypes.c_void_p),
-    ("ignore_index", ctypes.c_int64),
-    ("mean", ctypes.c_int),
-    ("loss", ctypes.c_void_p),
-    ("grad", ctypes.c_void_p),
-    ("threads", ctypes.c_int),
-    ("count", ctypes.c_int64),
-    ("bad_row", ctypes.c_int64),
-    ("status", ctypes.c_int),
+CommonCallArguments = _structure(
+    "CommonCallArguments",
+    """logits:ptr rows:i64 classes:i64 target:ptr ignore_index:i64 mean:i32 loss:ptr grad:ptr threads:i32 count:i64
+    bad_row:i64 status:i32""",
 )
-COMMON_LAYOUT = "".join(f"{name}:{_CODES[kind]}," for name, kind in COMMON_ARGUMENTS)
-
-
-class CommonCallArguments(ctypes.Structure):
-    _fields_ = list(COMMON_ARGUMENTS)
+COMMON_ARGUMENTS, COMMON_LAYOUT = CommonCallArguments._fields_, CommonCallArguments.layout
 
 
 def arguments(**values) -> Arguments:

@@ -243,8 +243,8 @@ static void fill_row(void *grad_row, int dtype, int64_t classes, float value) {
     for (int64_t c = 0; c < classes; c++) store_scalar(grad_row, dtype, c, value);
 }
 
-/* The call's arguments, declared once: the struct below, and the layout string cpu_kernel.py compares with its
- * own table of (name, ctypes type) before the first call (a mismatch refuses to load; it cannot go unnoticed).
+/* The rows call's arguments, declared once (XENT_DECLARE below makes the struct and the layout string cpu_kernel.py
+ * compares with its own before the first call: a mismatch refuses to load; it cannot go unnoticed).
  * Outputs that are NULL are not computed. `scratch` holds `threads` rows of classes rounded up to LANES floats,
  * `scratch_row_stride` floats apart. Class probabilities (`probs` not NULL, rows `probs_row_stride` elements
  * apart, of dtype `probs_dtype`) replace the class index: then `target` and `target_weight` are not read and
@@ -259,16 +259,18 @@ static void fill_row(void *grad_row, int dtype, int64_t classes, float value) {
     X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
     X(int, threads, i32)
 
-struct xent_arguments {
+/* A structure passed from Python, declared once: `struct tag`, and `tag_layout` and `tag_size`, which cpu_kernel.py
+ * compares with its own table before the first call. */
 #define XENT_FIELD(type, name, code) type name;
-    XENT_ARGUMENTS(XENT_FIELD)
-#undef XENT_FIELD
-};
-
 #define XENT_LAYOUT(type, name, code) #name ":" #code ","
-const char xent_arguments_layout[] = XENT_ARGUMENTS(XENT_LAYOUT);
-#undef XENT_LAYOUT
-const int64_t xent_arguments_size = sizeof(struct xent_arguments);
+#define XENT_DECLARE(tag, FIELDS)                                                                                 \
+    struct tag {                                                                                                  \
+        FIELDS(XENT_FIELD)                                                                                        \
+    };                                                                                                            \
+    const char tag##_layout[] = FIELDS(XENT_LAYOUT);                                                              \
+    const int64_t tag##_size = sizeof(struct tag);
+
+XENT_DECLARE(xent_arguments, XENT_ARGUMENTS)
 
 /* Rows [first, last) of the call, with one scratch row. */
 static void rows_range(const struct xent_arguments *a, int64_t first, int64_t last, float *scratch) {
@@ -404,16 +406,7 @@ void xent_cross_entropy_rows(const struct xent_arguments *a) {
     X(int64_t, ignore_index, i64) X(int, mean, i32) X(float *, loss, ptr) X(float *, grad, ptr)                  \
     X(int, threads, i32) X(int64_t, count, i64) X(int64_t, bad_row, i64) X(int, status, i32)
 
-struct xent_common_call {
-#define XENT_FIELD(type, name, code) type name;
-    XENT_COMMON_CALL(XENT_FIELD)
-#undef XENT_FIELD
-};
-
-#define XENT_LAYOUT(type, name, code) #name ":" #code ","
-const char xent_common_call_layout[] = XENT_COMMON_CALL(XENT_LAYOUT);
-#undef XENT_LAYOUT
-const int64_t xent_common_call_size = sizeof(struct xent_common_call);
+XENT_DECLARE(xent_common_call, XENT_COMMON_CALL)
 
 void xent_common_call(struct xent_common_call *c) {
     int64_t rows = c->rows, classes = c->classes, ignore_index = c->ignore_index, count = 0;
