@@ -18,14 +18,13 @@ logits and differentiate the composite of `backends/composite.py`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
-from xentlib.backends import composite, torch_chunked
+from xentlib.backends import composite
 from xentlib.backends.composite import CrossEntropyStats, as_leaf, composite_rows, reduce_rows
 from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
 
@@ -288,7 +287,9 @@ def _plan(input: Tensor, weight: Tensor, problem, backend: str, chunk_size: int)
     in_place_rows = name in ("triton", "cpu")
     chunk = chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size(), in_place_rows)
     weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
-    return _Plan(_rows_for_chunks(name, chunk), chunk, weight_grad_dtype)
+    # only the PyTorch backend has chunks of its own: a quarter of a logits chunk, so that its float32 buffers stay
+    # smaller than the chunk itself (the kernels ignore the argument)
+    return _Plan(rows_function(name, max(1, chunk // 4)), chunk, weight_grad_dtype)
 
 
 _LINEAR_SCALARS = (
@@ -434,14 +435,6 @@ def _autocast_operands(input: Tensor, weight: Tensor, bias: Tensor | None):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device)
     return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def _rows_for_chunks(name: str, chunk: int):
-    """The backend's row function. The PyTorch backend works on a quarter of a logits chunk at a time, so its
-    float32 buffers stay smaller than the chunk itself."""
-    if name != "torch":
-        return rows_function(name)
-    return functools.partial(torch_chunked.cross_entropy_rows, chunk_size=max(1, chunk // 4))
 
 
 def linear_cross_entropy(

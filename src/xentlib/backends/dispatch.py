@@ -75,7 +75,7 @@ def _kernel_covers(problem, device: torch.device, rows_contiguous: bool) -> bool
 def rows_function(name: str, chunk_size: int | None = None) -> Callable:
     """The backend's rows function, `(problem, grad_out, want_stats) -> RowResult` (the contract of
     backends/base.py): `triton.ops.cross_entropy_rows`, `cpu_kernel.rows` or `torch_chunked.cross_entropy_rows`
-    (with `chunk_size` rows per chunk when given)."""
+    (with `chunk_size` rows per chunk when given; the kernels have no chunks and ignore it)."""
     if name == "triton":
         from xentlib.backends.triton import ops
 
