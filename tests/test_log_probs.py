@@ -340,3 +340,61 @@ def test_autocast_runs_the_head_in_the_autocast_dtype_and_returns_float32():
     ref = _torch_log_probs((x.bfloat16() @ w.bfloat16().T + b.bfloat16()).float(), t)[0]
     torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-5)
     assert all(g.dtype == torch.float32 for g in torch.autograd.grad(logp.sum(), leaves))
+
+
+# ------------------------------------------------------------------- the compiled CPU kernel and the ops
+
+
+def _kernel_off(monkeypatch):
+    from xentlib.backends import cpu_kernel
+
+    monkeypatch.setitem(cpu_kernel._state, "fn", None)
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 3.0])
+def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, temperature):
+    """float32/bfloat16 CPU rows run the compiled kernel (cpu_rows.c, xent_log_probs) unless it is off; both
+    paths against the float64 reference, through both outputs, with rows of -inf logits, ignored rows and a
+    vocabulary that is not a multiple of the kernel's vector width."""
+    from xentlib import rl
+    from xentlib.backends import cpu_kernel
+
+    if path == "torch ops":
+        _kernel_off(monkeypatch)
+    elif not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(29, 203, generator=gen) * 4).to(dtype)
+    z[2, :50] = float("-inf")  # p = 0 there: zero gradient, no 0 * inf
+    t = torch.randint(0, 203, (29,), generator=gen)
+    t[::5] = IGNORE
+    t[2] = 100  # a finite logit: log p_t is finite
+    assert rl._Rows(z, 203, temperature, None, True).kernel == (path == "kernel")
+    leaf = z.clone().requires_grad_()
+    logp, entropy = xentlib.log_probs(leaf, t, temperature=temperature, return_entropy=True)
+    adv, grad_h = torch.randn(2, 29, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((logp, entropy), leaf, (adv.float(), grad_h.float()))
+    z64 = z.double().numpy()
+    ref = reference.log_probs(z64, t.numpy(), temperature=temperature)
+    ref_grad = reference.log_probs_backward(adv.numpy(), grad_h.numpy(), z64, t.numpy(), temperature=temperature)
+    np.testing.assert_allclose(logp.detach().double().numpy(), ref.log_prob, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(entropy.detach().double().numpy(), ref.entropy, rtol=1e-5, atol=2e-5)
+    grad_tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-3)
+    np.testing.assert_allclose(grad.double().numpy(), ref_grad, **grad_tol)
+    assert (grad[::5] == 0).all() and (grad[2, :50] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch ops"])
+def test_rows_without_a_finite_softmax_are_nan_on_both_paths(monkeypatch, path):
+    if path == "torch ops":
+        _kernel_off(monkeypatch)
+    z = torch.randn(4, 19)
+    z[0, 3], z[1, 4], z[2] = float("nan"), float("inf"), float("-inf")
+    leaf = z.clone().requires_grad_()
+    logp, entropy = xentlib.log_probs(leaf, torch.tensor([1, 2, 3, 4]), return_entropy=True)
+    (logp.sum() + entropy.sum()).backward()
+    assert logp[:3].isnan().all() and entropy[:3].isnan().all() and leaf.grad[:3].isnan().all()
+    assert logp[3].isfinite() and leaf.grad[3].isfinite().all()
+    torch.testing.assert_close(logp[3], torch.log_softmax(z[3], 0)[4])

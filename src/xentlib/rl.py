@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends import cpu_kernel
 from xentlib.backends.composite import refuse_transforms
 from xentlib.backends.torch_chunked import CHUNK_ELEMENTS
 from xentlib.linear import CHUNK_BYTES_CAP, _autocast_operands, _by_onednn, accumulate_mm_
@@ -40,20 +41,30 @@ _BACKENDS = ("auto", "torch")
 
 
 class _Rows:
-    """The problem's constants and float32 (float64) work buffers, allocated once per call and reused."""
+    """The problem's constants and float32 (float64) work buffers, allocated once per call and reused.
 
-    def __init__(self, vocab: int, dtype: torch.dtype, device, temperature, softcap, with_entropy: bool):
-        self.acc = sem.accumulation_dtype(dtype)
+    Where the compiled CPU kernel covers the rows (`cpu_kernel.supports_log_probs`: CPU float32/bfloat16 rows
+    with contiguous classes, no soft-capping), a block is a whole chunk and one C call computes it in a sweep
+    per row (cpu_rows.c, `xent_log_probs`: the same maths, its own threads); elsewhere the PyTorch ops below run
+    on blocks of rows small enough to stay in cache, a pass per step."""
+
+    def __init__(self, like: Tensor, vocab: int, temperature, softcap, with_entropy: bool):
+        self.acc = sem.accumulation_dtype(like.dtype)
         self.vocab, self.temperature, self.softcap = vocab, temperature, softcap
+        self.kernel = cpu_kernel.supports_log_probs(like, softcap)
+        if self.kernel:
+            self.block = None
+            return
         self.block = max(1, CHUNK_ELEMENTS // max(vocab, 1))  # rows per block
-        make = lambda: torch.empty(self.block, vocab, dtype=self.acc, device=device)  # noqa: E731
+        make = lambda: torch.empty(self.block, vocab, dtype=self.acc, device=like.device)  # noqa: E731
         self.work = make()
         self.capped = make() if softcap is not None else None
         self.probs = make() if with_entropy else None
 
     def blocks(self, rows: int):
-        for start in range(0, rows, self.block):
-            yield slice(start, min(start + self.block, rows))
+        block = self.block or max(rows, 1)
+        for start in range(0, rows, block):
+            yield slice(start, min(start + block, rows))
 
     def log_softmax(self, z: Tensor, owned: bool) -> Tensor:
         """log softmax(softcap(z) / T) of a block, in float32 (float64), one pass per step: written over z when
@@ -74,6 +85,10 @@ class _Rows:
 
     def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool, owned: bool = False):
         """(log p_t, lse, H or None) of a block of rows z (R, V); 0 on ignored rows."""
+        if self.kernel:
+            out = [torch.empty(z.shape[0], dtype=torch.float32) for _ in range(3 if want_entropy else 2)]
+            cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, (*out, None)[:3])
+            return out[0], out[1], out[2] if want_entropy else None
         m = self._max_of_scaled(z)
         log_p = self.log_softmax(z, owned)
         # lse = m - max_v log p_v: log_softmax is monotonic, so its row maximum sits at the arg-max a of u, where
@@ -97,6 +112,11 @@ class _Rows:
     def backward_(self, z: Tensor, target, valid, lse, entropy, g: Tensor, h: Tensor | None, out: Tensor) -> None:
         """dL/dz of a block into `out` (R, V), for upstream gradients g of log p_t and h of H (R,), both zero on
         ignored rows. The derivation is in the module docstring."""
+        if self.kernel:
+            upstream = (g.contiguous(), None if h is None else h.contiguous(), entropy)
+            cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, grad=out,
+                                      upstream=upstream)  # fmt: skip
+            return
         rows = z.shape[0]
         inv_t = 1.0 / self.temperature
         if self.softcap is None:
@@ -114,6 +134,7 @@ class _Rows:
             p = torch.exp(log_p, out=self.probs[:rows])
             h = h.unsqueeze(1) * inv_t
             grad = torch.addcmul(-(g + h * entropy.unsqueeze(1)), log_p, -h, out=log_p).mul_(p)
+            grad.masked_fill_(p == 0, 0.0)  # p = 0 (a -inf logit): the limit of p log p, not 0 * inf = NaN
         grad.scatter_add_(1, target.unsqueeze(1), g)
         if self.softcap is not None:  # dy/dz = 1 - tanh^2(z / c) = 1 - (y / c)^2
             grad.mul_(y.div_(self.softcap).square_().neg_().add_(1.0))
@@ -154,7 +175,7 @@ def log_probs_op(
     `with_entropy`. lse (of the scaled logits) is what the backward needs to recompute p."""
     count, vocab = logits.shape
     safe, valid = _targets(target, ignore_index, vocab)
-    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, with_entropy=False)
+    rows = _Rows(logits, vocab, temperature, softcap, with_entropy=False)
     logp = torch.empty(count, dtype=rows.acc, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty((0,))
@@ -194,7 +215,7 @@ def log_probs_backward_op(
     count, vocab = logits.shape
     safe, valid = _targets(target, ignore_index, vocab)
     with_entropy = grad_entropy is not None
-    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, with_entropy)
+    rows = _Rows(logits, vocab, temperature, softcap, with_entropy)
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -340,6 +361,11 @@ def _active_rows(valid: Tensor) -> Tensor | None:
     return valid.nonzero().squeeze(1)
 
 
+def _chunk_like(input: Tensor, vocab: int) -> Tensor:
+    """A stand-in for a chunk of logits (contiguous (1, V) of the input's dtype and device), no memory."""
+    return input.new_empty((1, vocab)) if vocab <= 1 << 20 else input.new_empty((1, 1)).expand(1, vocab)
+
+
 def _chunk(chunk_size: int, count: int, vocab: int, input: Tensor) -> int:
     return chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size())
 
@@ -360,7 +386,7 @@ def linear_log_probs_op(
     without `with_entropy`. Ignored rows give 0 (and lse 0: the backward never reads it)."""
     count, vocab = input.shape[0], weight.shape[0]
     safe, valid = _targets(target, ignore_index, vocab)
-    rows = _Rows(vocab, input.dtype, input.device, temperature, softcap, with_entropy=False)
+    rows = _Rows(_chunk_like(input, vocab), vocab, temperature, softcap, with_entropy=False)
     logp = torch.zeros(count, dtype=rows.acc, device=input.device)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty((0,))
@@ -410,7 +436,7 @@ def linear_log_probs_backward_op(
     count, vocab = input.shape[0], weight.shape[0]
     safe, valid = _targets(target, ignore_index, vocab)
     with_entropy = grad_entropy is not None
-    rows = _Rows(vocab, input.dtype, input.device, temperature, softcap, with_entropy)
+    rows = _Rows(_chunk_like(input, vocab), vocab, temperature, softcap, with_entropy)
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
     chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))

@@ -94,6 +94,15 @@ CommonCallArguments = _structure(
 )
 COMMON_ARGUMENTS, COMMON_LAYOUT = CommonCallArguments._fields_, CommonCallArguments.layout
 
+# The per-token log-probabilities' arguments (rl.py): `struct xent_log_probs` in cpu_rows.c.
+LOG_PROBS_ENTRY_POINT = "xent_log_probs"
+LogProbsArguments = _structure(
+    "LogProbsArguments",
+    """logits:ptr logits_row_stride:i64 dtype:i32 rows:i64 classes:i64 target:ptr valid:ptr inv_temperature:f32
+    log_prob:ptr lse:ptr entropy:ptr grad_log_prob:ptr grad_entropy:ptr grad:ptr grad_row_stride:i64 scratch:ptr
+    scratch_row_stride:i64 threads:i32""",
+)
+
 
 def arguments(**values) -> Arguments:
     """The kernel's argument structure, every field named (a missing or unknown name raises TypeError)."""
@@ -164,17 +173,20 @@ def _compile(compiler: str, target: Path) -> str | None:
 
 
 def _open(target: Path):
-    """Load the library and its two entry points (rows, common call); raise OSError/AttributeError/ValueError when
-    it is not the kernel this module was written for (closing what was opened, so that a rebuilt file at the same
-    path is read anew)."""
+    """Load the library and its entry points (rows, common call, log-probabilities); raise OSError, AttributeError
+    or ValueError when it is not the kernel this module was written for (closing what was opened, so that a
+    rebuilt file at the same path is read anew)."""
     library = ctypes.CDLL(str(target))
     try:
         rows_fn = _entry_point(library, ENTRY_POINT, "xent_arguments", LAYOUT, Arguments)
         common_fn = _entry_point(library, COMMON_ENTRY_POINT, "xent_common_call", COMMON_LAYOUT, CommonCallArguments)
+        log_probs_fn = _entry_point(
+            library, LOG_PROBS_ENTRY_POINT, "xent_log_probs", LogProbsArguments.layout, LogProbsArguments
+        )
     except (AttributeError, ValueError):
         _close(library)
         raise
-    return rows_fn, common_fn
+    return rows_fn, common_fn, log_probs_fn
 
 
 def _entry_point(library: ctypes.CDLL, name: str, struct: str, layout: str, structure: type):
@@ -238,6 +250,7 @@ def _load():
                     warnings.warn(f"xentlib's compiled CPU kernel is not used: {why}", RuntimeWarning, stacklevel=2)
             state["why"] = why
             state["common"] = None if functions is None else functions[1]
+            state["log_probs"] = None if functions is None else functions[2]
             state["fn"] = None if functions is None else functions[0]
         return state["fn"]
 
@@ -251,6 +264,57 @@ def status() -> tuple[bool, str]:
     """(available, reason): whether CPU calls of the supported kind run the compiled kernel, and why (not)."""
     fn = _load()
     return fn is not None, _state["why"]
+
+
+def log_probs_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    grad: torch.Tensor | None = None,
+    upstream: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> None:
+    """`xent_log_probs` over (R, V) float32/bfloat16 CPU logits with contiguous classes: the forward fills `out`
+    = (log p_t, lse, entropy or None), float32 (R,); the backward writes into `grad` (like the logits, may be
+    them) for `upstream` = (g, h or None, the forward's entropy or None), float32 (R,). `target` (int64, ignored
+    rows any valid index) and `valid` (bool) are contiguous (R,). Callers check `supports_log_probs` first."""
+    rows, classes = logits.shape
+    threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
+    padded = -(-classes // LANES) * LANES
+    scratch = torch.empty(threads, padded, dtype=torch.float32)
+    log_prob, lse, entropy = out if out is not None else (None, None, None)
+    g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
+    call = LogProbsArguments(
+        logits=logits.data_ptr(),
+        logits_row_stride=logits.stride(0),
+        dtype=DTYPES[logits.dtype],
+        rows=rows,
+        classes=classes,
+        target=target.data_ptr(),
+        valid=valid.data_ptr(),
+        inv_temperature=1.0 / temperature,
+        log_prob=_pointer(log_prob),
+        lse=_pointer(lse),
+        entropy=_pointer(entropy if grad is None else saved_entropy),
+        grad_log_prob=_pointer(g),
+        grad_entropy=_pointer(h),
+        grad=_pointer(grad),
+        grad_row_stride=0 if grad is None else grad.stride(0),
+        scratch=scratch.data_ptr(),
+        scratch_row_stride=padded,
+        threads=threads,
+    )
+    _state["log_probs"](ctypes.byref(call))  # every thread it starts is joined before it returns
+    if grad is not None:
+        torch.autograd.graph.increment_version(grad)
+
+
+def supports_log_probs(logits: torch.Tensor, softcap: float | None) -> bool:
+    """Whether `log_probs_rows` computes these rows: CPU float32/bfloat16 logits with contiguous classes (at
+    least one), no soft-capping, and the kernel built."""
+    ok = logits.device.type == "cpu" and logits.dtype in DTYPES and softcap is None and logits.dim() == 2
+    return ok and logits.shape[1] > 0 and _classes_contiguous(logits, logits.shape[1]) and _load() is not None
 
 
 def supports_call(device: torch.device, dtype: torch.dtype, problem: CrossEntropyProblem) -> bool:

@@ -352,35 +352,41 @@ static void rows_range(const struct xent_arguments *a, int64_t first, int64_t la
     }
 }
 
+/* Rows [first, last) of a call, with one scratch row: each entry point's own loop. */
+typedef void (*rows_fn)(const void *arguments, int64_t first, int64_t last, float *scratch);
+
 struct part {
-    const struct xent_arguments *arguments;
+    rows_fn run;
+    const void *arguments;
     int64_t first, last;
     float *scratch;
 };
 
 static void *run_part(void *p) {
     const struct part *part = p;
-    rows_range(part->arguments, part->first, part->last, part->scratch);
+    part->run(part->arguments, part->first, part->last, part->scratch);
     return NULL;
 }
 
-/* All rows, on `threads` threads: the caller takes the first part and joins every other before returning, so no
- * thread outlives the call (nor the buffers the caller passed). A signal meanwhile does not end the call: Python's
- * handler only sets a flag, and KeyboardInterrupt is raised after the call returns. A thread that cannot be
- * started has its part run by the caller. */
-void xent_cross_entropy_rows(const struct xent_arguments *a) {
-    int threads = a->threads < 1 ? 1 : a->threads > 256 ? 256 : a->threads;
-    if (threads > a->rows) threads = a->rows > 0 ? (int)a->rows : 1;
+/* All `rows`, on `threads` threads, each with its scratch row (`scratch_row_stride` floats apart): the caller
+ * takes the first part and joins every other before returning, so no thread outlives the call (nor the buffers
+ * the caller passed). A signal meanwhile does not end the call: Python's handler only sets a flag, and
+ * KeyboardInterrupt is raised after the call returns. A thread that cannot be started has its part run by the
+ * caller. */
+static void run_rows(rows_fn run, const void *arguments, int64_t rows, int threads, float *scratch,
+                     int64_t scratch_row_stride) {
+    threads = threads < 1 ? 1 : threads > 256 ? 256 : threads;
+    if (threads > rows) threads = rows > 0 ? (int)rows : 1;
     if (threads == 1) {
-        rows_range(a, 0, a->rows, a->scratch);
+        run(arguments, 0, rows, scratch);
         return;
     }
     struct part parts[256];
     pthread_t ids[256];
     int started[256];
     for (int k = 0; k < threads; k++)
-        parts[k] = (struct part){a, a->rows * k / threads, a->rows * (k + 1) / threads,
-                                 a->scratch + (size_t)k * (size_t)a->scratch_row_stride};
+        parts[k] = (struct part){run, arguments, rows * k / threads, rows * (k + 1) / threads,
+                                 scratch + (size_t)k * (size_t)scratch_row_stride};
     for (int k = 1; k < threads; k++) started[k] = pthread_create(&ids[k], NULL, run_part, &parts[k]) == 0;
     run_part(&parts[0]);
     for (int k = 1; k < threads; k++) {
@@ -389,6 +395,14 @@ void xent_cross_entropy_rows(const struct xent_arguments *a) {
         else
             run_part(&parts[k]);
     }
+}
+
+static void cross_entropy_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
+    rows_range(arguments, first, last, scratch);
+}
+
+void xent_cross_entropy_rows(const struct xent_arguments *a) {
+    run_rows(cross_entropy_range, a, a->rows, a->threads, a->scratch, a->scratch_row_stride);
 }
 
 /* The common call, whole: float32 rows with int64 class indices and nothing else (no class weights, smoothing,
@@ -447,4 +461,131 @@ void xent_common_call(struct xent_common_call *c) {
     xent_cross_entropy_rows(&a); /* an ignored row's target is never read */
     free(valid), free(target_weight), free(scratch);
     c->status = 0;
+}
+
+/* Per-token log-probabilities and entropy (xentlib.log_probs, rl.py; derivation in docs/numerics.md) of rows
+ * u = z / T, with m = max_v u_v, s = sum_v exp(u_v - m) and log p_v = (u_v - m) - log s:
+ *   forward:   log p_t,  lse = m + log s,  H = log s + sum_v p_v (m - u_v)    (0, 0, 0 on ignored rows)
+ *   backward:  dL/dz_v = ([v = t] g - p_v (g + h (log p_v + H))) / T            (0 on ignored rows)
+ * for the upstream gradients g (of log p_t) and h (of H; NULL: none). Each of these is a sum of terms of one sign
+ * (log s >= 0, m - u_v >= 0), never lse - u_t, which would cancel. The backward recomputes m and s from the row
+ * (one more exp per element, the cost of gradients that arrive after the forward) and takes H from the forward;
+ * `grad` may be the logits themselves (a row is read into scratch before it is written). A row whose max is not
+ * finite has no finite softmax: NaN outputs and gradient, as torch's log_softmax gives. A class whose p_v is 0
+ * (u_v = -inf) gets the gradient 0 from the entropy term (the limit of p log p), not 0 * inf. */
+#define XENT_LOG_PROBS(X)                                                                                         \
+    X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)    \
+    X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                      \
+    X(float, inv_temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, entropy, ptr)       \
+    X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr) X(void *, grad, ptr)                \
+    X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
+    X(int, threads, i32)
+
+XENT_DECLARE(xent_log_probs, XENT_LOG_PROBS)
+
+/* scratch[0:padded] *= factor (the padding's -inf stays -inf) */
+static void scale_row(float *scratch, int64_t classes, float factor) {
+    if (factor == 1.0f) return;
+    for (int64_t c = 0; c < classes; c += LANES) {
+        vf v;
+        memcpy(&v, scratch + c, sizeof v);
+        v *= splat(factor);
+        memcpy(scratch + c, &v, sizeof v);
+    }
+}
+
+/* sum_v exp(u_v - m), scratch (u) left as it is */
+static float exp_sum(const float *scratch, int64_t classes, float m) {
+    vf sum = (vf){};
+    for (int64_t c = 0; c < classes; c += LANES) {
+        vf u;
+        memcpy(&u, scratch + c, sizeof u);
+        sum += exp_nonpositive(u - splat(m));
+    }
+    return horizontal_sum(sum);
+}
+
+/* LANES classes from c of -p_v (g + h (log p_v + H)) / T, with log p_v = (u_v - m) - log s. */
+static inline vf log_prob_gradient_lanes(const float *scratch, int64_t c, float m, float log_s, float g, float h,
+                                         float entropy, float inv_t) {
+    vf u;
+    memcpy(&u, scratch + c, sizeof u);
+    vf log_p = (u - splat(m)) - splat(log_s);
+    vf p = exp_nonpositive(log_p);
+    vf coef = splat(g);
+    if (h != 0.0f) coef += splat(h) * (log_p + splat(entropy));
+    return blend(p > (vf){}, -p * coef * splat(inv_t), (vf){});
+}
+
+static void write_log_prob_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float m,
+                                    float log_s, float g, float h, float entropy, float inv_t) {
+    int64_t full = classes - classes % LANES, c = 0;
+    for (; c < full; c += LANES) {
+        vf d = log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t);
+        if (dtype == XENT_FLOAT32) {
+            memcpy((float *)grad_row + c, &d, sizeof d);
+        } else {
+            vh half = to_bf16(d);
+            memcpy((uint16_t *)grad_row + c, &half, sizeof half);
+        }
+    }
+    if (c < classes) {
+        vf d = log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t);
+        for (int64_t k = c; k < classes; k++) store_scalar(grad_row, dtype, k, d[k - c]);
+    }
+}
+
+static void log_probs_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
+    const struct xent_log_probs *a = arguments;
+    int64_t classes = a->classes;
+    int dtype = a->dtype, backward = a->grad != NULL;
+    size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
+    float inv_t = a->inv_temperature;
+    for (int64_t r = first; r < last; r++) {
+        const void *row = (const char *)a->logits + (size_t)(r * a->logits_row_stride) * elem;
+        void *grad_row = backward ? (char *)a->grad + (size_t)(r * a->grad_row_stride) * elem : NULL;
+        if (!a->valid[r]) {
+            if (backward) {
+                memset(grad_row, 0, (size_t)classes * elem);
+            } else {
+                a->log_prob[r] = 0.0f, a->lse[r] = 0.0f;
+                if (a->entropy) a->entropy[r] = 0.0f;
+            }
+            continue;
+        }
+        float m = load_row(row, dtype, classes, scratch) * inv_t;
+        int64_t t = a->target[r];
+        if (!isfinite(m)) {
+            if (backward) {
+                fill_row(grad_row, dtype, classes, NAN);
+            } else {
+                a->log_prob[r] = NAN, a->lse[r] = NAN;
+                if (a->entropy) a->entropy[r] = NAN;
+            }
+            continue;
+        }
+        scale_row(scratch, classes, inv_t);
+        float gap_t = scratch[t] - m;
+        if (backward) {
+            float log_s = logf(exp_sum(scratch, classes, m));
+            float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
+            float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
+            write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t);
+            float log_p_t = gap_t - log_s, p_t = expf(log_p_t);
+            float d_t = (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
+            store_scalar(grad_row, dtype, t, d_t);
+            continue;
+        }
+        struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, a->entropy != NULL, NO_PROB);
+        float log_s = logf(sums.exp_sum);
+        a->log_prob[r] = gap_t - log_s;
+        a->lse[r] = m + log_s;
+        if (a->entropy) a->entropy[r] = log_s - sums.expected_gap / sums.exp_sum;
+    }
+}
+
+/* Forward (grad NULL: log_prob, lse and entropy when not NULL) or backward (grad: the gradient for the upstream
+ * gradients grad_log_prob and grad_entropy, which may be NULL; entropy is then the forward's, read). */
+void xent_log_probs(const struct xent_log_probs *a) {
+    run_rows(log_probs_range, a, a->rows, a->threads, a->scratch, a->scratch_row_stride);
 }
