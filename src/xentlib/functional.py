@@ -147,9 +147,7 @@ def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, r
         loss = loss.reshape(call.output_shape)
     if not return_stats:
         return loss, None
-    shape = call.output_shape
-    stats = dict(lse=lse, loss=row_loss, argmax=argmax, entropy=entropy)
-    return loss, {name: value.reshape(shape) for name, value in stats.items()}
+    return loss, _stats_in_output_shape(call, lse=lse, loss=row_loss, argmax=argmax, entropy=entropy)
 
 
 def _composite_cross_entropy(call: sem.CrossEntropyCall, return_stats: bool):
@@ -161,10 +159,13 @@ def _composite_cross_entropy(call: sem.CrossEntropyCall, return_stats: bool):
     loss = reduce_rows(problem, rows).to(call.output_dtype)
     if not return_stats:
         return loss, None
-    shape = call.output_shape
     argmax = problem.logits.detach().argmax(1)
-    stats = dict(lse=lse, loss=rows.to(call.output_dtype), argmax=argmax, entropy=entropy)
-    return loss, {name: value.reshape(shape) for name, value in stats.items()}
+    return loss, _stats_in_output_shape(call, lse=lse, loss=rows.to(call.output_dtype), argmax=argmax, entropy=entropy)
+
+
+def _stats_in_output_shape(call: sem.CrossEntropyCall, **stats: Tensor) -> dict[str, Tensor]:
+    """The per-row statistics, each reshaped from rows to the shape of a reduction='none' output."""
+    return {name: value.reshape(call.output_shape) for name, value in stats.items()}
 
 
 def _runs_in_float32(input: Tensor) -> bool:

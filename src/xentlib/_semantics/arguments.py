@@ -108,6 +108,20 @@ def check_floating_input(op: str, tensor: Tensor) -> None:
         )
 
 
+def check_head_bias_and_dtype(fn: str, input: Tensor, weight: Tensor, bias: Tensor | None, names=("weight", "bias")):
+    """The operands of a linear head `input @ weight.T + bias`: a (V, D) weight takes a (V,) bias, and both have
+    the input's dtype (`names`: how the function calls its weight and bias)."""
+    weight_name, bias_name = names
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise RuntimeError(f"{fn}: {bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, other in ((weight_name, weight), (bias_name, bias)):
+        if other is not None and other.dtype != input.dtype:
+            raise RuntimeError(
+                f"{fn}: expected {name} to have the input's dtype {dtype_name(input.dtype)}, "
+                f"got {dtype_name(other.dtype)}"
+            )
+
+
 def check_not_requires_grad(fn: str, name: str, tensor: Tensor | None) -> None:
     if tensor is not None and tensor.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(

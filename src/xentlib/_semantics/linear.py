@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from xentlib._semantics.arguments import check_floating_input, check_tensor, dtype_name
+from xentlib._semantics.arguments import check_floating_input, check_head_bias_and_dtype, check_tensor
 from xentlib._semantics.cross_entropy import (
     CrossEntropyCall,
     CrossEntropyProblem,
@@ -63,14 +63,7 @@ def check_linear_cross_entropy(
             "multiplied (expected input (..., in_features) and linear_weight (C, in_features))"
         )
     vocab, hidden = weight.shape
-    if bias is not None and tuple(bias.shape) != (vocab,):
-        raise RuntimeError(f"linear_cross_entropy: linear_bias must have shape ({vocab},), got {tuple(bias.shape)}")
-    for name, other in (("linear_weight", weight), ("linear_bias", bias)):
-        if other is not None and other.dtype != input.dtype:
-            raise RuntimeError(
-                f"linear_cross_entropy: expected {name} to have the input's dtype {dtype_name(input.dtype)}, "
-                f"got {dtype_name(other.dtype)}"
-            )
+    check_head_bias_and_dtype(fn, input, weight, bias, names=("linear_weight", "linear_bias"))
     check_floating_input("linear_cross_entropy", input)
     lead = input.shape[:-1]
     prob = target.shape == lead + (vocab,)

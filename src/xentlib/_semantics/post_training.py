@@ -12,6 +12,7 @@ from torch import Tensor
 from xentlib._semantics.arguments import (
     check_extensions,
     check_floating_input,
+    check_head_bias_and_dtype,
     check_ignore_index,
     check_tensor,
     dtype_name,
@@ -37,14 +38,7 @@ def check_log_probs_call(fn, input, target, weight=None, bias=None, *, temperatu
                 f"{fn}: input {tuple(input.shape)} and weight {tuple(weight.shape)} cannot be multiplied "
                 "(expected input (..., D) and weight (V, D))"
             )
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise RuntimeError(f"{fn}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-        for name, other in (("weight", weight), ("bias", bias)):
-            if other is not None and other.dtype != input.dtype:
-                raise RuntimeError(
-                    f"{fn}: expected {name} to have the input's dtype {dtype_name(input.dtype)}, "
-                    f"got {dtype_name(other.dtype)}"
-                )
+        check_head_bias_and_dtype(fn, input, weight, bias)
     elif input.dim() < 1:
         raise RuntimeError(f"{fn}: logits must have at least one dimension (..., V), got a 0-d tensor")
     if target.dtype != torch.long:

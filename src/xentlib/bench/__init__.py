@@ -7,6 +7,7 @@ peak memory is honest and the command works from a wheel as from a checkout. Lay
     config.py   shapes, presets, options; validation without torch
     impls.py    the implementations compared (xentlib, torch, Liger Kernel, Cut Cross-Entropy) and their inputs
     measure.py  timing and peak memory of one configuration
+    rss.py      resident set size now and at its peak (the CPU memory readings)
     machine.py  machine facts and limits (matmul, bandwidth, exp; CPU or GPU)
     worker.py   one measurement in a fresh process
     runner.py   the whole run: limits, one worker per configuration, outputs

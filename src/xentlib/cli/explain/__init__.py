@@ -23,7 +23,7 @@ from pathlib import Path
 
 from xentlib.cli import CLIError
 from xentlib.cli._examples import Mistake
-from xentlib.cli._shared import make_console, require_packages
+from xentlib.cli._shared import add_command_parser, check_plot_directory, make_console, require_packages
 from xentlib.cli.explain.mistakes import explain_mistake, print_example_list
 from xentlib.cli.explain.plot import index_name, plot_index, write_plot
 from xentlib.cli.explain.problem import OPS, REDUCTIONS, build_problem, find_example
@@ -41,13 +41,13 @@ EPILOG = """examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command_parser(
+        subparsers,
         "explain",
         help="show a loss computed step by step and checked against torch",
         description="Show cross_entropy (or nll_loss, bce, bce_with_logits, linear_cross_entropy) computed\n"
         "step by step for small inputs, then the same number from torch and xentlib.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_argument_group("what to explain (one of)")
     source.add_argument(
@@ -116,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     explanation = explain(problem)
     if args.plot is not None:  # check the plot's arguments before printing anything
         index = plot_index(problem, explanation, args.plot_at)
-        if not args.plot.parent.is_dir():
-            raise CLIError(f"cannot write {args.plot}: no directory {args.plot.parent}")
+        check_plot_directory(args.plot)
     render(console, problem, explanation, args.decimals)
     if args.plot is not None:
         write_plot(problem, index, args.plot)

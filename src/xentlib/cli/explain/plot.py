@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from xentlib.cli import CLIError
-from xentlib.cli._shared import one_line
+from xentlib.cli._shared import save_figure
 from xentlib.cli.explain.checks import FUNCTION_NAMES, torch_loss
 from xentlib.cli.explain.problem import Problem
 from xentlib.cli.explain.steps import Explanation
@@ -52,13 +52,7 @@ def write_plot(problem: Problem, index: tuple[int, ...], path: Path) -> None:
     for axis in (top, bottom):
         axis.axvline(current, color="gray", linestyle="--", linewidth=1)
         axis.grid(alpha=0.3)
-    figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=110)
-    except OSError as error:
-        raise CLIError(f"cannot write {path}: {one_line(error)}") from None
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 def plot_index(problem: Problem, result: Explanation, plot_at: str | None) -> tuple[int, ...]:
