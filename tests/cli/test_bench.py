@@ -185,6 +185,7 @@ def test_plots_and_table_are_written(tiny_run):
     [
         (["--shapes", "ce:12x"], "bad shape 'ce:12x'"),
         (["--shapes", "linear:8x16"], "linear takes 3 sizes"),
+        (["--shapes", "distill:8x16"], "distill takes 3 sizes (distill:NxDxV)"),
         (["--shapes", "ce:0x10"], "every size must be >= 1"),
         (["--dtypes", "fp64"], "unknown dtypes fp64"),
         (["--impls", "nope"], "unknown impls nope"),
@@ -205,8 +206,8 @@ def test_bad_shapes_from_the_command_line_exit_non_zero_without_traceback(tmp_pa
     done = run_bench("--shapes", "ce:2048x", "--out", str(tmp_path / "unused"), timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "xentlib bench: error: bad shape 'ce:2048x': expected ce:NxV, linear:NxDxV or logprobs:NxDxV "
-        "(e.g. ce:2048x32000)"
+        "xentlib bench: error: bad shape 'ce:2048x': expected ce:NxV, linear:NxDxV, logprobs:NxDxV or "
+        "distill:NxDxV (e.g. ce:2048x32000)"
     ]
     assert not (tmp_path / "unused").exists()
 
@@ -291,3 +292,41 @@ def test_overhead_kind_reports_ratios_to_torch(tmp_path):
     for row in rows:
         assert row["forward_ratio"] == pytest.approx(row["xentlib_forward_us"] / row["torch_forward_us"])
         assert row["forward_backward_ratio"] > 0
+
+
+def test_post_training_kinds_run_and_distill_losses_equal_the_reference(tmp_path):
+    """`logprobs` and `distill` shapes run every row; each distill row reports the GKD divergence (beta 0.5) of the
+    bench's own inputs, which the float64 reference recomputes; the floor there is the four bare matmuls."""
+    import torch
+
+    from xentlib import reference
+    from xentlib.bench.config import parse_shape
+    from xentlib.bench.impls import DISTILL_BETA, make_case
+
+    shapes = "distill:64x32x1000,logprobs:32x16x500"
+    args = ["--shapes", shapes, "--dtypes", "fp32", "--impls", "xentlib,torch-eager,3-matmuls,4-matmuls"]
+    done = run_bench(*args, "--warmup", "1", "--repeats", "1", "--no-plots", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    got = {(row["problem"], row["impl"]): row for row in rows}
+    assert set(got) == {
+        ("distill", "xentlib"),
+        ("distill", "torch-eager"),
+        ("distill", "4-matmuls"),
+        ("logprobs", "xentlib"),
+        ("logprobs", "torch-eager"),
+        ("logprobs", "3-matmuls"),
+    }
+    assert all(row["status"] == "ok" for row in rows), [(row["impl"], row["note"]) for row in rows]
+    case = make_case(parse_shape("distill:64x32x1000"), "fp32", torch.device("cpu"), "index", 0.0, seed=0)
+    inputs = [case.tensors[name].detach().numpy() for name in ("x", "weight", "teacher_x", "teacher_weight")]
+    expected = float(reference.linear_distillation(*inputs, beta=DISTILL_BETA))
+    for impl in ("xentlib", "torch-eager"):
+        assert float(got["distill", impl]["loss"]) == pytest.approx(expected, rel=1e-4), impl
+        assert float(got["distill", impl]["frac_of_floor"]) > 0
+    assert got["distill", "4-matmuls"]["role"] == "floor" and got["distill", "4-matmuls"]["loss"] == ""
+    # the limit counts four matmuls of 2*N*D*V FLOPs
+    floor = got["distill", "4-matmuls"]
+    rate = float(floor["limit_matmul_gflops_fp32"]) * 1e9
+    assert float(floor["limit_ms"]) == pytest.approx(8 * 64 * 32 * 1000 / rate * 1e3, rel=1e-4)  # CSV: 6 digits

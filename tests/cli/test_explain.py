@@ -597,3 +597,85 @@ def test_linear_with_probability_targets_agrees_everywhere(capsys):
     assert code == 0 and "probability targets" in out
     assert_close(final_loss(out), F.cross_entropy(t64(x) @ t64(w).T, t64(t)))
     assert "DIFFERS" not in out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Post-training: per-token log-probabilities and a distillation divergence
+
+
+def all_tables(out: str, header: str) -> list[list[list[str]]]:
+    """Cells of every rich table whose header line contains `header`, one list of rows per table."""
+    lines, tables = out.splitlines(), []
+    for i, line in enumerate(lines):
+        if "┃" in line and header in line:
+            rows = []
+            for row in lines[i + 2 :]:
+                if not row.startswith("│"):
+                    break
+                rows.append([cell.strip() for cell in row.strip("│").split("│")])
+            tables.append(rows)
+    return tables
+
+
+def test_log_probs_example_prints_torchs_log_softmax_target_and_entropy(capsys):
+    from xentlib.cli._examples import EXAMPLES
+
+    example = EXAMPLES["log-probs"]
+    code, out, _ = explain(capsys, "--example", "log-probs", "--decimals", "10")
+    assert code == 0
+    temperature = example.options["temperature"]
+    log_p = torch.log_softmax(t64(example.logits) / temperature, dim=-1)
+    target = torch.tensor(example.target)
+    picked = log_p.gather(-1, target[:, None])[:, 0]
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    tables = all_tables(out, "log p = log_softmax(u)")
+    assert len(tables) == len(example.target)
+    for n, rows in enumerate(tables):
+        assert_close([float(row[2]) for row in rows], (t64(example.logits[n]) / temperature).tolist())
+        assert_close([float(row[3]) for row in rows], log_p[n].tolist())
+        assert rows[example.target[n]][0].endswith("<- target")
+    lines = re.findall(r"log p\[t\] = (\S+)\s+entropy H = -sum p log p = (\S+)", out)
+    assert_close([[float(a), float(b)] for a, b in lines], torch.stack([picked, entropy], 1).tolist())
+    assert "DIFFERS" not in out
+    for source in ("torch", "xentlib.log_probs"):
+        assert cross_check(out, source)[1] == "agrees", out
+
+
+def test_distillation_example_prints_gkds_kls_mixture_and_gradient(capsys):
+    from xentlib.cli._examples import EXAMPLES
+
+    example = EXAMPLES["distillation"]
+    beta, temperature = example.options["beta"], example.options["temperature"]
+    code, out, _ = explain(capsys, "--example", "distillation", "--decimals", "10")
+    assert code == 0
+    student = t64(example.logits).requires_grad_()
+    p = torch.softmax(student / temperature, dim=-1)
+    q = torch.softmax(t64(example.options["teacher"]) / temperature, dim=-1)
+    m = beta * q + (1 - beta) * p  # the mixture from probabilities: an independent evaluation
+    kl_q, kl_p = (q * (q / m).log()).sum(-1), (p * (p / m).log()).sum(-1)
+    rows = beta * kl_q + (1 - beta) * kl_p
+    (grad,) = torch.autograd.grad(rows.sum(), student)
+    tables = all_tables(out, "d D / d z_s")
+    assert len(tables) == student.shape[0]
+    for n, table in enumerate(tables):
+        cells = np.array([[float(cell) for cell in row[1:]] for row in table])
+        assert_close(cells[:, 2], p[n].tolist())
+        assert_close(cells[:, 3], q[n].tolist())
+        assert_close(cells[:, 4], m[n].tolist())
+        assert_close(cells[:, 7], grad[n].tolist())
+    kls = re.findall(r"KL\(q \|\| m\) = (\S+)\s+KL\(p \|\| m\) = (\S+)", out)
+    assert_close([[float(a), float(b)] for a, b in kls], torch.stack([kl_q, kl_p], 1).tolist())
+    divergences = re.findall(r"^  D = .* = (\S+)$", out, re.MULTILINE)
+    assert_close([float(d) for d in divergences], rows.tolist())
+    assert final_loss(out) == pytest.approx(rows.mean().item(), abs=1e-9)
+    assert "DIFFERS" not in out
+    for source in ("torch", "xentlib.distillation_loss", "xentlib.linear_distillation_loss"):
+        assert cross_check(out, source)[1] == "agrees", out
+
+
+@pytest.mark.parametrize("name", ["log-probs", "distillation"])
+def test_post_training_examples_take_no_inputs_and_are_listed(capsys, name):
+    code, _, err = explain(capsys, "--example", name, "--target", "[0]")
+    assert code == 2 and "has fixed inputs" in err
+    code, out, _ = explain(capsys, "--list-examples")
+    assert code == 0 and name in out

@@ -12,6 +12,7 @@ pytest.importorskip("transformers")
 gkd = pytest.importorskip("trl.experimental.gkd")
 
 import xentlib  # noqa: E402
+from xentlib.integrations import trl as xtrl  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -91,3 +92,58 @@ def test_distillation_steps_match_trl(beta):
     assert max(moved) > 1e-3  # the steps did move the student
     for a, b in zip(student_ours.parameters(), student_trl.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# The recipe of docs/transformers.md: a GKDTrainer whose compute_loss is xentlib's, against TRL's own compute_loss.
+
+
+class XentlibGKDTrainer(gkd.GKDTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = xtrl.gkd_linear_loss(model, self.teacher_model, inputs, self.beta, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+def bare_trainer(trainer_class, teacher, beta):
+    """A trainer object without Trainer.__init__ (no tokenizer, dataset or accelerator): compute_loss reads only
+    the teacher and beta."""
+    trainer = trainer_class.__new__(trainer_class)
+    trainer.teacher_model, trainer.beta = teacher, beta
+    return trainer
+
+
+def gkd_batch():
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 97, (3, 10), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[1, -3:] = 0  # right padding
+    labels = ids.masked_fill(attention == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("num_items_in_batch", [None, 11])
+def test_gkd_trainer_recipe_steps_equal_trls_compute_loss(beta, num_items_in_batch):
+    teacher = tiny_llama(32, seed=1)
+    student_trl = tiny_llama(16, seed=2).train()
+    student_ours = copy.deepcopy(student_trl)
+    theirs, ours = bare_trainer(gkd.GKDTrainer, teacher, beta), bare_trainer(XentlibGKDTrainer, teacher, beta)
+    inputs = gkd_batch()
+    items = None if num_items_in_batch is None else torch.tensor(num_items_in_batch)
+    opt_trl = torch.optim.SGD(student_trl.parameters(), lr=0.5)
+    opt_ours = torch.optim.SGD(student_ours.parameters(), lr=0.5)
+    for _ in range(3):
+        loss_trl = theirs.compute_loss(student_trl, inputs, num_items_in_batch=items)
+        loss_ours = ours.compute_loss(student_ours, inputs, num_items_in_batch=items)
+        torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
+        for opt, loss in ((opt_trl, loss_trl), (opt_ours, loss_ours)):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    moved = [(a - b).abs().max() for a, b in zip(student_ours.parameters(), tiny_llama(16, seed=2).parameters())]
+    assert max(moved) > 1e-3
+    for a, b in zip(student_ours.parameters(), student_trl.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    loss, outputs = ours.compute_loss(student_ours, inputs, return_outputs=True)
+    assert loss.ndim == 0 and outputs.last_hidden_state.shape == (3, 10, 16)

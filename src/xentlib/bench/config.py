@@ -9,9 +9,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROBLEMS = ("ce", "linear", "logprobs")
-# problems with input (n, d) and weight (v, d): NxDxV on the command line
-LINEAR_PROBLEMS = ("linear", "logprobs")
+PROBLEMS = ("ce", "linear", "logprobs", "distill")
+# problems with input (n, d) and weight (v, d): NxDxV on the command line (distill: the student's, and a teacher of
+# the same sizes)
+LINEAR_PROBLEMS = ("linear", "logprobs", "distill")
 
 # name on the command line -> attribute of the torch module
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -73,8 +74,9 @@ class BenchConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Shape:
-    """One problem size: `ce` has logits (n, v); `linear` and `logprobs` (per-token log-probabilities and
-    entropy of the logits input @ weight.T) have input (n, d) and weight (v, d)."""
+    """One problem size: `ce` has logits (n, v); `linear`, `logprobs` (per-token log-probabilities and entropy
+    of the logits input @ weight.T) and `distill` (the GKD divergence between a student and a teacher, each with
+    input (n, d) and weight (v, d)) have input (n, d) and weight (v, d)."""
 
     problem: str
     n: int
@@ -111,15 +113,15 @@ class BenchConfig:
     seed: int = 0
 
 
-_SHAPE_PATTERN = re.compile(r"^(ce|linear|logprobs):(\d+(?:x\d+)*)$")
+_SHAPE_PATTERN = re.compile(r"^(ce|linear|logprobs|distill):(\d+(?:x\d+)*)$")
 
 
 def parse_shape(text: str) -> Shape:
-    """`ce:NxV`, `linear:NxDxV` or `logprobs:NxDxV` -> Shape."""
+    """`ce:NxV`, `linear:NxDxV`, `logprobs:NxDxV` or `distill:NxDxV` -> Shape."""
     match = _SHAPE_PATTERN.match(text.strip().lower())
     if not match:
         raise BenchConfigError(
-            f"bad shape {text!r}: expected ce:NxV, linear:NxDxV or logprobs:NxDxV (e.g. ce:2048x32000)"
+            f"bad shape {text!r}: expected ce:NxV, linear:NxDxV, logprobs:NxDxV or distill:NxDxV (e.g. ce:2048x32000)"
         )
     problem, dims_text = match.groups()
     dims = [int(part) for part in dims_text.split("x")]

@@ -19,7 +19,8 @@ from xentlib.bench.config import DTYPES, Shape
 
 @dataclass
 class Case:
-    """Inputs of one (shape, dtype) configuration: ce has `logits`; linear has `x` and `weight`."""
+    """Inputs of one (shape, dtype) configuration: ce has `logits`; linear and logprobs have `x` and `weight`;
+    distill has the student's `x` and `weight` and the teacher's `teacher_x` and `teacher_weight` (no gradient)."""
 
     shape: Shape
     dtype_name: str
@@ -84,6 +85,9 @@ def make_case(shape: Shape, dtype_name: str, device, targets: str, label_smoothi
     else:
         case.tensors["x"] = randn(n, shape.d).requires_grad_()
         case.tensors["weight"] = randn(v, shape.d, scale=2.0 / math.sqrt(shape.d)).requires_grad_()
+    if shape.problem == "distill":  # the teacher: a constant of the student's sizes
+        case.tensors["teacher_x"] = randn(n, shape.d)
+        case.tensors["teacher_weight"] = randn(v, shape.d, scale=2.0 / math.sqrt(shape.d))
     if targets == "prob":
         case.tensors["target"] = torch.softmax(randn(n, v, scale=2.0).float(), dim=1).to(dtype)
     else:
@@ -356,6 +360,86 @@ def build_torch_compile_logprobs(case: Case) -> Step:
     return _policy_gradient_step(case, torch.compile(torch_logprobs, dynamic=False))
 
 
+# ------------------------------------------------------------------------------------ distill builders
+# Distillation (GKD): the generalized Jensen-Shannon divergence between the student's logits x @ W.T (which gets
+# the gradients of x and W) and a constant teacher's logits x_t @ W_t.T, beta = 0.5, temperature 1, 'batchmean'.
+
+DISTILL_BETA = 0.5
+
+
+def _distill_inputs(case: Case) -> tuple:
+    tensors = case.tensors
+    return tensors["x"], tensors["weight"], tensors["teacher_x"], tensors["teacher_weight"]
+
+
+def build_xentlib_distill(case: Case) -> Step:
+    import xentlib
+
+    kwargs = {"chunk_size": case.chunk_size} if case.chunk_size else {}
+    x, weight, teacher_x, teacher_weight = _distill_inputs(case)
+    return loss_step(
+        lambda: xentlib.linear_distillation_loss(x, weight, teacher_x, teacher_weight, beta=DISTILL_BETA, **kwargs)
+    )
+
+
+def torch_distill(x, weight, teacher_x, teacher_weight):
+    """The composition of TRL's `GKDTrainer.generalized_jsd_loss` (0 < beta < 1, temperature 1, no labels), in the
+    logits' dtype as TRL runs it: both log-softmaxes, log m = logsumexp of (log p + log(1 - beta), log q + log beta),
+    then beta KL(q || m) + (1 - beta) KL(p || m) by `kl_div`, summed and divided by the rows ('batchmean')."""
+    import torch
+    import torch.nn.functional as F
+
+    student_log_p = F.log_softmax(x @ weight.T, dim=-1)
+    with torch.no_grad():
+        teacher_log_q = F.log_softmax(teacher_x @ teacher_weight.T, dim=-1)
+    beta = torch.tensor(DISTILL_BETA, dtype=student_log_p.dtype, device=student_log_p.device)
+    mixture = torch.stack([student_log_p + torch.log1p(-beta), teacher_log_q + torch.log(beta)])
+    log_m = torch.logsumexp(mixture, dim=0)
+    kl_teacher = F.kl_div(log_m, teacher_log_q, reduction="none", log_target=True)
+    kl_student = F.kl_div(log_m, student_log_p, reduction="none", log_target=True)
+    jsd = beta * kl_teacher + (1 - beta) * kl_student
+    return jsd.sum() / jsd.shape[0]
+
+
+def build_torch_eager_distill(case: Case) -> Step:
+    inputs = _distill_inputs(case)
+    return loss_step(lambda: torch_distill(*inputs))
+
+
+def build_torch_compile_distill(case: Case) -> Step:
+    import torch
+
+    fn, inputs = torch.compile(torch_distill, dynamic=False), _distill_inputs(case)
+    return loss_step(lambda: fn(*inputs))
+
+
+def build_four_matmuls(case: Case) -> Step:
+    """The floor of any linear distillation: forward Z_s = x @ W.T and Z_t = x_t @ W_t.T; backward dx = dZ @ W,
+    dW = dZ.T @ x. No divergence is computed; dZ is a fixed random (N, V) tensor standing for the logits gradient."""
+    import torch
+
+    x, weight, teacher_x, teacher_weight = (tensor.detach() for tensor in _distill_inputs(case))
+    grad_logits = torch.randn(case.shape.n, case.shape.v, device=x.device).to(x.dtype)
+
+    def forward():
+        return x @ weight.T, teacher_x @ teacher_weight.T
+
+    def backward(logits):
+        del logits
+        case.tensors["x"].grad = grad_logits @ weight
+        case.tensors["weight"].grad = grad_logits.T @ x
+
+    return Step(forward=forward, backward=backward)
+
+
+def _missing_distill(case: Case) -> str | None:
+    try:
+        importlib.import_module("xentlib.distill")
+    except ImportError as error:
+        return f"xentlib.distill not importable ({error})"
+    return None
+
+
 def _missing_rl(case: Case) -> str | None:
     try:
         importlib.import_module("xentlib.rl")
@@ -416,6 +500,10 @@ IMPLS: tuple[Impl, ...] = (
     Impl("torch-eager", "logprobs", "baseline", build_torch_eager_logprobs),
     Impl("torch-compile", "logprobs", "baseline", build_torch_compile_logprobs, compiled=True),
     Impl("3-matmuls", "logprobs", "floor", build_three_matmuls),
+    Impl("xentlib", "distill", "xentlib", build_xentlib_distill, _missing_distill),
+    Impl("torch-eager", "distill", "baseline", build_torch_eager_distill),
+    Impl("torch-compile", "distill", "baseline", build_torch_compile_distill, compiled=True),
+    Impl("4-matmuls", "distill", "floor", build_four_matmuls),
 )
 
 IMPL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(impl.name for impl in IMPLS))

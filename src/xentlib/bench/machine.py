@@ -155,11 +155,13 @@ def limit_seconds(problem: str, n: int, d: int | None, v: int, dtype_name: str, 
     ce: the logits are read once and the gradient written once, 2*N*V*bytes at the reused-memory bandwidth,
     and every logit goes through one exp, N*V at the exp rate; the slower of the two bounds the time (on a
     small CPU they are close, on a GPU the bandwidth wins).
-    linear: three matmuls of 2*N*D*V FLOPs each (logits, dX, dW) at the measured matmul rate.
+    linear, logprobs: three matmuls of 2*N*D*V FLOPs each (logits, dX, dW) at the measured matmul rate.
+    distill: four (the student's logits, dX, dW, and the teacher's logits).
     """
     if problem == "ce":
         bandwidth_s = 2 * n * v * element_size / (limits["bw_reused_gbs"] * 1e9)
         exp_s = n * v / (limits["exp_gelem_s"] * 1e9)
         return ("bandwidth", bandwidth_s) if bandwidth_s >= exp_s else ("exp", exp_s)
     rate = limits.get(f"matmul_gflops_{dtype_name}")
-    return "matmul", (6 * n * d * v / (rate * 1e9)) if rate else float("nan")
+    matmuls = 4 if problem == "distill" else 3
+    return "matmul", (matmuls * 2 * n * d * v / (rate * 1e9)) if rate else float("nan")

@@ -21,8 +21,6 @@ LEADING_COLUMNS = (
     "thp_env", "sys_thp", "load_1m", "warmup", "repeats",
 )  # fmt: skip
 
-FLOOR_IMPL = "3-matmuls"
-
 
 def _group_key(row: dict) -> tuple:
     return (row["thp_env"], row["problem"], row["shape"], row["dtype"])
@@ -33,9 +31,10 @@ def add_ratios(rows: list[dict]) -> None:
 
     speedup_vs_B = time(B) / time(row): above 1 the row is faster than B.
     mem_vs_B = peak extra(row) / peak extra(B): below 1 the row needs less memory than B.
-    frac_of_floor (linear) = time(three bare matmuls) / time(row).
+    frac_of_floor = time(the floor row: bare matmuls, three, or four for distill) / time(row).
     """
     ok = {(_group_key(row), row["impl"]): row for row in rows if row.get("status") == "ok"}
+    floors = {_group_key(row): row for row in ok.values() if row.get("role") == "floor"}
     for row in rows:
         if row.get("status") != "ok":
             continue
@@ -46,7 +45,7 @@ def add_ratios(rows: list[dict]) -> None:
             row[f"speedup_vs_{baseline}"] = reference["fwdbwd_median_ms"] / row["fwdbwd_median_ms"]
             if reference.get("peak_extra_bytes", 0) > 0 and "peak_extra_bytes" in row:
                 row[f"mem_vs_{baseline}"] = row["peak_extra_bytes"] / reference["peak_extra_bytes"]
-        floor = ok.get((_group_key(row), FLOOR_IMPL))
+        floor = floors.get(_group_key(row))
         if floor is not None:
             row["frac_of_floor"] = floor["fwdbwd_median_ms"] / row["fwdbwd_median_ms"]
 
@@ -146,9 +145,14 @@ TABLE_LEGEND = (
     "times: median [min-max] over the repeats; 'vs B' = time(B) / time(impl), above 1 is faster than B; "
     "peak extra = peak memory beyond the inputs (and the x/W gradients for linear), also in units of the "
     "logits size N*V; 'of limit' = bound / time (ce: the slower of 2*N*V*bytes at reused-memory "
-    "bandwidth and N*V exps at exp rate; linear: 6*N*D*V FLOPs at matmul rate); 'of floor' = time of "
-    "three bare matmuls / time."
+    "bandwidth and N*V exps at exp rate; linear, logprobs: 6*N*D*V FLOPs at matmul rate; distill: 8*N*D*V); "
+    "'of floor' = time of the bare matmuls (three; four for distill) / time."
 )
+
+TABLE_TITLES = {
+    "ce": "logits (N, V)",
+    "distill": "student and teacher: input (N, D), weight (V, D)",
+}
 
 
 TEXT_COLUMNS = ("THP", "shape", "dtype", "impl", "note")
@@ -158,7 +162,7 @@ def print_table(rows: list[dict], echo=print) -> None:
     for problem in dict.fromkeys(row["problem"] for row in rows):
         selected = [row for row in rows if row["problem"] == problem]
         columns = table_columns(selected)
-        title = f"{problem}: {'logits (N, V)' if problem == 'ce' else 'input (N, D), weight (V, D)'}"
+        title = f"{problem}: {TABLE_TITLES.get(problem, 'input (N, D), weight (V, D)')}"
         try:
             _print_rich_table(title, columns, selected)
         except ImportError:

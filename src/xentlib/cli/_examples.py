@@ -1,11 +1,13 @@
 """Built-in examples for `xentlib explain --example NAME`.
 
-Two kinds:
+Three kinds:
 * `Worked` examples: small inputs that `explain` walks through step by step (the textbook numbers, weights,
   smoothing, ignore_index, probability targets, nll_loss, the binary losses, the fused linear layer).
 * `Mistake` examples: a common way to call cross_entropy wrongly. Each holds the code that makes the mistake
   and the code that fixes it; `explain` executes both snippets for real with torch and shows what each
   produces (the error message or the wrong number), so the text on screen is exactly the code that ran.
+* `PostTraining` examples: per-token log-probabilities and entropy (RL) and a distillation divergence (GKD),
+  step by step from the reference's intermediates.
 
 Plain data only: this module imports neither numpy nor torch.
 """
@@ -218,4 +220,41 @@ MISTAKES = (
     ),
 )
 
-EXAMPLES: dict[str, Worked | Mistake] = {example.name: example for example in WORKED + MISTAKES}
+
+@dataclass(frozen=True)
+class PostTraining:
+    """A post-training quantity walked through step by step: `log_probs` (per-token log p(target) and entropy,
+    the inputs of an RL policy-gradient loss) or `distillation` (GKD's divergence of a student from a teacher)."""
+
+    name: str
+    summary: str
+    op: str  # "log_probs" or "distillation"
+    logits: Any  # (N, V); the student's for distillation
+    target: Any = None  # (N,) class indices for log_probs
+    options: dict[str, Any] = field(default_factory=dict)  # temperature; distillation: teacher, beta
+    note: str = ""
+
+
+POST_TRAINING = (
+    PostTraining(
+        name="log-probs",
+        summary="per-token log p(target) and entropy at temperature 0.7 (the inputs of GRPO/PPO losses)",
+        op="log_probs",
+        logits=[[2.0, 0.5, -1.0, 0.1], [0.3, 0.2, 1.1, -0.4]],
+        target=[0, 3],
+        options={"temperature": 0.7},
+        note="An RL trainer scores the sampled tokens with log p(target) and adds the entropy as a bonus.",
+    ),
+    PostTraining(
+        name="distillation",
+        summary="GKD's generalized Jensen-Shannon divergence, beta=0.5, of a student from a teacher",
+        op="distillation",
+        logits=[[1.0, 0.2, -0.5, 0.0], [0.1, 1.5, -0.3, 0.4]],
+        options={"teacher": [[2.0, -0.2, -1.0, 0.3], [0.0, 0.8, 0.6, -0.1]], "beta": 0.5, "temperature": 1.0},
+        note="The student p is pulled towards the teacher q through their mixture m = beta q + (1 - beta) p.",
+    ),
+)
+
+EXAMPLES: dict[str, Worked | Mistake | PostTraining] = {
+    example.name: example for example in WORKED + MISTAKES + POST_TRAINING
+}

@@ -31,12 +31,15 @@ def _preset_lines() -> str:
 
 
 EPILOG = f"""\
-shapes: ce:NxV (logits N x V) and linear:NxDxV (input N x D, weight V x D), comma-separated.
+shapes: ce:NxV (logits N x V), linear:NxDxV (input N x D, weight V x D), logprobs:NxDxV (per-token log p and
+  entropy of input @ weight.T, a policy-gradient loss) and distill:NxDxV (GKD's divergence, beta 0.5, of a student
+  and a constant teacher of these sizes), comma-separated.
 presets (default: default):
 {_preset_lines()}
 implementations: xentlib, xentlib-inplace (ce), xentlib-tiled (linear, GPU), torch-eager, torch-compile,
   torch-chunked (linear), liger, cce (GPU peers: run when importable, skipped with a note otherwise),
-  3-matmuls (linear: x@W.T, dZ@W, dZ.T@x, the floor of any linear cross-entropy).
+  3-matmuls (linear, logprobs: x@W.T, dZ@W, dZ.T@x, the floor of any linear cross-entropy),
+  4-matmuls (distill: the same and the teacher's x_t@W_t.T).
 examples:
   xentlib bench
   xentlib bench --preset tiny
@@ -55,9 +58,13 @@ def register(subparsers) -> None:
         epilog=EPILOG,
     )
     what = parser.add_argument_group("what to run")
-    what.add_argument("--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV / logprobs:NxDxV")
+    what.add_argument(
+        "--shapes", metavar="LIST", help="comma-separated ce:NxV / linear:NxDxV / logprobs:NxDxV / distill:NxDxV"
+    )
     what.add_argument("--preset", choices=tuple(PRESETS), help="a named run, see below (default: default)")
-    what.add_argument("--problems", metavar="LIST", help="problems to keep: ce, linear, logprobs (default: all)")
+    what.add_argument(
+        "--problems", metavar="LIST", help="problems to keep: ce, linear, logprobs, distill (default: all)"
+    )
     what.add_argument("--dtypes", metavar="LIST", help="fp32, bf16, fp16 (default: the preset's, fp32,bf16 for most)")
     what.add_argument("--impls", metavar="LIST", help="keep only these implementations (default: all that apply)")
     what.add_argument(

@@ -14,6 +14,15 @@ or, for a model used by hand, `xtrl.add_fused_lm_head(model, temperature=0.7, ou
 The head maths a config declares (`final_logit_softcapping`, `logit_scale`, ...) are read as
 `xentlib.integrations.transformers` reads them. The fields `log_sum_sq_probs`, `mean_logits` and `is_top1` are
 not computed (asking for them raises). trl is imported only when a function here is called.
+
+Distillation (GKD): TRL's `GKDTrainer` has no hook for a fused loss; `gkd_linear_loss` is the loss of its
+`compute_loss` computed by `xentlib.linear_distillation_loss` from both models' last hidden states and output
+embeddings, never the (tokens, vocab) logits of either. Override `compute_loss` with it (docs/transformers.md):
+
+    class XentlibGKDTrainer(GKDTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = xtrl.gkd_linear_loss(model, self.teacher_model, inputs, self.beta, num_items_in_batch)
+            return (loss, outputs) if return_outputs else loss
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import types
 
 import torch
 
-__all__ = ["add_fused_lm_head", "patch_trl_trainers", "unpatch_trl_trainers"]
+__all__ = ["add_fused_lm_head", "gkd_linear_loss", "patch_trl_trainers", "unpatch_trl_trainers"]
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
 TRAINER_MODULES = ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
@@ -120,3 +129,32 @@ def unpatch_trl_trainers() -> None:
     for name, original in list(_ORIGINALS.items()):
         importlib.import_module(name).add_fused_lm_head = original
         del _ORIGINALS[name]
+
+
+def gkd_linear_loss(model, teacher_model, inputs, beta: float, num_items_in_batch=None):
+    """(loss, student decoder outputs) of `GKDTrainer.compute_loss`, with the logits never formed.
+
+    TRL's step: both models on `input_ids` / `attention_mask` (the teacher in eval mode, without gradients), the
+    causal shift (position i predicts token i + 1), then `generalized_jsd_loss(student_logits, teacher_logits,
+    labels, beta=beta)` at temperature 1, 'batchmean' over the tokens whose label is not -100, or the sum divided
+    by `num_items_in_batch` when the trainer passes it. Here the decoders (`get_decoder()`) give the last hidden
+    states, and `xentlib.linear_distillation_loss` takes them with the output embeddings (`lm_head`) of both
+    models. Models whose head is more than a linear layer (a final logit soft-cap, a logit scale) are not covered.
+    """
+    from xentlib.distill import linear_distillation_loss
+
+    batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    outputs = model.get_decoder()(**batch)
+    teacher_model.eval()
+    with torch.no_grad():
+        teacher_hidden = teacher_model.get_decoder()(**batch).last_hidden_state
+    reduction = "batchmean" if num_items_in_batch is None else "sum"
+    head, teacher_head = model.get_output_embeddings(), teacher_model.get_output_embeddings()
+    loss = linear_distillation_loss(
+        outputs.last_hidden_state[:, :-1], head.weight, teacher_hidden[:, :-1], teacher_head.weight,
+        inputs["labels"][:, 1:], student_bias=getattr(head, "bias", None),
+        teacher_bias=getattr(teacher_head, "bias", None), beta=beta, reduction=reduction,
+    )  # fmt: skip
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss, outputs

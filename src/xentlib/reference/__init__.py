@@ -9,9 +9,11 @@ NumPy is imported: this package works where torch is not installed.
     cross_entropy (+ _backward), cross_entropy_stats (+ _backward), cross_entropy_steps (every intermediate)
                                                     cross_entropy.py  (the unified formula lives there)
     linear_cross_entropy (+ _backward)              linear.py
-    log_probs, linear_log_probs (+ _backward)       log_probs.py  (per-token log p(target) and entropy, for RL)
+    log_probs, linear_log_probs (+ _backward, log_probs_steps)
+                                                    log_probs.py  (per-token log p(target) and entropy, for RL)
     binary_cross_entropy(_with_logits) (+ _backward) bce.py
-    distillation, linear_distillation (+ _backward) distillation.py  (GKD's generalized Jensen-Shannon divergence)
+    distillation, linear_distillation (+ _backward, distillation_steps)
+                                                    distillation.py  (GKD's generalized Jensen-Shannon divergence)
 
 Cross-entropy of logits x against a class t is -log softmax(x)_t = log sum_c exp(x_c) - x_t. Two rows:
 
@@ -55,9 +57,11 @@ from xentlib.reference.cross_entropy import (
     cross_entropy_steps,
 )
 from xentlib.reference.distillation import (
+    DistillationSteps,
     LinearDistillationGrads,
     distillation,
     distillation_backward,
+    distillation_steps,
     linear_distillation,
     linear_distillation_backward,
 )
@@ -69,10 +73,12 @@ from xentlib.reference.linear import (
 from xentlib.reference.log_probs import (
     LinearLogProbsGrads,
     LogProbs,
+    LogProbsSteps,
     linear_log_probs,
     linear_log_probs_backward,
     log_probs,
     log_probs_backward,
+    log_probs_steps,
 )
 from xentlib.reference.nll import nll_loss, nll_loss_backward, nll_loss_steps
 from xentlib.reference.softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
@@ -82,9 +88,11 @@ __all__ = [
     "CrossEntropyGrads",
     "CrossEntropyStats",
     "CrossEntropySteps",
+    "DistillationSteps",
     "LinearCrossEntropyGrads",
     "LinearLogProbsGrads",
     "LogProbs",
+    "LogProbsSteps",
     "LinearDistillationGrads",
     "SoftmaxSteps",
     "binary_cross_entropy",
@@ -98,6 +106,7 @@ __all__ = [
     "cross_entropy_steps",
     "distillation",
     "distillation_backward",
+    "distillation_steps",
     "linear_cross_entropy",
     "linear_cross_entropy_backward",
     "linear_log_probs",
@@ -108,6 +117,7 @@ __all__ = [
     "log_softmax_backward",
     "log_probs",
     "log_probs_backward",
+    "log_probs_steps",
     "nll_loss",
     "nll_loss_backward",
     "nll_loss_steps",

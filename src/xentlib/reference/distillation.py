@@ -62,24 +62,55 @@ def _rows(student_logits, teacher_logits, target, ignore_index):
     return zs.reshape(-1, vocab), zt.reshape(-1, vocab), keep, lead, batch
 
 
+class DistillationSteps(NamedTuple):
+    """Every intermediate of the divergence, per row of (R, V) logits (float64).
+
+    For 0 < beta < 1 the mixture m = beta q + (1 - beta) p; at the endpoints m is the distribution the remaining
+    KL is taken against: m = p for beta = 0 (kl_teacher = KL(q || p), kl_student = 0) and m = q for beta = 1
+    (kl_student = KL(p || q), kl_teacher = 0), so divergence = w_t kl_teacher + w_s kl_student with the weights
+    (w_t, w_s) = (beta, 1 - beta) inside and (1, 0) resp. (0, 1) at the endpoints.
+    """
+
+    log_p: np.ndarray  # (R, V) log softmax(z_s / T), the student
+    log_q: np.ndarray  # (R, V) log softmax(z_t / T), the teacher
+    log_m: np.ndarray  # (R, V) log m
+    kl_teacher: np.ndarray  # (R,) KL(q || m)
+    kl_student: np.ndarray  # (R,) KL(p || m)
+    weights: tuple[float, float]  # (w_t, w_s)
+    divergence: np.ndarray  # (R,)
+    grad: np.ndarray  # (R, V) d divergence / d z_s
+
+
+def distillation_steps(student_logits, teacher_logits, *, beta: float = 0.0, temperature: float = 1.0):
+    """`DistillationSteps` of (R, V) student and teacher logits: the unreduced divergence and its gradient."""
+    zs, zt = as_float64(student_logits), as_float64(teacher_logits)
+    with quiet():
+        log_p = _log_softmax_last(zs / temperature)
+        log_q = _log_softmax_last(zt / temperature)
+        p, q = np.exp(log_p), np.exp(log_q)
+        if beta == 0.0:  # KL(q || p); dD/dz_s = (p - q) / T
+            kl_teacher = (q * (log_q - log_p)).sum(-1)
+            zero = np.zeros_like(kl_teacher)
+            return DistillationSteps(
+                log_p, log_q, log_p, kl_teacher, zero, (1.0, 0.0), kl_teacher, (p - q) / temperature
+            )
+        if beta == 1.0:
+            log_m, weights = log_q, (0.0, 1.0)
+        else:
+            log_m = np.logaddexp(np.log(beta) + log_q, np.log1p(-beta) + log_p)  # log(beta q + (1 - beta) p)
+            weights = (beta, 1.0 - beta)
+        kl_teacher = (q * (log_q - log_m)).sum(-1)
+        r = log_p - log_m
+        kl_student = (p * r).sum(-1)
+        grad = weights[1] * p * (r - kl_student[:, None]) / temperature
+        divergence = weights[0] * kl_teacher + weights[1] * kl_student
+        return DistillationSteps(log_p, log_q, log_m, kl_teacher, kl_student, weights, divergence, grad)
+
+
 def _divergence_and_grad(zs: np.ndarray, zt: np.ndarray, beta: float, temperature: float):
     """Per-row divergence (R,) and its gradient wrt z_s (R, V)."""
-    log_p = _log_softmax_last(zs / temperature)
-    log_q = _log_softmax_last(zt / temperature)
-    p, q = np.exp(log_p), np.exp(log_q)
-    if beta == 0.0:
-        return (q * (log_q - log_p)).sum(-1), (p - q) / temperature
-    if beta == 1.0:
-        log_m, weight = log_q, 1.0
-        value_q = 0.0
-    else:
-        log_m = np.logaddexp(np.log(beta) + log_q, np.log1p(-beta) + log_p)  # log(beta q + (1 - beta) p)
-        weight = 1.0 - beta
-        value_q = beta * (q * (log_q - log_m)).sum(-1)
-    r = log_p - log_m
-    kl_p = (p * r).sum(-1)
-    grad = weight * p * (r - kl_p[:, None]) / temperature
-    return value_q + weight * kl_p, grad
+    steps = distillation_steps(zs, zt, beta=beta, temperature=temperature)
+    return steps.divergence, steps.grad
 
 
 def _denominator(reduction: str, keep: np.ndarray, has_target: bool, batch: int) -> float:

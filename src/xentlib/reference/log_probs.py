@@ -62,8 +62,19 @@ def _rows(logits, target, ignore_index):
     return np.where(valid, t, 0), valid
 
 
-def log_probs(logits, target, *, temperature: float = 1.0, ignore_index: int = -100, softcap=None) -> LogProbs:
-    """Per-token log p(target) and entropy of softmax(softcap(logits) / temperature); logits (..., V)."""
+class LogProbsSteps(NamedTuple):
+    """Every intermediate of `log_probs`, classes on the last dimension (float64)."""
+
+    scaled: np.ndarray  # u = softcap(z) / T
+    log_p: np.ndarray  # log softmax(u) = (u - max) - log sum exp(u - max)
+    p: np.ndarray  # exp(log p)
+    log_prob: np.ndarray  # log p[target], 0 on ignored rows (the target's shape)
+    entropy: np.ndarray  # -sum p log p (0 log 0 = 0), 0 on ignored rows
+    valid: np.ndarray  # target != ignore_index
+
+
+def log_probs_steps(logits, target, *, temperature=1.0, ignore_index=-100, softcap=None) -> LogProbsSteps:
+    """`LogProbsSteps` of logits (..., V) and class-index targets (...)."""
     safe, valid = _rows(logits, target, ignore_index)
     with quiet():
         u, _ = _scaled(logits, temperature, softcap)
@@ -71,7 +82,13 @@ def log_probs(logits, target, *, temperature: float = 1.0, ignore_index: int = -
         p = np.exp(log_p)
         entropy = -np.sum(np.where(p > 0, p * log_p, 0.0), axis=-1)
     log_prob = np.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
-    return LogProbs(np.where(valid, log_prob, 0.0), np.where(valid, entropy, 0.0))
+    return LogProbsSteps(u, log_p, p, np.where(valid, log_prob, 0.0), np.where(valid, entropy, 0.0), valid)
+
+
+def log_probs(logits, target, *, temperature: float = 1.0, ignore_index: int = -100, softcap=None) -> LogProbs:
+    """Per-token log p(target) and entropy of softmax(softcap(logits) / temperature); logits (..., V)."""
+    steps = log_probs_steps(logits, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap)
+    return LogProbs(steps.log_prob, steps.entropy)
 
 
 def log_probs_backward(grad_log_prob, grad_entropy, logits, target, *, temperature=1.0, ignore_index=-100,

@@ -14,6 +14,8 @@ intermediates it shows. Layout:
     render.py    the report (Rich tables)
     plot.py      --plot
     mistakes.py  --list-examples and the common-mistake examples
+    post_training.py  the log-probs and distillation examples (steps from the reference, checked against
+                 torch and xentlib's fused functions)
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import argparse
 from pathlib import Path
 
 from xentlib.cli import CLIError
-from xentlib.cli._examples import Mistake
+from xentlib.cli._examples import Mistake, PostTraining
 from xentlib.cli._shared import add_command_parser, check_plot_directory, make_console, require_packages
 from xentlib.cli.explain.mistakes import explain_mistake, print_example_list
 from xentlib.cli.explain.plot import index_name, plot_index, write_plot
+from xentlib.cli.explain.post_training import explain_post_training
 from xentlib.cli.explain.problem import OPS, REDUCTIONS, build_problem, find_example
 from xentlib.cli.explain.render import render
 from xentlib.cli.explain.steps import explain
@@ -37,7 +40,9 @@ EPILOG = """examples:
   xentlib explain --example textbook --label-smoothing 0.1 --weight '[1, 2, 3]' --plot ce.png
   xentlib explain --op linear --input '[[0.5, -1]]' --linear-weight '[[0.3, -0.2], [-0.6, 0.1]]' \\
                   --target '[1]'
-  xentlib explain --example mistake-btc          (common mistakes: see --list-examples)"""
+  xentlib explain --example mistake-btc          (common mistakes: see --list-examples)
+  xentlib explain --example log-probs            (per-token log p(target) and entropy, for RL)
+  xentlib explain --example distillation         (GKD's divergence of a student from a teacher)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,10 +112,13 @@ def run(args: argparse.Namespace) -> int:
         print_example_list(console)
         return 0
     example = find_example(args.example)
-    if isinstance(example, Mistake):
-        if args.logits is not None or args.file is not None or args.target is not None:
-            raise CLIError(f"--example {example.name} runs fixed code; it takes no --logits/--file/--target")
-        explain_mistake(console, example)
+    if isinstance(example, Mistake | PostTraining):
+        if args.logits is not None or args.file is not None or args.target is not None or args.plot is not None:
+            raise CLIError(f"--example {example.name} has fixed inputs; it takes no --logits/--file/--target/--plot")
+        if isinstance(example, Mistake):
+            explain_mistake(console, example)
+        else:
+            explain_post_training(console, example, args.decimals)
         return 0
     problem = build_problem(args, example)
     explanation = explain(problem)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xentlib.cli._examples import MISTAKES, WORKED, Mistake
+from xentlib.cli._examples import MISTAKES, POST_TRAINING, WORKED, Mistake
 from xentlib.cli._shared import one_line, print_table
 
 
@@ -16,6 +16,8 @@ def print_example_list(console) -> None:
     table.add_column("op")
     table.add_column("what it shows")
     for example in WORKED:
+        table.add_row(example.name, example.op, example.summary)
+    for example in POST_TRAINING:
         table.add_row(example.name, example.op, example.summary)
     for mistake in MISTAKES:
         table.add_row(mistake.name, "mistake", mistake.summary)
