@@ -134,13 +134,14 @@ def test_distillation_loss_float64(beta, temperature, reduction, with_target):
 
 def assert_error_at_most_torchs(mine, theirs, truth):
     """Our error against the float64 truth is at most torch's composition's in the same dtype, plus an ulp of the
-    largest value. In float32 both errors are rounding noise of a different summation order: there we allow
-    twice torch's."""
+    largest value. In float32 both errors are rounding noise of other evaluation orders (and on CPU the compiled
+    kernel's exp and log polynomials, within 1.5 and 3 ulp), where torch's is sometimes far below an ulp by
+    chance: there we allow twice torch's plus four ulps of the largest value. A wrong formula is off by far more."""
     mine_err = (mine.double() - truth).abs().max()
     torch_err = (theirs.double() - truth).abs().max()
     ulp = torch.finfo(mine.dtype).eps * float(truth.abs().max())
-    factor = 2.0 if mine.dtype == torch.float32 else 1.0
-    assert mine_err <= factor * torch_err + ulp, (float(mine_err), float(torch_err))
+    factor, ulps = (2.0, 4.0) if mine.dtype == torch.float32 else (1.0, 1.0)
+    assert mine_err <= factor * torch_err + ulps * ulp, (float(mine_err), float(torch_err))
 
 
 @pytest.mark.parametrize("beta", BETAS)
@@ -447,3 +448,52 @@ def test_opcheck():
     for reduction in REDUCTIONS:
         args = (xs, ws, bs, xt, wt, bt, tg != -100, None, 0.0, 1.0, reduction, 5, True, True, True, 2)
         torch.library.opcheck(torch.ops.xentlib.linear_distillation, args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The compiled CPU kernel (cpu_rows.c, xent_distillation) and the PyTorch ops, each against the reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 3.0])
+def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, beta, temperature):
+    """float32/bfloat16 CPU rows run the compiled kernel unless it is off; both paths against the float64
+    reference, with classes masked to -inf in both models (0 log 0 = 0: a finite divergence, zero gradient
+    there), a vocabulary that is not a multiple of the kernel's vector width, and rows over its threading
+    threshold."""
+    from xentlib.backends import cpu_kernel
+
+    if path == "torch ops":
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    elif not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    student, teacher, target = make((300,), 251, dtype=dtype, seed=25, scale=3.0)
+    student[:, :7], teacher[:, :7] = float("-inf"), float("-inf")
+    loss, grad = ours(student, teacher, target, beta=beta, temperature=temperature, reduction="none")
+    assert cpu_kernel.supports_distillation(student, teacher, None) == (path == "kernel")
+    keep = (target != -100).numpy()
+    rows = ref.distillation(student.double().numpy(), teacher.double().numpy(), beta=beta, temperature=temperature,
+                            reduction="none")  # fmt: skip
+    want_grad = ref.distillation_backward(np.ones(300), student.double().numpy(), teacher.double().numpy(),
+                                          beta=beta, temperature=temperature, reduction="none")  # fmt: skip
+    assert np.isfinite(rows).all()
+    tol = dict(rtol=1e-4, atol=5e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-4)  # u = z / 0.3: ~40
+    np.testing.assert_allclose(loss.double().numpy(), np.where(keep, rows, 0.0), **tol)
+    np.testing.assert_allclose(grad.double().numpy(), np.where(keep[:, None], want_grad, 0.0), **tol)
+    assert (grad[:, :7] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch ops"])
+def test_rows_without_a_finite_softmax_are_nan_on_both_paths(monkeypatch, path):
+    from xentlib.backends import cpu_kernel
+
+    if path == "torch ops":
+        monkeypatch.setitem(cpu_kernel._state, "fn", None)
+    student, teacher, _ = make((4,), 9, dtype=torch.float32, seed=26)
+    student[0, 2], teacher[1, 3], student[2] = float("nan"), float("inf"), float("-inf")
+    loss, grad = ours(student, teacher, None, beta=0.5, reduction="none")
+    assert loss[:3].isnan().all() and grad[:3].isnan().all()
+    assert loss[3].isfinite() and grad[3].isfinite().all()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends import cpu_kernel
 from xentlib.backends.composite import refuse_transforms
 from xentlib.linear import accumulate_mm_, default_chunk_rows
 
@@ -51,13 +52,14 @@ def _log_softmax(z: Tensor, temperature: float, acc: torch.dtype) -> Tensor:
 
 def _block_rows(zs: Tensor, zt: Tensor, beta: float, temperature: float, scale: Tensor | None, grad: Tensor | None):
     """Divergence per row (acc dtype) of one block of (R, V) student and teacher logits. With `grad`, writes
-    scale[r] * dL_r/dz_s into it (it may be `zs` itself: zs is read before grad is written)."""
+    scale[r] * dL_r/dz_s into it (it may be `zs` itself: zs is read before grad is written). A term whose
+    probability is 0 is 0 (0 log 0 = 0), also for a class masked to -inf in both models."""
     acc = _acc_dtype(zs.dtype)
     log_p = _log_softmax(zs, temperature, acc)
     log_q = _log_softmax(zt, temperature, acc)
     if beta == 0.0:  # KL(q || p) = sum q (log q - log p);  dL/ds = p - q
         q = log_q.exp()
-        loss = (q * log_q.sub_(log_p)).sum(1)
+        loss = _times_(log_q.sub_(log_p), q).sum(1)
         if grad is not None:
             d = log_p.exp_().sub_(q)
             _write_grad(grad, d, scale, temperature)
@@ -67,17 +69,22 @@ def _block_rows(zs: Tensor, zt: Tensor, beta: float, temperature: float, scale: 
     else:  # log m = log(beta q + (1 - beta) p), computed as a logaddexp of log-probabilities (no 0 log 0)
         log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
         q = log_q.exp()
-        kl_q = (q * log_q.sub_(log_m)).sum(1)  # KL(q || m)
+        kl_q = _times_(log_q.sub_(log_m), q).sum(1)  # KL(q || m)
         del q
         weight = 1.0 - beta
     r = torch.sub(log_p, log_m, out=log_m) if log_m is not log_q else log_q.neg_().add_(log_p)  # log p - log m
     p = log_p.exp_()
-    kl_p = (p * r).sum(1)  # KL(p || m)
+    kl_p = _times_(r.clone(), p).sum(1)  # KL(p || m)
     loss = kl_p if kl_q is None else beta * kl_q + weight * kl_p
     if grad is not None:  # d/ds_j [(1-beta) KL(p||m) + beta KL(q||m)] = (1-beta) p_j (r_j - KL(p||m))
-        d = r.sub_(kl_p.unsqueeze(1)).mul_(p)
+        d = _times_(r.sub_(kl_p.unsqueeze(1)), p)
         _write_grad(grad, d, scale, temperature / weight)
     return loss
+
+
+def _times_(value: Tensor, probability: Tensor) -> Tensor:
+    """value * probability in place, 0 where the probability is 0 (whatever the value: -inf - -inf is NaN)."""
+    return value.mul_(probability).masked_fill_(probability == 0, 0.0)
 
 
 def _write_grad(grad: Tensor, d: Tensor, scale: Tensor | None, divisor: float) -> None:
@@ -92,6 +99,11 @@ def _write_grad(grad: Tensor, d: Tensor, scale: Tensor | None, divisor: float) -
 def _chunk_rows(zs: Tensor, zt: Tensor, beta, temperature, scale: Tensor | None, grad: Tensor | None) -> Tensor:
     """`_block_rows` over blocks of rows so the float32 temporaries stay small (about _BLOCK_BYTES each)."""
     count, vocab = zs.shape
+    if cpu_kernel.supports_distillation(zs, zt, grad):  # one sweep per row in C, its own threads (cpu_rows.c)
+        loss = torch.empty(count, dtype=torch.float32)
+        scale = None if scale is None else scale.to(torch.float32).contiguous()
+        cpu_kernel.distillation_rows(zs, zt, beta, temperature, scale, loss, grad)
+        return loss
     block = max(1, _BLOCK_BYTES // (max(vocab, 1) * 4))
     if count <= block:
         return _block_rows(zs, zt, beta, temperature, scale, grad)
@@ -241,11 +253,18 @@ def composite_rows(zs: Tensor, zt: Tensor, beta: float, temperature: float) -> T
     log_p = torch.log_softmax(zs.to(acc) / temperature, dim=-1)
     log_q = torch.log_softmax(zt.to(acc) / temperature, dim=-1)
     if beta == 0.0:
-        return (log_q.exp() * (log_q - log_p)).sum(-1)
+        return _kl_terms(log_q, log_p).sum(-1)
     if beta == 1.0:
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return _kl_terms(log_p, log_q).sum(-1)
     log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
-    return beta * (log_q.exp() * (log_q - log_m)).sum(-1) + (1 - beta) * (log_p.exp() * (log_p - log_m)).sum(-1)
+    return beta * _kl_terms(log_q, log_m).sum(-1) + (1 - beta) * _kl_terms(log_p, log_m).sum(-1)
+
+
+def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """a (log a - log b), 0 where a = 0; the difference is masked before the product, so that no NaN of a masked
+    class (-inf - -inf) reaches the gradient either."""
+    a = log_a.exp()
+    return a * torch.where(a > 0, log_a - log_b, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def _composite_loss(zs, zt, valid, row_scale, call) -> Tensor:

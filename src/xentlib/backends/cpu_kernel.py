@@ -98,8 +98,17 @@ COMMON_ARGUMENTS, COMMON_LAYOUT = CommonCallArguments._fields_, CommonCallArgume
 LOG_PROBS_ENTRY_POINT = "xent_log_probs"
 LogProbsArguments = _structure(
     "LogProbsArguments",
-    """logits:ptr logits_row_stride:i64 dtype:i32 rows:i64 classes:i64 target:ptr valid:ptr inv_temperature:f32
+    """logits:ptr logits_row_stride:i64 dtype:i32 rows:i64 classes:i64 target:ptr valid:ptr temperature:f32
     log_prob:ptr lse:ptr entropy:ptr grad_log_prob:ptr grad_entropy:ptr grad:ptr grad_row_stride:i64 scratch:ptr
+    scratch_row_stride:i64 threads:i32""",
+)
+
+# The distillation divergence's arguments (distill.py): `struct xent_distillation` in cpu_rows.c.
+DISTILLATION_ENTRY_POINT = "xent_distillation"
+DistillationArguments = _structure(
+    "DistillationArguments",
+    """student:ptr student_row_stride:i64 student_dtype:i32 teacher:ptr teacher_row_stride:i64 teacher_dtype:i32
+    rows:i64 classes:i64 beta:f32 temperature:f32 scale:ptr loss:ptr grad:ptr grad_row_stride:i64 scratch:ptr
     scratch_row_stride:i64 threads:i32""",
 )
 
@@ -173,9 +182,9 @@ def _compile(compiler: str, target: Path) -> str | None:
 
 
 def _open(target: Path):
-    """Load the library and its entry points (rows, common call, log-probabilities); raise OSError, AttributeError
-    or ValueError when it is not the kernel this module was written for (closing what was opened, so that a
-    rebuilt file at the same path is read anew)."""
+    """Load the library and its entry points (rows, common call, log-probabilities, distillation); raise
+    OSError, AttributeError or ValueError when it is not the kernel this module was written for (closing what
+    was opened, so that a rebuilt file at the same path is read anew)."""
     library = ctypes.CDLL(str(target))
     try:
         rows_fn = _entry_point(library, ENTRY_POINT, "xent_arguments", LAYOUT, Arguments)
@@ -183,10 +192,13 @@ def _open(target: Path):
         log_probs_fn = _entry_point(
             library, LOG_PROBS_ENTRY_POINT, "xent_log_probs", LogProbsArguments.layout, LogProbsArguments
         )
+        distillation_fn = _entry_point(
+            library, DISTILLATION_ENTRY_POINT, "xent_distillation", DistillationArguments.layout, DistillationArguments
+        )
     except (AttributeError, ValueError):
         _close(library)
         raise
-    return rows_fn, common_fn, log_probs_fn
+    return rows_fn, common_fn, log_probs_fn, distillation_fn
 
 
 def _entry_point(library: ctypes.CDLL, name: str, struct: str, layout: str, structure: type):
@@ -251,6 +263,7 @@ def _load():
             state["why"] = why
             state["common"] = None if functions is None else functions[1]
             state["log_probs"] = None if functions is None else functions[2]
+            state["distillation"] = None if functions is None else functions[3]
             state["fn"] = None if functions is None else functions[0]
         return state["fn"]
 
@@ -293,7 +306,7 @@ def log_probs_rows(
         classes=classes,
         target=target.data_ptr(),
         valid=valid.data_ptr(),
-        inv_temperature=1.0 / temperature,
+        temperature=temperature,
         log_prob=_pointer(log_prob),
         lse=_pointer(lse),
         entropy=_pointer(entropy if grad is None else saved_entropy),
@@ -308,6 +321,56 @@ def log_probs_rows(
     _state["log_probs"](ctypes.byref(call))  # every thread it starts is joined before it returns
     if grad is not None:
         torch.autograd.graph.increment_version(grad)
+
+
+def distillation_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    beta: float,
+    temperature: float,
+    scale: torch.Tensor | None,
+    loss: torch.Tensor,
+    grad: torch.Tensor | None,
+) -> None:
+    """`xent_distillation` over (R, V) float32/bfloat16 CPU student and teacher logits with contiguous classes:
+    `loss` (float32 (R,)) receives each row's divergence, `grad` (like the student, may be it) the student's
+    gradient times `scale` (float32 (R,), or None for 1). Callers check `supports_distillation` first."""
+    rows, classes = student.shape
+    threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
+    padded = -(-classes // LANES) * LANES
+    scratch = torch.empty(threads, 2 * padded, dtype=torch.float32)
+    call = DistillationArguments(
+        student=student.data_ptr(),
+        student_row_stride=student.stride(0),
+        student_dtype=DTYPES[student.dtype],
+        teacher=teacher.data_ptr(),
+        teacher_row_stride=teacher.stride(0),
+        teacher_dtype=DTYPES[teacher.dtype],
+        rows=rows,
+        classes=classes,
+        beta=beta,
+        temperature=temperature,
+        scale=_pointer(scale),
+        loss=loss.data_ptr(),
+        grad=_pointer(grad),
+        grad_row_stride=0 if grad is None else grad.stride(0),
+        scratch=scratch.data_ptr(),
+        scratch_row_stride=2 * padded,
+        threads=threads,
+    )
+    _state["distillation"](ctypes.byref(call))  # every thread it starts is joined before it returns
+    if grad is not None:
+        torch.autograd.graph.increment_version(grad)
+
+
+def supports_distillation(student: torch.Tensor, teacher: torch.Tensor, grad: torch.Tensor | None) -> bool:
+    """Whether `distillation_rows` computes these rows: CPU float32/bfloat16 (R, V) logits of both models with
+    contiguous classes (at least one; the gradient laid out so too), and the kernel built."""
+    ok = all(
+        t.device.type == "cpu" and t.dtype in DTYPES and t.dim() == 2 and _classes_contiguous(t, t.shape[1])
+        for t in (student, teacher) + (() if grad is None else (grad,))
+    )
+    return ok and student.shape[1] > 0 and (grad is None or grad.dtype == student.dtype) and _load() is not None
 
 
 def supports_log_probs(logits: torch.Tensor, softcap: float | None) -> bool:

@@ -476,20 +476,20 @@ void xent_common_call(struct xent_common_call *c) {
 #define XENT_LOG_PROBS(X)                                                                                         \
     X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)    \
     X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                      \
-    X(float, inv_temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, entropy, ptr)       \
+    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, entropy, ptr)       \
     X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr) X(void *, grad, ptr)                \
     X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
     X(int, threads, i32)
 
 XENT_DECLARE(xent_log_probs, XENT_LOG_PROBS)
 
-/* scratch[0:padded] *= factor (the padding's -inf stays -inf) */
-static void scale_row(float *scratch, int64_t classes, float factor) {
-    if (factor == 1.0f) return;
+/* u = z / T over scratch[0:padded], a division (one rounding, as z / T is in torch; the padding's -inf stays) */
+static void divide_row(float *scratch, int64_t classes, float temperature) {
+    if (temperature == 1.0f) return;
     for (int64_t c = 0; c < classes; c += LANES) {
         vf v;
         memcpy(&v, scratch + c, sizeof v);
-        v *= splat(factor);
+        v /= splat(temperature);
         memcpy(scratch + c, &v, sizeof v);
     }
 }
@@ -540,7 +540,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
     int64_t classes = a->classes;
     int dtype = a->dtype, backward = a->grad != NULL;
     size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
-    float inv_t = a->inv_temperature;
+    float temperature = a->temperature, inv_t = 1.0f / temperature;
     for (int64_t r = first; r < last; r++) {
         const void *row = (const char *)a->logits + (size_t)(r * a->logits_row_stride) * elem;
         void *grad_row = backward ? (char *)a->grad + (size_t)(r * a->grad_row_stride) * elem : NULL;
@@ -553,7 +553,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
             }
             continue;
         }
-        float m = load_row(row, dtype, classes, scratch) * inv_t;
+        float m = load_row(row, dtype, classes, scratch) / temperature;
         int64_t t = a->target[r];
         if (!isfinite(m)) {
             if (backward) {
@@ -564,7 +564,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
             }
             continue;
         }
-        scale_row(scratch, classes, inv_t);
+        divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
         if (backward) {
             float log_s = logf(exp_sum(scratch, classes, m));
@@ -588,4 +588,147 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
  * gradients grad_log_prob and grad_entropy, which may be NULL; entropy is then the forward's, read). */
 void xent_log_probs(const struct xent_log_probs *a) {
     run_rows(log_probs_range, a, a->rows, a->threads, a->scratch, a->scratch_row_stride);
+}
+
+/* log(x) for normal x > 0: x = 2^e f with f in [sqrt(1/2), sqrt(2)), log f by a degree-8 polynomial in f - 1
+ * (Cephes' logf coefficients; relative error about 1e-7), plus e ln 2 in two parts. */
+static inline vf log_normal(vf x) {
+    vi bits = (vi)x;
+    vi e = ((bits >> 23) & 0xff) - 127; /* x = 2^e f, f in [1, 2) */
+    vf f = (vf)((bits & 0x007fffff) | 0x3f800000);
+    vi big = f > splat(1.41421356f);
+    f = blend(big, f * splat(0.5f), f);
+    e -= big; /* a true comparison is -1 */
+    vf y = f - splat(1.0f), z = y * y;
+    vf p = splat(7.0376836292e-2f);
+    p = p * y + splat(-1.1514610310e-1f);
+    p = p * y + splat(1.1676998740e-1f);
+    p = p * y + splat(-1.2420140846e-1f);
+    p = p * y + splat(1.4249322787e-1f);
+    p = p * y + splat(-1.6668057665e-1f);
+    p = p * y + splat(2.0000714765e-1f);
+    p = p * y + splat(-2.4999993993e-1f);
+    p = p * y + splat(3.3333331174e-1f);
+    vf n = __builtin_convertvector(e, vf);
+    vf r = y * z * p + n * splat(-2.12194440e-4f) - splat(0.5f) * z;
+    return y + r + n * splat(0.693359375f);
+}
+
+/* log(1 + t) for t in [0, 1], accurate for small t: log(u) t / (u - 1) with u = 1 + t rounded (the rounding of u
+ * cancels in the ratio; Goldberg's method), t itself where u rounds to 1. */
+static inline vf log1p_unit(vf t) {
+    vf u = splat(1.0f) + t;
+    vi one = u == splat(1.0f);
+    vf d = blend(one, splat(1.0f), u - splat(1.0f));
+    return blend(one, t, log_normal(u) * (t / d));
+}
+
+/* The generalized Jensen-Shannon divergence of GKD (xentlib.distillation_loss, distill.py; docs/numerics.md) per
+ * row, with p = softmax(z_s / T) (student), q = softmax(z_t / T) (teacher), m = beta q + (1 - beta) p:
+ *   beta = 0:      D = KL(q || p),                               dD/dz_s = (p - q) / T
+ *   beta = 1:      D = KL(p || q),                               dD/dz_s = p (r - KL(p || q)) / T,  r = log p - log q
+ *   otherwise:     D = beta KL(q || m) + (1 - beta) KL(p || m),  dD/dz_s = (1 - beta) p (r - KL(p || m)) / T,
+ *                  r = log p - log m,  log m = logaddexp(log q + log beta, log p + log(1 - beta))
+ * with log p = (u_s - m_s) - log s_s (and log q alike), never u - lse. A term whose probability is 0 is 0 (not
+ * 0 * inf). `loss` receives D per row; with `grad` (which may be the student's logits: a row is read into scratch
+ * first) the gradient times `scale[r]` (1 when NULL). Two scratch rows per thread (student, teacher), each of
+ * classes rounded up to LANES floats: `scratch_row_stride` is twice that. A row whose max is not finite (either
+ * model's) gives NaN loss and gradient, as torch's log_softmax gives. */
+#define XENT_DISTILLATION(X)                                                                                      \
+    X(const void *, student, ptr) X(int64_t, student_row_stride, i64) X(int, student_dtype, i32)                  \
+    X(const void *, teacher, ptr) X(int64_t, teacher_row_stride, i64) X(int, teacher_dtype, i32)                  \
+    X(int64_t, rows, i64) X(int64_t, classes, i64) X(float, beta, f32) X(float, temperature, f32)             \
+    X(const float *, scale, ptr) X(float *, loss, ptr) X(void *, grad, ptr) X(int64_t, grad_row_stride, i64)     \
+    X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64) X(int, threads, i32)
+
+XENT_DECLARE(xent_distillation, XENT_DISTILLATION)
+
+/* Pass over a row's classes: the KL sums, and the scratch rows become p (student) and, for the gradient, q
+ * (beta = 0) or r = log p - log m. */
+static void distillation_sums(float *s_row, float *t_row, int64_t classes, float ms, float log_ss, float mt,
+                              float log_st, float beta, float *kl_p, float *kl_q) {
+    vf sum_p = (vf){}, sum_q = (vf){};
+    const vf zero = (vf){};
+    float log_keep = beta > 0.0f && beta < 1.0f ? log1pf(-beta) : 0.0f, log_beta = beta > 0.0f ? logf(beta) : 0.0f;
+    for (int64_t c = 0; c < classes; c += LANES) {
+        vf us, ut;
+        memcpy(&us, s_row + c, sizeof us);
+        memcpy(&ut, t_row + c, sizeof ut);
+        vf log_p = (us - splat(ms)) - splat(log_ss), log_q = (ut - splat(mt)) - splat(log_st);
+        vf p = exp_nonpositive(log_p), q = exp_nonpositive(log_q), second;
+        if (beta == 0.0f) { /* KL(q || p) */
+            sum_q += blend(q > zero, q * (log_q - log_p), zero);
+            second = q;
+        } else {
+            vf log_m = log_q; /* beta = 1: m = q */
+            if (beta < 1.0f) {
+                vf a = log_q + splat(log_beta), b = log_p + splat(log_keep);
+                vf high = blend(a > b, a, b), low = blend(a > b, b, a);
+                vi nothing = high == splat(-INFINITY); /* p = q = 0 here: its terms are 0 below */
+                log_m = blend(nothing, high, high + log1p_unit(exp_nonpositive(blend(nothing, zero, low - high))));
+                sum_q += blend(q > zero, q * (log_q - log_m), zero);
+            }
+            second = log_p - log_m;
+            sum_p += blend(p > zero, p * second, zero);
+        }
+        memcpy(s_row + c, &p, sizeof p);
+        memcpy(t_row + c, &second, sizeof second);
+    }
+    *kl_p = horizontal_sum(sum_p), *kl_q = horizontal_sum(sum_q);
+}
+
+/* LANES classes from c of the gradient: (p - q) coef (beta = 0) or p (r - kl_p) coef, 0 where p = 0. */
+static inline vf distillation_gradient_lanes(const float *s_row, const float *t_row, int64_t c, float beta,
+                                             float kl_p, float coef) {
+    vf p, second;
+    memcpy(&p, s_row + c, sizeof p);
+    memcpy(&second, t_row + c, sizeof second);
+    if (beta == 0.0f) return (p - second) * splat(coef);
+    return blend(p > (vf){}, p * (second - splat(kl_p)) * splat(coef), (vf){});
+}
+
+static void distillation_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
+    const struct xent_distillation *a = arguments;
+    int64_t classes = a->classes, padded = (classes + LANES - 1) / LANES * LANES;
+    float *s_row = scratch, *t_row = scratch + padded, beta = a->beta, temperature = a->temperature;
+    size_t s_elem = a->student_dtype == XENT_FLOAT32 ? 4 : 2, t_elem = a->teacher_dtype == XENT_FLOAT32 ? 4 : 2;
+    for (int64_t r = first; r < last; r++) {
+        const void *zs = (const char *)a->student + (size_t)(r * a->student_row_stride) * s_elem;
+        const void *zt = (const char *)a->teacher + (size_t)(r * a->teacher_row_stride) * t_elem;
+        void *grad_row = a->grad ? (char *)a->grad + (size_t)(r * a->grad_row_stride) * s_elem : NULL;
+        float ms = load_row(zs, a->student_dtype, classes, s_row) / temperature;
+        float mt = load_row(zt, a->teacher_dtype, classes, t_row) / temperature;
+        if (!isfinite(ms) || !isfinite(mt)) {
+            a->loss[r] = NAN;
+            if (grad_row) fill_row(grad_row, a->student_dtype, classes, NAN);
+            continue;
+        }
+        divide_row(s_row, classes, temperature);
+        divide_row(t_row, classes, temperature);
+        float log_ss = logf(exp_sum(s_row, classes, ms)), log_st = logf(exp_sum(t_row, classes, mt));
+        float kl_p, kl_q;
+        distillation_sums(s_row, t_row, classes, ms, log_ss, mt, log_st, beta, &kl_p, &kl_q);
+        int general = beta > 0.0f && beta < 1.0f;
+        a->loss[r] = beta == 0.0f ? kl_q : general ? beta * kl_q + (1.0f - beta) * kl_p : kl_p;
+        if (!grad_row) continue;
+        float coef = (a->scale ? a->scale[r] : 1.0f) * (general ? 1.0f - beta : 1.0f) / temperature;
+        int64_t full = classes - classes % LANES, c = 0;
+        for (; c < full; c += LANES) {
+            vf d = distillation_gradient_lanes(s_row, t_row, c, beta, kl_p, coef);
+            if (a->student_dtype == XENT_FLOAT32) {
+                memcpy((float *)grad_row + c, &d, sizeof d);
+            } else {
+                vh half = to_bf16(d);
+                memcpy((uint16_t *)grad_row + c, &half, sizeof half);
+            }
+        }
+        if (c < classes) {
+            vf d = distillation_gradient_lanes(s_row, t_row, c, beta, kl_p, coef);
+            for (int64_t k = c; k < classes; k++) store_scalar(grad_row, a->student_dtype, k, d[k - c]);
+        }
+    }
+}
+
+void xent_distillation(const struct xent_distillation *a) {
+    run_rows(distillation_range, a, a->rows, a->threads, a->scratch, a->scratch_row_stride);
 }

@@ -82,14 +82,16 @@ class DistillationSteps(NamedTuple):
 
 
 def distillation_steps(student_logits, teacher_logits, *, beta: float = 0.0, temperature: float = 1.0):
-    """`DistillationSteps` of (R, V) student and teacher logits: the unreduced divergence and its gradient."""
+    """`DistillationSteps` of (R, V) student and teacher logits: the unreduced divergence and its gradient. A term
+    whose probability is 0 is 0 (the convention 0 log 0 = 0), also where both log-probabilities are -inf (a class
+    masked out of both models), which would otherwise be 0 * (-inf - -inf) = NaN."""
     zs, zt = as_float64(student_logits), as_float64(teacher_logits)
     with quiet():
         log_p = _log_softmax_last(zs / temperature)
         log_q = _log_softmax_last(zt / temperature)
         p, q = np.exp(log_p), np.exp(log_q)
         if beta == 0.0:  # KL(q || p); dD/dz_s = (p - q) / T
-            kl_teacher = (q * (log_q - log_p)).sum(-1)
+            kl_teacher = _times(q, log_q - log_p).sum(-1)
             zero = np.zeros_like(kl_teacher)
             return DistillationSteps(
                 log_p, log_q, log_p, kl_teacher, zero, (1.0, 0.0), kl_teacher, (p - q) / temperature
@@ -99,12 +101,17 @@ def distillation_steps(student_logits, teacher_logits, *, beta: float = 0.0, tem
         else:
             log_m = np.logaddexp(np.log(beta) + log_q, np.log1p(-beta) + log_p)  # log(beta q + (1 - beta) p)
             weights = (beta, 1.0 - beta)
-        kl_teacher = (q * (log_q - log_m)).sum(-1)
+        kl_teacher = _times(q, log_q - log_m).sum(-1)
         r = log_p - log_m
-        kl_student = (p * r).sum(-1)
-        grad = weights[1] * p * (r - kl_student[:, None]) / temperature
+        kl_student = _times(p, r).sum(-1)
+        grad = weights[1] * _times(p, r - kl_student[:, None]) / temperature
         divergence = weights[0] * kl_teacher + weights[1] * kl_student
         return DistillationSteps(log_p, log_q, log_m, kl_teacher, kl_student, weights, divergence, grad)
+
+
+def _times(probability: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """probability * value, 0 where the probability is 0 (whatever the value: -inf - -inf is NaN)."""
+    return np.where(probability > 0, probability * value, 0.0)
 
 
 def _divergence_and_grad(zs: np.ndarray, zt: np.ndarray, beta: float, temperature: float):
