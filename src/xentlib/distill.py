@@ -315,6 +315,14 @@ def _linear_chunk(xs_c, ws, bs, xt_c, wt, bt, buffers, call, scale_c, grads, out
     return loss
 
 
+def _default_linear_chunk(xs: Tensor, count: int, vocab: int) -> int:
+    """Rows per chunk of both models' logits (two buffers of the student's dtype). Where the compiled CPU kernel
+    computes the rows (no float32 temporaries), each buffer is a fifth of a model's logits; elsewhere the PyTorch
+    ops' float32 blocks run beside them and the chunks are smaller (`default_chunk_rows`)."""
+    in_place = cpu_kernel.distillation_covers(xs.device, xs.dtype)
+    return default_chunk_rows(count, vocab, xs.element_size(), in_place_rows=in_place)
+
+
 def _logits_into(buffer: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
     if b is None:
         torch.mm(x, w.t(), out=buffer)
@@ -351,7 +359,11 @@ def linear_distillation_op(
     scale = _row_scale(reduction, valid, row_scale, count, batch, acc, device)
     active = _active_rows(valid, device)
     total = count if active is None else active.numel()
-    weight_acc = torch.float32 if student_weight.element_size() < 4 else student_weight.dtype
+    # the weight gradient's accumulator: float32 for half-precision weights on accelerators (rounded once); on
+    # CPU the gradient itself, one rounding per chunk, as linear_cross_entropy does there (a float32 V x D buffer
+    # would cost as much as a model's bfloat16 logits; docs/numerics.md section 9)
+    half_on_accelerator = student_weight.element_size() < 4 and device.type != "cpu"
+    weight_acc = torch.float32 if half_on_accelerator else student_weight.dtype
     out = [
         torch.zeros_like(xs) if grad_input else None,
         (torch.empty_like if total > 0 else torch.zeros_like)(student_weight, dtype=weight_acc)
@@ -359,7 +371,7 @@ def linear_distillation_op(
         else None,
         torch.zeros(vocab, dtype=acc, device=device) if grad_bias else None,
     ]
-    chunk = chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, xs.element_size())
+    chunk = chunk_size if chunk_size > 0 else _default_linear_chunk(xs, count, vocab)
     size = min(chunk, max(count, 1))  # sized by all rows: the same buffers from step to step
     buffers = [torch.empty(size, vocab, dtype=xs.dtype, device=device) for _ in range(2)]
     row_loss = torch.zeros(count, dtype=acc, device=device)

@@ -363,14 +363,18 @@ def distillation_rows(
         torch.autograd.graph.increment_version(grad)
 
 
+def distillation_covers(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `distillation_rows` computes rows of this device and dtype (laid out as it needs)."""
+    return device.type == "cpu" and dtype in DTYPES and _load() is not None
+
+
 def supports_distillation(student: torch.Tensor, teacher: torch.Tensor, grad: torch.Tensor | None) -> bool:
     """Whether `distillation_rows` computes these rows: CPU float32/bfloat16 (R, V) logits of both models with
     contiguous classes (at least one; the gradient laid out so too), and the kernel built."""
-    ok = all(
-        t.device.type == "cpu" and t.dtype in DTYPES and t.dim() == 2 and _classes_contiguous(t, t.shape[1])
-        for t in (student, teacher) + (() if grad is None else (grad,))
-    )
-    return ok and student.shape[1] > 0 and (grad is None or grad.dtype == student.dtype) and _load() is not None
+    tensors = (student, teacher) + (() if grad is None else (grad,))
+    laid_out = all(t.dim() == 2 and _classes_contiguous(t, t.shape[1]) for t in tensors)
+    dtypes_ok = all(distillation_covers(t.device, t.dtype) for t in tensors)
+    return laid_out and dtypes_ok and student.shape[1] > 0 and (grad is None or grad.dtype == student.dtype)
 
 
 def supports_log_probs(logits: torch.Tensor, softcap: float | None) -> bool:
