@@ -371,7 +371,7 @@ def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, temperatur
     t = torch.randint(0, 203, (29,), generator=gen)
     t[::5] = IGNORE
     t[2] = 100  # a finite logit: log p_t is finite
-    assert rl._Rows(z, 203, temperature, None, True).kernel == (path == "kernel")
+    assert rl._Rows(203, z.dtype, z.device, temperature, None, True).kernel == (path == "kernel")
     leaf = z.clone().requires_grad_()
     logp, entropy = xentlib.log_probs(leaf, t, temperature=temperature, return_entropy=True)
     adv, grad_h = torch.randn(2, 29, generator=gen, dtype=torch.float64)

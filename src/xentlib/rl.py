@@ -43,20 +43,20 @@ _BACKENDS = ("auto", "torch")
 class _Rows:
     """The problem's constants and float32 (float64) work buffers, allocated once per call and reused.
 
-    Where the compiled CPU kernel covers the rows (`cpu_kernel.supports_log_probs`: CPU float32/bfloat16 rows
+    Where the compiled CPU kernel covers the rows (`cpu_kernel.log_probs_covers`: CPU float32/bfloat16 rows
     with contiguous classes, no soft-capping), a block is a whole chunk and one C call computes it in a sweep
     per row (cpu_rows.c, `xent_log_probs`: the same maths, its own threads); elsewhere the PyTorch ops below run
     on blocks of rows small enough to stay in cache, a pass per step."""
 
-    def __init__(self, like: Tensor, vocab: int, temperature, softcap, with_entropy: bool):
-        self.acc = sem.accumulation_dtype(like.dtype)
+    def __init__(self, vocab: int, dtype, device, temperature, softcap, with_entropy: bool, rows_contiguous=True):
+        self.acc = sem.accumulation_dtype(dtype)
         self.vocab, self.temperature, self.softcap = vocab, temperature, softcap
-        self.kernel = cpu_kernel.supports_log_probs(like, softcap)
+        self.kernel = rows_contiguous and vocab > 0 and cpu_kernel.log_probs_covers(device, dtype, softcap)
         if self.kernel:
             self.block = None
             return
         self.block = max(1, CHUNK_ELEMENTS // max(vocab, 1))  # rows per block
-        make = lambda: torch.empty(self.block, vocab, dtype=self.acc, device=like.device)  # noqa: E731
+        make = lambda: torch.empty(self.block, vocab, dtype=self.acc, device=device)  # noqa: E731
         self.work = make()
         self.capped = make() if softcap is not None else None
         self.probs = make() if with_entropy else None
@@ -146,6 +146,10 @@ class _Rows:
             out.copy_(grad)
 
 
+def _classes_contiguous(logits: Tensor) -> bool:
+    return logits.stride(1) == 1 or logits.shape[1] == 1
+
+
 def _targets(target: Tensor, ignore_index: int, vocab: int):
     """(safe class indices, valid mask): the bounds check reads the data inside the op (IndexError on CPU)."""
     valid = target != ignore_index
@@ -175,7 +179,7 @@ def log_probs_op(
     `with_entropy`. lse (of the scaled logits) is what the backward needs to recompute p."""
     count, vocab = logits.shape
     safe, valid = _targets(target, ignore_index, vocab)
-    rows = _Rows(logits, vocab, temperature, softcap, with_entropy=False)
+    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, False, _classes_contiguous(logits))
     logp = torch.empty(count, dtype=rows.acc, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty((0,))
@@ -215,7 +219,7 @@ def log_probs_backward_op(
     count, vocab = logits.shape
     safe, valid = _targets(target, ignore_index, vocab)
     with_entropy = grad_entropy is not None
-    rows = _Rows(logits, vocab, temperature, softcap, with_entropy)
+    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, with_entropy, _classes_contiguous(logits))
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -309,11 +313,12 @@ def log_probs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_chunk_rows(rows: int, vocab: int, element_size: int) -> int:
-    """Rows per chunk of logits: a fifth of the full logits (the elementwise work runs in small float32 blocks
-    beside it, so the chunk is the only large buffer), at most CHUNK_BYTES_CAP, at least 128 rows (smaller
-    matmuls lose efficiency) and at most all rows."""
-    wanted = -(-rows // 5)
+def default_chunk_rows(rows: int, vocab: int, element_size: int, parts: int = 5) -> int:
+    """Rows per chunk of logits: a fifth of the full logits (`parts`; the row work runs in the compiled kernel or
+    in small float32 blocks beside it, so the chunk is the only large buffer), at most CHUNK_BYTES_CAP, at least
+    128 rows (smaller matmuls lose efficiency) and at most all rows. Where oneDNN computes the matmuls (float32 on
+    CPU) two chunk-sized tensors are alive in the backward, and the chunks are an eighth (measured no slower)."""
+    wanted = -(-rows // parts)
     capped = min(wanted, CHUNK_BYTES_CAP // (max(vocab, 1) * element_size))
     return max(1, min(rows, max(128, capped)))
 
@@ -361,13 +366,10 @@ def _active_rows(valid: Tensor) -> Tensor | None:
     return valid.nonzero().squeeze(1)
 
 
-def _chunk_like(input: Tensor, vocab: int) -> Tensor:
-    """A stand-in for a chunk of logits (contiguous (1, V) of the input's dtype and device), no memory."""
-    return input.new_empty((1, vocab)) if vocab <= 1 << 20 else input.new_empty((1, 1)).expand(1, vocab)
-
-
-def _chunk(chunk_size: int, count: int, vocab: int, input: Tensor) -> int:
-    return chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size())
+def _chunk(chunk_size: int, count: int, vocab: int, input: Tensor, weight: Tensor) -> int:
+    if chunk_size > 0:
+        return chunk_size
+    return default_chunk_rows(count, vocab, input.element_size(), parts=8 if _by_onednn(input, weight) else 5)
 
 
 @torch.library.custom_op("xentlib::linear_log_probs", mutates_args=())
@@ -386,11 +388,11 @@ def linear_log_probs_op(
     without `with_entropy`. Ignored rows give 0 (and lse 0: the backward never reads it)."""
     count, vocab = input.shape[0], weight.shape[0]
     safe, valid = _targets(target, ignore_index, vocab)
-    rows = _Rows(_chunk_like(input, vocab), vocab, temperature, softcap, with_entropy=False)
+    rows = _Rows(vocab, input.dtype, input.device, temperature, softcap, with_entropy=False)
     logp = torch.zeros(count, dtype=rows.acc, device=input.device)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty((0,))
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
+    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input, weight))
     for index, _, z in chunks:
         t_c, v_c = safe[index], valid[index]
         for block in rows.blocks(z.shape[0]):
@@ -398,6 +400,7 @@ def linear_log_probs_op(
             logp[_sub(index, block)], lse[_sub(index, block)] = lp, ls
             if with_entropy:
                 entropy[_sub(index, block)] = ent
+        del z  # where oneDNN makes each chunk's logits anew, this chunk's go before the next chunk's are made
     return logp, entropy, lse
 
 
@@ -436,10 +439,10 @@ def linear_log_probs_backward_op(
     count, vocab = input.shape[0], weight.shape[0]
     safe, valid = _targets(target, ignore_index, vocab)
     with_entropy = grad_entropy is not None
-    rows = _Rows(_chunk_like(input, vocab), vocab, temperature, softcap, with_entropy)
+    rows = _Rows(vocab, input.dtype, input.device, temperature, softcap, with_entropy)
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
+    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input, weight))
     dx = torch.zeros_like(input) if grad_input else input.new_empty((0,))
     # the first chunk overwrites dW (accumulate_mm_(first=True)); with no rows it stays zero
     dw = (torch.empty_like if chunks.total else torch.zeros_like)(weight) if grad_weight else weight.new_empty((0,))
@@ -462,6 +465,7 @@ def linear_log_probs_backward_op(
             accumulate_mm_(dw, z.t(), x_c, first=number == 0)
         if grad_bias:
             db += z.sum(0, dtype=rows.acc)
+        del z  # as in the forward: one chunk of logits alive at a time
     return dx, dw, db.to(bias.dtype) if grad_bias else weight.new_empty((0,))
 
 

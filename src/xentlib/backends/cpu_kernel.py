@@ -291,7 +291,7 @@ def log_probs_rows(
     """`xent_log_probs` over (R, V) float32/bfloat16 CPU logits with contiguous classes: the forward fills `out`
     = (log p_t, lse, entropy or None), float32 (R,); the backward writes into `grad` (like the logits, may be
     them) for `upstream` = (g, h or None, the forward's entropy or None), float32 (R,). `target` (int64, ignored
-    rows any valid index) and `valid` (bool) are contiguous (R,). Callers check `supports_log_probs` first."""
+    rows any valid index) and `valid` (bool) are contiguous (R,). Callers check `log_probs_covers` first."""
     rows, classes = logits.shape
     threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
     padded = -(-classes // LANES) * LANES
@@ -377,11 +377,10 @@ def supports_distillation(student: torch.Tensor, teacher: torch.Tensor, grad: to
     return laid_out and dtypes_ok and student.shape[1] > 0 and (grad is None or grad.dtype == student.dtype)
 
 
-def supports_log_probs(logits: torch.Tensor, softcap: float | None) -> bool:
-    """Whether `log_probs_rows` computes these rows: CPU float32/bfloat16 logits with contiguous classes (at
-    least one), no soft-capping, and the kernel built."""
-    ok = logits.device.type == "cpu" and logits.dtype in DTYPES and softcap is None and logits.dim() == 2
-    return ok and logits.shape[1] > 0 and _classes_contiguous(logits, logits.shape[1]) and _load() is not None
+def log_probs_covers(device: torch.device, dtype: torch.dtype, softcap: float | None) -> bool:
+    """Whether `log_probs_rows` computes rows of this device and dtype (with contiguous classes): CPU
+    float32/bfloat16, no soft-capping, and the kernel built."""
+    return device.type == "cpu" and dtype in DTYPES and softcap is None and _load() is not None
 
 
 def supports_call(device: torch.device, dtype: torch.dtype, problem: CrossEntropyProblem) -> bool:
