@@ -5,6 +5,8 @@ Truths: torch's own functions (values and gradients), and torch._dynamo.explain'
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -307,3 +309,41 @@ def test_ops_without_transform_rules_refuse_rather_than_drop_the_tangent(call):
         torch.func.grad(lambda x: call(x, t))(x)
     with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode"):
         call(torch.autograd.forward_ad.make_dual(x, torch.randn_like(x)), t)
+
+
+def _torch_options(options: dict) -> dict:
+    return {name: value for name, value in options.items() if name != "backend"}
+
+
+@pytest.mark.parametrize("options", [{}, {"reduction": "none"}, {"label_smoothing": 0.1, "backend": "cpu"}])
+@pytest.mark.parametrize("tracer", ["make_fx real", "make_fx fake", "jit.trace"])
+def test_tracers_record_the_op_and_replay_the_computation(tracer, options):
+    """make_fx and torch.jit.trace see the loss as the op (the eager paths' C call would be invisible to them:
+    a graph without the computation), and the recorded graph computes the loss of new inputs."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, t = torch.randn(6, 5), torch.tensor([0, 4, 2, -100, 1, 3])
+    fn = lambda x, t: xentlib.cross_entropy(x, t, **options)  # noqa: E731
+    if tracer == "jit.trace":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about Python values
+            recorded = torch.jit.trace(fn, (x, t))
+        assert "xentlib::cross_entropy" in str(recorded.graph)
+    else:
+        recorded = make_fx(fn, tracing_mode=tracer.split()[1])(x, t)
+        assert "xentlib.cross_entropy.default" in {str(node.target) for node in recorded.graph.nodes}
+    x2 = torch.randn(6, 5)
+    torch.testing.assert_close(recorded(x2, t), F.cross_entropy(x2, t, **_torch_options(options)))
+
+
+def test_a_device_context_does_not_move_the_kernels_buffers():
+    """Under `with torch.device(...)` a factory call without a device allocates there; the C kernels' buffers
+    name the CPU (a meta or CUDA buffer handed to C would crash the process)."""
+    x, t = torch.randn(6, 5), torch.tensor([0, 4, 2, -100, 1, 3])
+    safe = t.clamp(min=0)
+    with torch.device("meta"):
+        for options in ({}, {"backend": "cpu"}, {"label_smoothing": 0.1}):
+            got = xentlib.cross_entropy(x, t, **options)
+            torch.testing.assert_close(got, F.cross_entropy(x, t, **_torch_options(options)))
+        torch.testing.assert_close(xentlib.log_probs(x, safe), torch.log_softmax(x, 1)[range(6), safe])
+        assert xentlib.distillation_loss(x, 2 * x).device.type == "cpu"

@@ -18,7 +18,7 @@ from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xen
 from xentlib.backends.bce import BinaryCrossEntropyFunction, BinaryCrossEntropyWithLogitsFunction
 from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
 from xentlib.backends.composite import transforms_active as _transformed
-from xentlib.backends.dispatch import BACKENDS
+from xentlib.backends.dispatch import BACKENDS, traced
 from xentlib.backends.inplace import InplaceCrossEntropy, check_writable
 from xentlib.backends.softmax import SoftmaxFunction
 
@@ -103,7 +103,7 @@ def cross_entropy(
     chunk = sem.check_chunk_size(chunk_size)
     if _transformed(input, target, weight):
         loss, stats = _composite_cross_entropy(call, return_stats)
-    elif inplace_backward and not torch.compiler.is_compiling():
+    elif inplace_backward and not traced():
         _check_inplace(input, target, weight, return_stats)
         problem = sem.problem_from_call(call)
         loss, stats = InplaceCrossEntropy.apply(input, problem, _ops.rows_for(problem, backend, chunk)), None
@@ -138,7 +138,7 @@ def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, r
     """The op of backends/ops.py: the loss, and the statistics reshaped to the caller's shape."""
     with_grad = torch.is_grad_enabled() and call.logits.requires_grad
     normalizer, normalizer_value = sem.normalizer_operands(call.normalizer)
-    op = torch.ops.xentlib.cross_entropy if torch.compiler.is_compiling() else _ops.eager_cross_entropy
+    op = torch.ops.xentlib.cross_entropy if traced() else _ops.eager_cross_entropy
     loss, _, lse, entropy, row_loss, argmax = op(
         call.logits, call.target, call.weight, normalizer, normalizer_value, call.ignore_index, call.reduction,
         call.smoothing, call.z_loss, call.softcap, call.output_dtype, with_grad, return_stats, backend, chunk,
@@ -366,7 +366,7 @@ def _check_unit_interval(name: str, tensor: Tensor, detail: str) -> None:
     message = f"all elements of {name} should be between 0 and 1{detail}"
     if _transformed(tensor):  # torch's own op runs there, with its own check
         return
-    if torch.compiler.is_compiling() or tensor.device.type != "cpu":
+    if traced() or tensor.device.type != "cpu":
         torch._assert_async(~outside.any(), message)
     elif bool(outside.any()):
         raise RuntimeError(message)

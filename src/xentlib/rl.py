@@ -86,7 +86,7 @@ class _Rows:
     def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool, owned: bool = False):
         """(log p_t, lse, H or None) of a block of rows z (R, V); 0 on ignored rows."""
         if self.kernel:
-            out = [torch.empty(z.shape[0], dtype=torch.float32) for _ in range(3 if want_entropy else 2)]
+            out = [torch.empty(z.shape[0], dtype=torch.float32, device="cpu") for _ in range(3 if want_entropy else 2)]
             cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, (*out, None)[:3])
             return out[0], out[1], out[2] if want_entropy else None
         m = self._max_of_scaled(z)

@@ -14,7 +14,8 @@ to float32 once, and the row losses are reduced with the same torch ops (`sum() 
 tests/backends/test_common_call.py holds both paths to equal bits, and the general path to taking over
 for every call this one does not cover. A target out of range raises the family's IndexError (the general
 path's check, run on the same data). Anything else (another dtype, layout or option, a torch.func transform or
-forward-mode AD, the compiler tracing the call, the kernel not built) returns None: the general path runs.
+forward-mode AD, a tracer recording the call (`dispatch.traced`), the kernel not built) returns None: the
+general path runs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.autograd import forward_ad
 
 from xentlib import _semantics as sem
 from xentlib.backends import cpu_kernel
+from xentlib.backends.dispatch import traced
 
 _MEAN = {"mean": 1, "sum": 0, "none": 0}
 _INT64 = (-(2**63), 2**63)
@@ -62,7 +64,7 @@ def _covered(input, target, ignore_index, reduction) -> bool:
         and reduction in _MEAN
         and not torch._C._are_functorch_transforms_active()
         and not _forward_ad_active()
-        and not torch.compiler.is_compiling()
+        and not traced()
         and cpu_kernel.common_call_function() is not None
     )
 
@@ -74,7 +76,7 @@ def _forward_ad_active() -> bool:
 def _run(input: Tensor, target: Tensor, ignore_index: int, reduction: str, grad: Tensor | None) -> Tensor:
     """One C call: row losses (and the gradient for grad_output = 1 into `grad`), then the reduction."""
     rows, classes = input.shape
-    row_loss = torch.empty(rows, dtype=torch.float32)
+    row_loss = torch.empty(rows, dtype=torch.float32, device="cpu")
     parallel = rows * classes >= cpu_kernel.PARALLEL_MIN_ELEMENTS
     call = cpu_kernel.CommonCallArguments(
         input.data_ptr(),

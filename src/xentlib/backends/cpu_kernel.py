@@ -295,7 +295,7 @@ def log_probs_rows(
     rows, classes = logits.shape
     threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
     padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(threads, padded, dtype=torch.float32)
+    scratch = torch.empty(threads, padded, dtype=torch.float32, device="cpu")
     log_prob, lse, entropy = out if out is not None else (None, None, None)
     g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
     call = LogProbsArguments(
@@ -338,7 +338,7 @@ def distillation_rows(
     rows, classes = student.shape
     threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
     padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(threads, 2 * padded, dtype=torch.float32)
+    scratch = torch.empty(threads, 2 * padded, dtype=torch.float32, device="cpu")
     call = DistillationArguments(
         student=student.data_ptr(),
         student_row_stride=student.stride(0),
@@ -425,7 +425,7 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
     weight = contiguous(problem.class_weight)
     threads = 1 if batch * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), batch))
     padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(threads, padded, dtype=torch.float32)
+    scratch = torch.empty(threads, padded, dtype=torch.float32, device="cpu")
     call = arguments(
         logits=x.data_ptr(),
         logits_row_stride=x.stride(0),
@@ -480,7 +480,8 @@ def rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, want_stats
     if x.numel() == 0 or not supports(problem, grad_out):
         return torch_chunked.cross_entropy_rows(problem, grad_out, want_stats)
     batch = x.shape[0]
-    empty = lambda dtype=torch.float32: torch.empty(batch, 1, dtype=dtype)  # noqa: E731
+    # the device named: under a `torch.device(...)` context a factory would allocate elsewhere, and C writes here
+    empty = lambda dtype=torch.float32: torch.empty(batch, 1, dtype=dtype, device="cpu")  # noqa: E731
     result = RowResult(
         loss=empty(),
         lse=empty() if want_stats or problem.z_loss else None,

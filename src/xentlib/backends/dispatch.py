@@ -22,6 +22,20 @@ BACKENDS = ("auto", "cpu", "torch", "triton")
 _warned: set[str] = set()
 
 
+def traced() -> bool:
+    """Whether something records this call instead of (or besides) running it: torch.compile's tracer, a
+    dispatch mode (make_fx, torch.export's non-strict tracing, FakeTensorMode, FlopCounterMode), a
+    TorchFunctionMode, or torch.jit.trace. There a loss runs as its torch op, one node they see, and nothing
+    reads data on the host: the C kernel's ctypes call and the eager paths' host reads are invisible to them
+    (make_fx would record a graph without the computation)."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._len_torch_function_stack() > 0
+        or torch._C._get_tracing_state() is not None
+    )
+
+
 def select_backend(device: torch.device, backend: str = "auto", problem=None, rows_contiguous=False) -> tuple[str, str]:
     """(name, reason) of the backend that runs on `device` for the requested `backend` (and `problem`, when
     given: its dtype, layout and options decide between the compiled CPU kernel and the PyTorch ops, and the
