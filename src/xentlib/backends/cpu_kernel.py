@@ -293,9 +293,7 @@ def log_probs_rows(
     them) for `upstream` = (g, h or None, the forward's entropy or None), float32 (R,). `target` (int64, ignored
     rows any valid index) and `valid` (bool) are contiguous (R,). Callers check `log_probs_covers` first."""
     rows, classes = logits.shape
-    threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
-    padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(threads, padded, dtype=torch.float32, device="cpu")
+    threads, scratch, scratch_row_stride = _threads_and_scratch(rows, classes)
     log_prob, lse, entropy = out if out is not None else (None, None, None)
     g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
     call = LogProbsArguments(
@@ -315,7 +313,7 @@ def log_probs_rows(
         grad=_pointer(grad),
         grad_row_stride=0 if grad is None else grad.stride(0),
         scratch=scratch.data_ptr(),
-        scratch_row_stride=padded,
+        scratch_row_stride=scratch_row_stride,
         threads=threads,
     )
     _state["log_probs"](ctypes.byref(call))  # every thread it starts is joined before it returns
@@ -336,9 +334,7 @@ def distillation_rows(
     `loss` (float32 (R,)) receives each row's divergence, `grad` (like the student, may be it) the student's
     gradient times `scale` (float32 (R,), or None for 1). Callers check `supports_distillation` first."""
     rows, classes = student.shape
-    threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
-    padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(threads, 2 * padded, dtype=torch.float32, device="cpu")
+    threads, scratch, scratch_row_stride = _threads_and_scratch(rows, classes, scratch_rows=2)
     call = DistillationArguments(
         student=student.data_ptr(),
         student_row_stride=student.stride(0),
@@ -355,7 +351,7 @@ def distillation_rows(
         grad=_pointer(grad),
         grad_row_stride=0 if grad is None else grad.stride(0),
         scratch=scratch.data_ptr(),
-        scratch_row_stride=2 * padded,
+        scratch_row_stride=scratch_row_stride,
         threads=threads,
     )
     _state["distillation"](ctypes.byref(call))  # every thread it starts is joined before it returns
@@ -406,6 +402,15 @@ def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> boo
     return rows_ok and grad_ok and probs_ok and supports_call(x.device, x.dtype, problem)
 
 
+def _threads_and_scratch(rows: int, classes: int, scratch_rows: int = 1) -> tuple[int, torch.Tensor, int]:
+    """(threads, scratch, floats between two threads' scratch): one thread below PARALLEL_MIN_ELEMENTS logits,
+    else the torch threads (at most one per row); each thread's `scratch_rows` rows of classes padded to whole
+    vectors. The buffer names the CPU: under a `torch.device(...)` context a factory would allocate elsewhere."""
+    threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
+    stride = scratch_rows * (-(-classes // LANES) * LANES)
+    return threads, torch.empty(threads, stride, dtype=torch.float32, device="cpu"), stride
+
+
 def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
@@ -423,9 +428,7 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
     probs = None if index else problem.target
     valid = contiguous(problem.valid)
     weight = contiguous(problem.class_weight)
-    threads = 1 if batch * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), batch))
-    padded = -(-classes // LANES) * LANES
-    scratch = torch.empty(threads, padded, dtype=torch.float32, device="cpu")
+    threads, scratch, scratch_row_stride = _threads_and_scratch(batch, classes)
     call = arguments(
         logits=x.data_ptr(),
         logits_row_stride=x.stride(0),
@@ -450,7 +453,7 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
         grad=_pointer(grad_out),
         grad_row_stride=0 if grad_out is None else grad_out.stride(0),
         scratch=scratch.data_ptr(),
-        scratch_row_stride=padded,
+        scratch_row_stride=scratch_row_stride,
         threads=threads,
     )
     fn(ctypes.byref(call))  # every thread it starts is joined before it returns

@@ -111,6 +111,19 @@ static inline vf load_lanes(const void *row, int dtype, int64_t c, int64_t class
     return v;
 }
 
+/* LANES values from class c into a float32/bfloat16 row, each rounded once; a partial last vector stops at the
+ * row's end (no write beyond it). */
+static inline void store_lanes(void *row, int dtype, int64_t c, int64_t classes, vf v) {
+    if (c + LANES > classes) {
+        for (int64_t k = c; k < classes; k++) store_scalar(row, dtype, k, v[k - c]);
+    } else if (dtype == XENT_FLOAT32) {
+        memcpy((float *)row + c, &v, sizeof v);
+    } else {
+        vh half = to_bf16(v);
+        memcpy((uint16_t *)row + c, &half, sizeof half);
+    }
+}
+
 /* Pass 1: scratch[0:C] = float32(row), scratch[C:padded] = -inf; returns max (NaN if any element is NaN). */
 static float load_row(const void *row, int dtype, int64_t classes, float *scratch) {
     int64_t full = classes - classes % LANES, c = 0;
@@ -223,20 +236,9 @@ static inline __attribute__((always_inline)) vf gradient_lanes(
 static inline __attribute__((always_inline)) void write_gradient(
     void *grad_row, int dtype, const float *scratch, int64_t classes, float coef, float smooth,
     const float *class_weight, struct prob_row prob, float q_scale) {
-    int64_t full = classes - classes % LANES, c = 0;
-    for (; c < full; c += LANES) {
-        vf g = gradient_lanes(scratch, c, classes, coef, smooth, class_weight, prob, q_scale);
-        if (dtype == XENT_FLOAT32) {
-            memcpy((float *)grad_row + c, &g, sizeof g);
-        } else {
-            vh h = to_bf16(g);
-            memcpy((uint16_t *)grad_row + c, &h, sizeof h);
-        }
-    }
-    if (c < classes) {  /* the last, partial vector */
-        vf g = gradient_lanes(scratch, c, classes, coef, smooth, class_weight, prob, q_scale);
-        for (int64_t k = c; k < classes; k++) store_scalar(grad_row, dtype, k, g[k - c]);
-    }
+    for (int64_t c = 0; c < classes; c += LANES)
+        store_lanes(grad_row, dtype, c, classes,
+                    gradient_lanes(scratch, c, classes, coef, smooth, class_weight, prob, q_scale));
 }
 
 static void fill_row(void *grad_row, int dtype, int64_t classes, float value) {
@@ -519,20 +521,8 @@ static inline vf log_prob_gradient_lanes(const float *scratch, int64_t c, float 
 
 static void write_log_prob_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float m,
                                     float log_s, float g, float h, float entropy, float inv_t) {
-    int64_t full = classes - classes % LANES, c = 0;
-    for (; c < full; c += LANES) {
-        vf d = log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t);
-        if (dtype == XENT_FLOAT32) {
-            memcpy((float *)grad_row + c, &d, sizeof d);
-        } else {
-            vh half = to_bf16(d);
-            memcpy((uint16_t *)grad_row + c, &half, sizeof half);
-        }
-    }
-    if (c < classes) {
-        vf d = log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t);
-        for (int64_t k = c; k < classes; k++) store_scalar(grad_row, dtype, k, d[k - c]);
-    }
+    for (int64_t c = 0; c < classes; c += LANES)
+        store_lanes(grad_row, dtype, c, classes, log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t));
 }
 
 static void log_probs_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
@@ -712,20 +702,9 @@ static void distillation_range(const void *arguments, int64_t first, int64_t las
         a->loss[r] = beta == 0.0f ? kl_q : general ? beta * kl_q + (1.0f - beta) * kl_p : kl_p;
         if (!grad_row) continue;
         float coef = (a->scale ? a->scale[r] : 1.0f) * (general ? 1.0f - beta : 1.0f) / temperature;
-        int64_t full = classes - classes % LANES, c = 0;
-        for (; c < full; c += LANES) {
-            vf d = distillation_gradient_lanes(s_row, t_row, c, beta, kl_p, coef);
-            if (a->student_dtype == XENT_FLOAT32) {
-                memcpy((float *)grad_row + c, &d, sizeof d);
-            } else {
-                vh half = to_bf16(d);
-                memcpy((uint16_t *)grad_row + c, &half, sizeof half);
-            }
-        }
-        if (c < classes) {
-            vf d = distillation_gradient_lanes(s_row, t_row, c, beta, kl_p, coef);
-            for (int64_t k = c; k < classes; k++) store_scalar(grad_row, a->student_dtype, k, d[k - c]);
-        }
+        for (int64_t c = 0; c < classes; c += LANES)
+            store_lanes(grad_row, a->student_dtype, c, classes,
+                        distillation_gradient_lanes(s_row, t_row, c, beta, kl_p, coef));
     }
 }
 
