@@ -66,7 +66,7 @@ MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- the C kernel
     Mutant(
         "c-bf16-truncate",
-        "backends/cpu_rows.c",
+        "backends/cpu_rows.h",
         "vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;",
         "vu rounded = u >> 16;",
         [K, "-k", "rounded_to_nearest or rounded_once"],
@@ -106,9 +106,9 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "c-exp-cutoff-80",
-        "backends/cpu_rows.c",
-        "vi tiny = x < splat(-87.0f);\n    x = select(tiny, splat(-87.0f), x);",
-        "vi tiny = x < splat(-80.0f);\n    x = select(tiny, splat(-80.0f), x);",
+        "backends/cpu_rows.h",
+        "vi tiny = x < splat(-87.0f);\n    x = blend(tiny, splat(-87.0f), x);",
+        "vi tiny = x < splat(-80.0f);\n    x = blend(tiny, splat(-80.0f), x);",
         [f"{K}::test_exp_accuracy_over_the_whole_range"],
         "exp flushed to zero below -80 instead of -87",
     ),
@@ -147,7 +147,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "torch-bce-clamp-50",
-        "backends/torch_chunked.py",
+        "backends/bce.py",
         "clamp_min_(-100.0)",
         "clamp_min_(-50.0)",
         [f"{F}::test_binary_cross_entropy_clamp_and_grad_eps"],
@@ -197,7 +197,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "triton-softcap-slope",
-        "backends/triton/kernels.py",
+        "backends/triton/rowmath.py",
         "slope = 1.0 - r * r",
         "slope = 1.0 - r",
         [f"{T}::test_row_kernel_matches_float64", "-k", "softcap"],
@@ -207,9 +207,10 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "linear-prob-smoothing-halved",
         "linear.py",
-        "placeholder, target, class_weight, norm, ignore_index, reduction, smoothing, z_loss, softcap, output_dtype",
-        "placeholder, target, class_weight, norm, ignore_index, reduction,"
-        " smoothing / 2 if target.is_floating_point() else smoothing, z_loss, softcap, output_dtype",
+        "    norm = sem.normalizer_from_operands(normalizer, normalizer_value)\n",
+        "    norm = sem.normalizer_from_operands(normalizer, normalizer_value)\n"
+        "    if target.is_floating_point():\n"
+        "        scalars = (*scalars[:2], scalars[2] / 2, *scalars[3:])\n",
         [f"{L}::test_options_match_torch_and_reference", "-k", "prob and smoothing"],
         "eps 0.1 -> 0.05 for probability targets in the linear sweep",
     ),
@@ -239,7 +240,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "linear-shift-wrong-rows",
-        "_semantics.py",
+        "_semantics/linear.py",
         "input_rows = positions[..., :-1].reshape(-1)",
         "input_rows = positions[..., 1:].reshape(-1)",
         [f"{L}::test_shift_matches_slicing"],
@@ -248,7 +249,7 @@ MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- the semantic core
     Mutant(
         "sem-weighted-mean-count",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "count = target_weight.sum()",
         "count = valid.sum().to(acc)",
         [f"{F}::test_cross_entropy_index", "-k", "mean"],
@@ -256,7 +257,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-ignore-mask-dropped",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "        valid = index != ignore_index\n        if not check_targets:",
         "        valid = torch.ones_like(index, dtype=torch.bool)\n        if not check_targets:",
         [f"{F}::test_cross_entropy_ignore_index"],
@@ -264,7 +265,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-prob-mean-denominator",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "count = batch * spatial if classes else math.nan",
         "count = batch * spatial * classes if classes else math.nan",
         [f"{F}::test_cross_entropy_probabilities", "-k", "mean"],
@@ -272,7 +273,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-class-bound-off-by-one",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "out_of_range = valid & ((index < 0) | (index >= classes))",
         "out_of_range = valid & ((index < 0) | (index > classes))",
         [E],
@@ -280,7 +281,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-negative-targets-accepted",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "out_of_range = valid & ((index < 0) | (index >= classes))",
         "out_of_range = valid & (index >= classes)",
         [E],
@@ -288,7 +289,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-smoothing-1-rejected",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "    if eps > 1.0:\n",
         "    if eps >= 1.0:\n",
         [f"{E}::test_accepted_label_smoothing_values_do_not_raise"],
@@ -296,7 +297,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-legacy-or",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "if size_average and reduce:",
         "if size_average or reduce:",
         [f"{F}::test_legacy_reduction_arguments"],
@@ -304,7 +305,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-normalizer-ignored",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "    elif normalizer is not None:\n        value = normalizer",
         "    elif normalizer is not None:\n        value = 1.0",
         [f"{F}::test_normalizer_divides_the_sum"],
@@ -312,7 +313,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-normalizer-with-mean",
-        "_semantics.py",
+        "_semantics/arguments.py",
         'if reduction != "sum":',
         'if reduction == "none":',
         [f"{F}::test_normalizer_only_with_sum", f"{L}::test_normalizer_needs_reduction_sum"],
@@ -320,7 +321,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-float64-accumulates-in-float32",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "return torch.float64 if torch.float64 in dtypes else torch.float32",
         "return torch.float32",
         [f"{F}::test_cross_entropy_index", "-k", "dtype0 and mean"],  # dtype0: float64
@@ -328,7 +329,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-prob-ignore-index-zero",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         '    if ignore_index >= 0:\n        raise RuntimeError(\n            f"ignore_index is not supported',
         '    if ignore_index > 0:\n        raise RuntimeError(\n            f"ignore_index is not supported',
         [E],
@@ -336,7 +337,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-uint8-3d",
-        "_semantics.py",
+        "_semantics/cross_entropy.py",
         "if target.dtype == torch.uint8 and input.dim() <= 2:",
         "if target.dtype == torch.uint8:",
         [E],
@@ -381,7 +382,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "c-horizontal-running-sum",
-        "backends/cpu_rows.c",
+        "backends/cpu_rows.h",
         "    for (int width = LANES / 2; width >= 1; width /= 2)\n"
         "        for (int lane = 0; lane < width; lane++) v[lane] += v[lane + width];\n",
         "    for (int lane = 1; lane < LANES; lane++) v[0] += v[lane];\n",
@@ -391,8 +392,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "c-thread-part-short",
         "backends/cpu_rows.c",
-        "a->rows * k / threads, a->rows * (k + 1) / threads,",
-        "a->rows * k / threads, a->rows * (k + 1) / threads - (k + 1 < threads),",
+        "rows * k / threads, rows * (k + 1) / threads,",
+        "rows * k / threads, rows * (k + 1) / threads - (k + 1 < threads),",
         [f"{K}::test_many_rows_split_over_threads_equal_one_thread"],
         "the last row of every thread's part but the last is never computed",
     ),
@@ -414,7 +415,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-negative-zloss-accepted",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "not 0 <= z_loss < math.inf",
         "not z_loss < math.inf",
         [f"{F}::test_invalid_extension_arguments"],
@@ -422,7 +423,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "triton-bf16-truncate",
-        "backends/triton/kernels.py",
+        "backends/triton/rowmath.py",
         "bits = bits + 0x7FFF + ((bits >> 16) & 1)",
         "bits = bits",
         [f"{T}::test_low_precision_at_least_as_accurate_as_torch", "-k", "dtype0"],  # dtype0: bfloat16
@@ -440,7 +441,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "c-nan-row-not-detected",
-        "backends/cpu_rows.c",
+        "backends/cpu_rows.h",
         "return any_nan ? NAN : m;",
         "return m;",
         [K, "-k", "non_finite"],
@@ -456,7 +457,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "torch-bce-grad-eps-1e-12",
-        "backends/torch_chunked.py",
+        "backends/bce.py",
         "BCE_GRAD_EPS = 9.999999960041972e-13",
         "BCE_GRAD_EPS = 1e-12",
         [f"{F}::test_binary_cross_entropy_clamp_and_grad_eps", f"{F}::test_binary_cross_entropy"],
@@ -464,7 +465,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "torch-bce-logits-unstable-softplus",
-        "backends/torch_chunked.py",
+        "backends/bce.py",
         "softplus_neg = torch.log1p(torch.exp(-x.abs())) + (-x).clamp_min(0.0)",
         "softplus_neg = torch.log1p(torch.exp(-x))",
         [f"{F}::test_bce_with_logits_extreme_and_non_finite"],
@@ -480,7 +481,7 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-nan-smoothing-passes",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "    if not value > 0.0:  # also NaN",
         "    if value <= 0.0:",
         [f"{E}::test_accepted_label_smoothing_values_do_not_raise", f"{F}::test_label_smoothing"],
@@ -489,7 +490,7 @@ MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- argument bounds
     Mutant(
         "sem-ignore-index-upper-bound",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "if not -(2**63) <= value < 2**63:",
         "if not -(2**63) <= value <= 2**63:",
         [E, "-k", "ignore_index", "tests/test_argument_bounds.py"],
@@ -497,10 +498,43 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "sem-ignore-index-lower-bound",
-        "_semantics.py",
+        "_semantics/arguments.py",
         "if not -(2**63) <= value < 2**63:",
         "if not -(2**63) - 1 <= value < 2**63:",
         [E, "-k", "ignore_index", "tests/test_argument_bounds.py"],
         "ignore_index = -2**63 - 1 accepted (torch: Overflow)",
+    ),
+    # ---------------------------------------------------------------- the common call and the post-training kernels
+    Mutant(
+        "c-common-mean-over-all-rows",
+        "backends/cpu_rows.c",
+        ".scale = c->mean ? 1.0f / (float)count : 1.0f,",
+        ".scale = c->mean ? 1.0f / (float)rows : 1.0f,",
+        ["tests/backends/test_common_call.py", "-k", "same_bits"],
+        "the short path's gradient scaled by 1 / rows for 'mean', ignored rows counted",
+    ),
+    Mutant(
+        "common-mean-ignores-count",
+        "backends/common_call.py",
+        "return row_loss.mean() if call.count == rows else row_loss.sum().div_(call.count)",
+        "return row_loss.mean()",
+        ["tests/backends/test_common_call.py", "-k", "same_bits"],
+        "the short path's 'mean' divides by all rows, ignored ones too",
+    ),
+    Mutant(
+        "c-log-probs-target-entropy-term",
+        "backends/cpu_post_training.c",
+        "p_t * (g + h * (log_p_t + entropy))",
+        "p_t * (g + h * log_p_t)",
+        ["tests/test_log_probs.py", "-k", "both_cpu_paths"],
+        "the entropy's gradient at the target class without + H",
+    ),
+    Mutant(
+        "c-distillation-weight-dropped",
+        "backends/cpu_post_training.c",
+        "(general ? 1.0f - beta : 1.0f) / temperature;",
+        "1.0f / temperature;",
+        ["tests/test_distillation.py", "-k", "both_cpu_paths"],
+        "the student's gradient for 0 < beta < 1 without its (1 - beta) weight",
     ),
 ]

@@ -1,13 +1,16 @@
-"""A compiled row kernel for CPU tensors: the PyTorch backend's fast path for the common cross-entropy call.
+"""Compiled row kernels for CPU tensors: the fast path of the common cross-entropy call, and of the post-training
+losses' rows.
 
-Why it exists: the chunked PyTorch path makes about seven passes over each float32 chunk (convert, log_softmax,
+Why they exist: the chunked PyTorch path makes about seven passes over each float32 chunk (convert, log_softmax,
 exp, scale, scatter, convert back), each one a separate torch op. On a CPU that is memory-bound work, and for
 bfloat16 it cannot beat torch's own fused kernels by much. `cpu_rows.c` does the same maths in one sweep per
-row: the logits are read once and the gradient written once, in float32 arithmetic rounded once.
+row: the logits are read once and the gradient written once, in float32 arithmetic rounded once;
+`cpu_post_training.c` does the same for per-token log-probabilities and the distillation divergence; both share
+the toolkit in `cpu_rows.h` and are linked into one library.
 
 How it is built, and the rule for the instruction set: at first use, with the C compiler on the machine (`$CC`,
 else `cc`, else `gcc`) and `-O3 -march=native`, i.e. for every instruction set extension of the CPU it is built
-on. A library built elsewhere is never loaded: the cache name is a hash of the source, the flags, the compiler's
+on. A library built elsewhere is never loaded: the cache name is a hash of the sources, the flags, the compiler's
 path and `--version`, and the CPU (machine, processor and the `flags` line of /proc/cpuinfo). The cache folder is
 `$XENTLIB_CACHE_DIR`, else `~/.cache/xentlib`.
 
@@ -19,12 +22,13 @@ entry point, it is rebuilt once. Where that fails, or no compiler works, the PyT
 RuntimeWarning saying why; `XENTLIB_CPU_KERNEL=0` turns the kernel off without a warning. `status()` says which
 and why.
 
-The binding is declared once per entry point: a list of `name:code` fields (cpu_rows.c's notation) makes the
-ctypes structure passed to the kernel, and its layout is compared at load with the string `cpu_rows.c` builds
-from its own declaration (`XENT_ARGUMENTS`, `XENT_COMMON_CALL`): a library whose argument list differs is
-refused, and a rows call must name every field (a missing or unknown name raises). Two entry points: the rows
-(`xent_cross_entropy_rows`, every backend call) and the common call (`xent_common_call`, see
-backends/common_call.py), which checks, masks and counts the targets itself and then runs the same rows.
+The binding is declared once per entry point: a list of `name:code` fields (the C files' notation) makes the
+ctypes structure passed to the kernel, and its layout is compared at load with the string the C side builds
+from its own declaration (`XENT_ARGUMENTS`, `XENT_COMMON_CALL`, `XENT_LOG_PROBS`, `XENT_DISTILLATION`): a library
+whose argument list differs is refused, and a rows call must name every field (a missing or unknown name
+raises). Four entry points: the rows (`xent_cross_entropy_rows`, every backend call), the common call
+(`xent_common_call`, see backends/common_call.py), which checks, masks and counts the targets itself and then
+runs the same rows, and the post-training rows (`xent_log_probs` for rl.py, `xent_distillation` for distill.py).
 
 Interrupt safety: the C function runs its own threads (pthreads) and joins them before it returns, so no worker
 outlives the call and the tensors it writes. ctypes releases the GIL during the call; a Ctrl-C meanwhile is
@@ -54,7 +58,11 @@ import torch
 
 from xentlib._semantics import CrossEntropyProblem
 
-SOURCE = Path(__file__).with_name("cpu_rows.c")
+# The library's sources: cross-entropy rows and the common call, the post-training kernels, and the toolkit both
+# include (the build key hashes all three)
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_rows.c", "cpu_post_training.c"))
+HEADER = Path(__file__).with_name("cpu_rows.h")
+_NAMES_OF_SOURCES = ", ".join(source.name for source in SOURCES)
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-std=gnu11"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 LANES = 16  # floats per vector in cpu_rows.c; the scratch row is padded to a multiple
@@ -168,16 +176,16 @@ def _compile(compiler: str, target: Path) -> str | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            command = [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"]
+            command = [compiler, *FLAGS, "-o", str(built), *map(str, SOURCES), "-lm"]
             result = subprocess.run(command, capture_output=True, text=True, timeout=120)
             if result.returncode != 0:
-                return f"building {SOURCE.name} failed: {result.stderr.strip()[:500]}"
+                return f"building {_NAMES_OF_SOURCES} failed: {result.stderr.strip()[:500]}"
             checksum = Path(tmp) / _checksum_path(target).name
             checksum.write_text(hashlib.sha256(built.read_bytes()).hexdigest() + "\n")
             os.replace(built, target)
             os.replace(checksum, _checksum_path(target))
     except (OSError, subprocess.SubprocessError) as error:
-        return f"building {SOURCE.name} failed: {error}"
+        return f"building {_NAMES_OF_SOURCES} failed: {error}"
     return None
 
 
@@ -231,7 +239,8 @@ def _build():
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"the C compiler {compiler!r} does not run ({error}); the PyTorch ops run instead"
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), version.encode()]
+    sources = [path.read_bytes() for path in (*SOURCES, HEADER)]
+    parts = [*sources, " ".join(FLAGS).encode(), compiler.encode(), version.encode()]
     key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()]))
     target = _cache_dir() / f"cpu_rows-{key.hexdigest()[:16]}.so"
     failure = None

@@ -1,0 +1,197 @@
+/* xentlib's C kernels for post-training: per-token log-probabilities and entropy, and the distillation divergence,
+ * each a sweep per row over float32/bfloat16 rows (the toolkit in cpu_rows.h; built and bound with cpu_rows.c by
+ * cpu_kernel.py). Like cpu_rows.c, a copy on purpose of maths that exists as torch ops (rl.py, distill.py), for one
+ * sweep per row; tests/test_log_probs.py and tests/test_distillation.py hold both to the float64 reference. */
+#include "cpu_rows.h"
+
+/* Per-token log-probabilities and entropy (xentlib.log_probs, rl.py; derivation in docs/numerics.md) of rows
+ * u = z / T, with m = max_v u_v, s = sum_v exp(u_v - m) and log p_v = (u_v - m) - log s:
+ *   forward:   log p_t,  lse = m + log s,  H = log s + sum_v p_v (m - u_v)    (0, 0, 0 on ignored rows)
+ *   backward:  dL/dz_v = ([v = t] g - p_v (g + h (log p_v + H))) / T            (0 on ignored rows)
+ * for the upstream gradients g (of log p_t) and h (of H; NULL: none). Each of these is a sum of terms of one sign
+ * (log s >= 0, m - u_v >= 0), never lse - u_t, which would cancel. The backward recomputes m and s from the row
+ * (one more exp per element, the cost of gradients that arrive after the forward) and takes H from the forward;
+ * `grad` may be the logits themselves (a row is read into scratch before it is written). A row whose max is not
+ * finite has no finite softmax: NaN outputs and gradient, as torch's log_softmax gives. A class whose p_v is 0
+ * (u_v = -inf) gets the gradient 0 from the entropy term (the limit of p log p), not 0 * inf. */
+#define XENT_LOG_PROBS(X)                                                                                         \
+    X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)    \
+    X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                      \
+    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, entropy, ptr)       \
+    X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr) X(void *, grad, ptr)                \
+    X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
+    X(int, threads, i32)
+
+XENT_DECLARE(xent_log_probs, XENT_LOG_PROBS)
+
+/* LANES classes from c of -p_v (g + h (log p_v + H)) / T, with log p_v = (u_v - m) - log s. */
+static inline vf log_prob_gradient_lanes(const float *scratch, int64_t c, float m, float log_s, float g, float h,
+                                         float entropy, float inv_t) {
+    vf u;
+    memcpy(&u, scratch + c, sizeof u);
+    vf log_p = (u - splat(m)) - splat(log_s);
+    vf p = exp_nonpositive(log_p);
+    vf coef = splat(g);
+    if (h != 0.0f) coef += splat(h) * (log_p + splat(entropy));
+    return blend(p > (vf){}, -p * coef * splat(inv_t), (vf){});
+}
+
+static void write_log_prob_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float m,
+                                    float log_s, float g, float h, float entropy, float inv_t) {
+    for (int64_t c = 0; c < classes; c += LANES)
+        store_lanes(grad_row, dtype, c, classes, log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t));
+}
+
+static void log_probs_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
+    const struct xent_log_probs *a = arguments;
+    int64_t classes = a->classes;
+    int dtype = a->dtype, backward = a->grad != NULL;
+    size_t elem = dtype == XENT_FLOAT32 ? 4 : 2;
+    float temperature = a->temperature, inv_t = 1.0f / temperature;
+    for (int64_t r = first; r < last; r++) {
+        const void *row = (const char *)a->logits + (size_t)(r * a->logits_row_stride) * elem;
+        void *grad_row = backward ? (char *)a->grad + (size_t)(r * a->grad_row_stride) * elem : NULL;
+        if (!a->valid[r]) {
+            if (backward) {
+                memset(grad_row, 0, (size_t)classes * elem);
+            } else {
+                a->log_prob[r] = 0.0f, a->lse[r] = 0.0f;
+                if (a->entropy) a->entropy[r] = 0.0f;
+            }
+            continue;
+        }
+        float m = load_row(row, dtype, classes, scratch) / temperature;
+        int64_t t = a->target[r];
+        if (!isfinite(m)) {
+            if (backward) {
+                fill_row(grad_row, dtype, classes, NAN);
+            } else {
+                a->log_prob[r] = NAN, a->lse[r] = NAN;
+                if (a->entropy) a->entropy[r] = NAN;
+            }
+            continue;
+        }
+        divide_row(scratch, classes, temperature);
+        float gap_t = scratch[t] - m;
+        if (backward) {
+            float log_s = logf(exp_sum(scratch, classes, m));
+            float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
+            float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
+            write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t);
+            float log_p_t = gap_t - log_s, p_t = expf(log_p_t);
+            float d_t = (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
+            store_scalar(grad_row, dtype, t, d_t);
+            continue;
+        }
+        struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, a->entropy != NULL, NO_PROB);
+        float log_s = logf(sums.exp_sum);
+        a->log_prob[r] = gap_t - log_s;
+        a->lse[r] = m + log_s;
+        if (a->entropy) a->entropy[r] = log_s - sums.expected_gap / sums.exp_sum;
+    }
+}
+
+/* Forward (grad NULL: log_prob, lse and entropy when not NULL) or backward (grad: the gradient for the upstream
+ * gradients grad_log_prob and grad_entropy, which may be NULL; entropy is then the forward's, read). */
+void xent_log_probs(const struct xent_log_probs *a) {
+    run_rows(log_probs_range, a, a->rows, a->threads, a->scratch, a->scratch_row_stride);
+}
+
+/* The generalized Jensen-Shannon divergence of GKD (xentlib.distillation_loss, distill.py; docs/numerics.md) per
+ * row, with p = softmax(z_s / T) (student), q = softmax(z_t / T) (teacher), m = beta q + (1 - beta) p:
+ *   beta = 0:      D = KL(q || p),                               dD/dz_s = (p - q) / T
+ *   beta = 1:      D = KL(p || q),                               dD/dz_s = p (r - KL(p || q)) / T,  r = log p - log q
+ *   otherwise:     D = beta KL(q || m) + (1 - beta) KL(p || m),  dD/dz_s = (1 - beta) p (r - KL(p || m)) / T,
+ *                  r = log p - log m,  log m = logaddexp(log q + log beta, log p + log(1 - beta))
+ * with log p = (u_s - m_s) - log s_s (and log q alike), never u - lse. A term whose probability is 0 is 0 (not
+ * 0 * inf). `loss` receives D per row; with `grad` (which may be the student's logits: a row is read into scratch
+ * first) the gradient times `scale[r]` (1 when NULL). Two scratch rows per thread (student, teacher), each of
+ * classes rounded up to LANES floats: `scratch_row_stride` is twice that. A row whose max is not finite (either
+ * model's) gives NaN loss and gradient, as torch's log_softmax gives. */
+#define XENT_DISTILLATION(X)                                                                                      \
+    X(const void *, student, ptr) X(int64_t, student_row_stride, i64) X(int, student_dtype, i32)                  \
+    X(const void *, teacher, ptr) X(int64_t, teacher_row_stride, i64) X(int, teacher_dtype, i32)                  \
+    X(int64_t, rows, i64) X(int64_t, classes, i64) X(float, beta, f32) X(float, temperature, f32)             \
+    X(const float *, scale, ptr) X(float *, loss, ptr) X(void *, grad, ptr) X(int64_t, grad_row_stride, i64)     \
+    X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64) X(int, threads, i32)
+
+XENT_DECLARE(xent_distillation, XENT_DISTILLATION)
+
+/* Pass over a row's classes: the KL sums, and the scratch rows become p (student) and, for the gradient, q
+ * (beta = 0) or r = log p - log m. */
+static void distillation_sums(float *s_row, float *t_row, int64_t classes, float ms, float log_ss, float mt,
+                              float log_st, float beta, float *kl_p, float *kl_q) {
+    vf sum_p = (vf){}, sum_q = (vf){};
+    const vf zero = (vf){};
+    float log_keep = beta > 0.0f && beta < 1.0f ? log1pf(-beta) : 0.0f, log_beta = beta > 0.0f ? logf(beta) : 0.0f;
+    for (int64_t c = 0; c < classes; c += LANES) {
+        vf us, ut;
+        memcpy(&us, s_row + c, sizeof us);
+        memcpy(&ut, t_row + c, sizeof ut);
+        vf log_p = (us - splat(ms)) - splat(log_ss), log_q = (ut - splat(mt)) - splat(log_st);
+        vf p = exp_nonpositive(log_p), q = exp_nonpositive(log_q), second;
+        if (beta == 0.0f) { /* KL(q || p) */
+            sum_q += blend(q > zero, q * (log_q - log_p), zero);
+            second = q;
+        } else {
+            vf log_m = log_q; /* beta = 1: m = q */
+            if (beta < 1.0f) {
+                vf a = log_q + splat(log_beta), b = log_p + splat(log_keep);
+                vf high = blend(a > b, a, b), low = blend(a > b, b, a);
+                vi nothing = high == splat(-INFINITY); /* p = q = 0 here: its terms are 0 below */
+                log_m = blend(nothing, high, high + log1p_unit(exp_nonpositive(blend(nothing, zero, low - high))));
+                sum_q += blend(q > zero, q * (log_q - log_m), zero);
+            }
+            second = log_p - log_m;
+            sum_p += blend(p > zero, p * second, zero);
+        }
+        memcpy(s_row + c, &p, sizeof p);
+        memcpy(t_row + c, &second, sizeof second);
+    }
+    *kl_p = horizontal_sum(sum_p), *kl_q = horizontal_sum(sum_q);
+}
+
+/* LANES classes from c of the gradient: (p - q) coef (beta = 0) or p (r - kl_p) coef, 0 where p = 0. */
+static inline vf distillation_gradient_lanes(const float *s_row, const float *t_row, int64_t c, float beta,
+                                             float kl_p, float coef) {
+    vf p, second;
+    memcpy(&p, s_row + c, sizeof p);
+    memcpy(&second, t_row + c, sizeof second);
+    if (beta == 0.0f) return (p - second) * splat(coef);
+    return blend(p > (vf){}, p * (second - splat(kl_p)) * splat(coef), (vf){});
+}
+
+static void distillation_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
+    const struct xent_distillation *a = arguments;
+    int64_t classes = a->classes, padded = (classes + LANES - 1) / LANES * LANES;
+    float *s_row = scratch, *t_row = scratch + padded, beta = a->beta, temperature = a->temperature;
+    size_t s_elem = a->student_dtype == XENT_FLOAT32 ? 4 : 2, t_elem = a->teacher_dtype == XENT_FLOAT32 ? 4 : 2;
+    for (int64_t r = first; r < last; r++) {
+        const void *zs = (const char *)a->student + (size_t)(r * a->student_row_stride) * s_elem;
+        const void *zt = (const char *)a->teacher + (size_t)(r * a->teacher_row_stride) * t_elem;
+        void *grad_row = a->grad ? (char *)a->grad + (size_t)(r * a->grad_row_stride) * s_elem : NULL;
+        float ms = load_row(zs, a->student_dtype, classes, s_row) / temperature;
+        float mt = load_row(zt, a->teacher_dtype, classes, t_row) / temperature;
+        if (!isfinite(ms) || !isfinite(mt)) {
+            a->loss[r] = NAN;
+            if (grad_row) fill_row(grad_row, a->student_dtype, classes, NAN);
+            continue;
+        }
+        divide_row(s_row, classes, temperature);
+        divide_row(t_row, classes, temperature);
+        float log_ss = logf(exp_sum(s_row, classes, ms)), log_st = logf(exp_sum(t_row, classes, mt));
+        float kl_p, kl_q;
+        distillation_sums(s_row, t_row, classes, ms, log_ss, mt, log_st, beta, &kl_p, &kl_q);
+        int general = beta > 0.0f && beta < 1.0f;
+        a->loss[r] = beta == 0.0f ? kl_q : general ? beta * kl_q + (1.0f - beta) * kl_p : kl_p;
+        if (!grad_row) continue;
+        float coef = (a->scale ? a->scale[r] : 1.0f) * (general ? 1.0f - beta : 1.0f) / temperature;
+        for (int64_t c = 0; c < classes; c += LANES)
+            store_lanes(grad_row, a->student_dtype, c, classes,
+                        distillation_gradient_lanes(s_row, t_row, c, beta, kl_p, coef));
+    }
+}
+
+void xent_distillation(const struct xent_distillation *a) {
+    run_rows(distillation_range, a, a->rows, a->threads, a->scratch, a->scratch_row_stride);
+}
