@@ -451,7 +451,7 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The compiled CPU kernel (cpu_rows.c, xent_distillation) and the PyTorch ops, each against the reference
+# The compiled CPU kernel (cpu_post_training.c, xent_distillation) and the PyTorch ops, each against the reference
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -355,7 +355,7 @@ def _kernel_off(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 3.0])
 def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, temperature):
-    """float32/bfloat16 CPU rows run the compiled kernel (cpu_rows.c, xent_log_probs) unless it is off; both
+    """float32/bfloat16 CPU rows run the compiled kernel (cpu_post_training.c, xent_log_probs) unless it is off; both
     paths against the float64 reference, through both outputs, with rows of -inf logits, ignored rows and a
     vocabulary that is not a multiple of the kernel's vector width."""
     from xentlib import rl

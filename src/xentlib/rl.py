@@ -45,8 +45,8 @@ class _Rows:
 
     Where the compiled CPU kernel covers the rows (`cpu_kernel.log_probs_covers`: CPU float32/bfloat16 rows
     with contiguous classes, no soft-capping), a block is a whole chunk and one C call computes it in a sweep
-    per row (cpu_rows.c, `xent_log_probs`: the same maths, its own threads); elsewhere the PyTorch ops below run
-    on blocks of rows small enough to stay in cache, a pass per step."""
+    per row (cpu_post_training.c, `xent_log_probs`: the same maths, its own threads); elsewhere the PyTorch
+    ops below run on blocks of rows small enough to stay in cache, a pass per step."""
 
     def __init__(self, vocab: int, dtype, device, temperature, softcap, with_entropy: bool, rows_contiguous=True):
         self.acc = sem.accumulation_dtype(dtype)
@@ -86,9 +86,11 @@ class _Rows:
     def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool, owned: bool = False):
         """(log p_t, lse, H or None) of a block of rows z (R, V); 0 on ignored rows."""
         if self.kernel:
-            out = [torch.empty(z.shape[0], dtype=torch.float32, device="cpu") for _ in range(3 if want_entropy else 2)]
-            cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, (*out, None)[:3])
-            return out[0], out[1], out[2] if want_entropy else None
+            new = lambda: torch.empty(z.shape[0], dtype=torch.float32, device="cpu")  # noqa: E731
+            logp, lse, entropy = new(), new(), new() if want_entropy else None
+            out = (logp, lse, entropy)
+            cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, out)
+            return logp, lse, entropy
         m = self._max_of_scaled(z)
         log_p = self.log_softmax(z, owned)
         # lse = m - max_v log p_v: log_softmax is monotonic, so its row maximum sits at the arg-max a of u, where
@@ -400,7 +402,6 @@ def linear_log_probs_op(
             logp[_sub(index, block)], lse[_sub(index, block)] = lp, ls
             if with_entropy:
                 entropy[_sub(index, block)] = ent
-        del z  # where oneDNN makes each chunk's logits anew, this chunk's go before the next chunk's are made
     return logp, entropy, lse
 
 
@@ -465,7 +466,6 @@ def linear_log_probs_backward_op(
             accumulate_mm_(dw, z.t(), x_c, first=number == 0)
         if grad_bias:
             db += z.sum(0, dtype=rows.acc)
-        del z  # as in the forward: one chunk of logits alive at a time
     return dx, dw, db.to(bias.dtype) if grad_bias else weight.new_empty((0,))
 
 
