@@ -315,12 +315,13 @@ def log_probs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_chunk_rows(rows: int, vocab: int, element_size: int, parts: int = 5) -> int:
-    """Rows per chunk of logits: a fifth of the full logits (`parts`; the row work runs in the compiled kernel or
-    in small float32 blocks beside it, so the chunk is the only large buffer), at most CHUNK_BYTES_CAP, at least
-    128 rows (smaller matmuls lose efficiency) and at most all rows. Where oneDNN computes the matmuls (float32 on
-    CPU) two chunk-sized tensors are alive in the backward, and the chunks are an eighth (measured no slower)."""
-    wanted = -(-rows // parts)
+def default_chunk_rows(rows: int, vocab: int, element_size: int) -> int:
+    """Rows per chunk of logits: a fifth of the full logits (the row work runs in the compiled kernel or in small
+    float32 blocks beside it, so the chunk is the only large buffer), at most CHUNK_BYTES_CAP, at least 128 rows
+    (smaller matmuls lose efficiency) and at most all rows. Where oneDNN makes each chunk's float32 logits anew,
+    the resident peak is about two chunks; smaller chunks did not lower it reliably (the allocator keeps blocks
+    under its mmap threshold)."""
+    wanted = -(-rows // 5)
     capped = min(wanted, CHUNK_BYTES_CAP // (max(vocab, 1) * element_size))
     return max(1, min(rows, max(128, capped)))
 
@@ -368,10 +369,8 @@ def _active_rows(valid: Tensor) -> Tensor | None:
     return valid.nonzero().squeeze(1)
 
 
-def _chunk(chunk_size: int, count: int, vocab: int, input: Tensor, weight: Tensor) -> int:
-    if chunk_size > 0:
-        return chunk_size
-    return default_chunk_rows(count, vocab, input.element_size(), parts=8 if _by_onednn(input, weight) else 5)
+def _chunk(chunk_size: int, count: int, vocab: int, input: Tensor) -> int:
+    return chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size())
 
 
 @torch.library.custom_op("xentlib::linear_log_probs", mutates_args=())
@@ -394,7 +393,7 @@ def linear_log_probs_op(
     logp = torch.zeros(count, dtype=rows.acc, device=input.device)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty((0,))
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input, weight))
+    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
     for index, _, z in chunks:
         t_c, v_c = safe[index], valid[index]
         for block in rows.blocks(z.shape[0]):
@@ -443,7 +442,7 @@ def linear_log_probs_backward_op(
     rows = _Rows(vocab, input.dtype, input.device, temperature, softcap, with_entropy)
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input, weight))
+    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
     dx = torch.zeros_like(input) if grad_input else input.new_empty((0,))
     # the first chunk overwrites dW (accumulate_mm_(first=True)); with no rows it stays zero
     dw = (torch.empty_like if chunks.total else torch.zeros_like)(weight) if grad_weight else weight.new_empty((0,))
