@@ -148,10 +148,6 @@ class _Rows:
             out.copy_(grad)
 
 
-def _classes_contiguous(logits: Tensor) -> bool:
-    return logits.stride(1) == 1 or logits.shape[1] == 1
-
-
 def _targets(target: Tensor, ignore_index: int, vocab: int):
     """(safe class indices, valid mask): the bounds check reads the data inside the op (IndexError on CPU)."""
     valid = target != ignore_index
@@ -181,7 +177,8 @@ def log_probs_op(
     `with_entropy`. lse (of the scaled logits) is what the backward needs to recompute p."""
     count, vocab = logits.shape
     safe, valid = _targets(target, ignore_index, vocab)
-    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, False, _classes_contiguous(logits))
+    contiguous = cpu_kernel.classes_contiguous(logits, vocab)
+    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, False, contiguous)
     logp = torch.empty(count, dtype=rows.acc, device=logits.device)
     lse = torch.empty_like(logp)
     entropy = torch.empty_like(logp) if with_entropy else logp.new_empty((0,))
@@ -221,7 +218,8 @@ def log_probs_backward_op(
     count, vocab = logits.shape
     safe, valid = _targets(target, ignore_index, vocab)
     with_entropy = grad_entropy is not None
-    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, with_entropy, _classes_contiguous(logits))
+    contiguous = cpu_kernel.classes_contiguous(logits, vocab)
+    rows = _Rows(vocab, logits.dtype, logits.device, temperature, softcap, with_entropy, contiguous)
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)

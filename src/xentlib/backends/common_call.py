@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from xentlib import _semantics as sem
 from xentlib.backends import cpu_kernel
+from xentlib.backends.composite import forward_ad_active
 from xentlib.backends.dispatch import traced
 
 _MEAN = {"mean": 1, "sum": 0, "none": 0}
@@ -63,14 +63,10 @@ def _covered(input, target, ignore_index, reduction) -> bool:
         and type(reduction) is str
         and reduction in _MEAN
         and not torch._C._are_functorch_transforms_active()
-        and not _forward_ad_active()
+        and not forward_ad_active()
         and not traced()
         and cpu_kernel.common_call_function() is not None
     )
-
-
-def _forward_ad_active() -> bool:
-    return forward_ad._current_level >= 0
 
 
 def _run(input: Tensor, target: Tensor, ignore_index: int, reduction: str, grad: Tensor | None) -> Tensor:

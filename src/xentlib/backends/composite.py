@@ -135,10 +135,17 @@ def transforms_active(*tensors) -> bool:
     return _has_tangent(tensors)
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (a dual tensor may exist); cheap, without looking at tensors."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0
+
+
 def _has_tangent(tensors) -> bool:
     from torch.autograd import forward_ad
 
-    if forward_ad._current_level < 0:
+    if not forward_ad_active():
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 

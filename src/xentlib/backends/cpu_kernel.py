@@ -325,9 +325,7 @@ def log_probs_rows(
         scratch_row_stride=scratch_row_stride,
         threads=threads,
     )
-    _state["log_probs"](ctypes.byref(call))  # every thread it starts is joined before it returns
-    if grad is not None:
-        torch.autograd.graph.increment_version(grad)
+    _run(_state["log_probs"], call, grad)
 
 
 def distillation_rows(
@@ -363,9 +361,7 @@ def distillation_rows(
         scratch_row_stride=scratch_row_stride,
         threads=threads,
     )
-    _state["distillation"](ctypes.byref(call))  # every thread it starts is joined before it returns
-    if grad is not None:
-        torch.autograd.graph.increment_version(grad)
+    _run(_state["distillation"], call, grad)
 
 
 def distillation_covers(device: torch.device, dtype: torch.dtype) -> bool:
@@ -377,7 +373,7 @@ def supports_distillation(student: torch.Tensor, teacher: torch.Tensor, grad: to
     """Whether `distillation_rows` computes these rows: CPU float32/bfloat16 (R, V) logits of both models with
     contiguous classes (at least one; the gradient laid out so too), and the kernel built."""
     tensors = (student, teacher) + (() if grad is None else (grad,))
-    laid_out = all(t.dim() == 2 and _classes_contiguous(t, t.shape[1]) for t in tensors)
+    laid_out = all(t.dim() == 2 and classes_contiguous(t, t.shape[1]) for t in tensors)
     dtypes_ok = all(distillation_covers(t.device, t.dtype) for t in tensors)
     return laid_out and dtypes_ok and student.shape[1] > 0 and (grad is None or grad.dtype == student.dtype)
 
@@ -397,17 +393,26 @@ def supports_call(device: torch.device, dtype: torch.dtype, problem: CrossEntrop
     return ok and problem.softcap is None and _load() is not None
 
 
-def _classes_contiguous(t: torch.Tensor, classes: int) -> bool:
+def classes_contiguous(t: torch.Tensor, classes: int) -> bool:
+    """Whether the classes (dim 1) of `t` lie next to each other in memory, as every kernel here reads them."""
     return t.stride(1) == 1 or classes == 1
+
+
+def _run(entry_point, call: ctypes.Structure, grad: torch.Tensor | None) -> None:
+    """Call an entry point with its argument structure. Every thread it starts is joined before it returns; a
+    gradient it wrote through a raw pointer is marked modified, as an in-place torch op would mark it."""
+    entry_point(ctypes.byref(call))
+    if grad is not None:
+        torch.autograd.graph.increment_version(grad)
 
 
 def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> bool:
     """`supports_call`, and the logits (gradient, class probabilities) laid out as rows with contiguous classes."""
     x = problem.logits
     classes = x.shape[1]
-    rows_ok = x.shape[2] == 1 and classes > 0 and _classes_contiguous(x, classes)
-    grad_ok = grad_out is None or (grad_out.dtype == x.dtype and _classes_contiguous(grad_out, classes))
-    probs_ok = problem.kind == "index" or _classes_contiguous(problem.target, classes)
+    rows_ok = x.shape[2] == 1 and classes > 0 and classes_contiguous(x, classes)
+    grad_ok = grad_out is None or (grad_out.dtype == x.dtype and classes_contiguous(grad_out, classes))
+    probs_ok = problem.kind == "index" or classes_contiguous(problem.target, classes)
     return rows_ok and grad_ok and probs_ok and supports_call(x.device, x.dtype, problem)
 
 
@@ -465,9 +470,7 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
         scratch_row_stride=scratch_row_stride,
         threads=threads,
     )
-    fn(ctypes.byref(call))  # every thread it starts is joined before it returns
-    if grad_out is not None:  # written through a raw pointer: tell autograd, as an in-place torch op would
-        torch.autograd.graph.increment_version(grad_out)
+    _run(fn, call, grad_out)
 
 
 def supports_layout(problem: CrossEntropyProblem) -> bool:
