@@ -72,7 +72,7 @@ def _covered(input, target, ignore_index, reduction) -> bool:
 def _run(input: Tensor, target: Tensor, ignore_index: int, reduction: str, grad: Tensor | None) -> Tensor:
     """One C call: row losses (and the gradient for grad_output = 1 into `grad`), then the reduction."""
     rows, classes = input.shape
-    row_loss = torch.empty(rows, dtype=torch.float32, device="cpu")
+    row_loss = input.new_empty(rows)  # float32 on the CPU, like the logits (a device context does not move it)
     parallel = rows * classes >= cpu_kernel.PARALLEL_MIN_ELEMENTS
     call = cpu_kernel.CommonCallArguments(
         input.data_ptr(),

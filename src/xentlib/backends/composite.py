@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from xentlib._semantics import CrossEntropyProblem
 
@@ -137,14 +138,10 @@ def transforms_active(*tensors) -> bool:
 
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (a dual tensor may exist); cheap, without looking at tensors."""
-    from torch.autograd import forward_ad
-
     return forward_ad._current_level >= 0
 
 
 def _has_tangent(tensors) -> bool:
-    from torch.autograd import forward_ad
-
     if not forward_ad_active():
         return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
