@@ -32,6 +32,10 @@ except ImportError:  # pragma: no cover - older torch
     pass
 
 COLLECTIVE_TIMEOUT_S = 20  # the process group's own default timeout: a hung collective raises in the rank
+# Joining the group is not a collective: on a loaded two-core machine a forked rank can take seconds to reach the
+# store, so the rendezvous gets its own generous deadline, independent of the (short) collective timeout a test
+# asks for to catch a hang quickly.
+RENDEZVOUS_TIMEOUT_S = 60
 
 
 def free_port() -> int:
@@ -43,13 +47,21 @@ def free_port() -> int:
 def _child(fn, rank: int, world: int, port: int, results, args, collective_timeout: float) -> None:
     try:
         torch.set_num_threads(1)  # forked OpenMP pools are not safe; one thread per rank on a small machine
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world,
+            is_master=rank == 0,
+            timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
+        )
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            store=store,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=collective_timeout),
         )
+        results.put((rank, "joined", None))
         try:
             results.put((rank, "ok", fn(rank, world, *args)))
         finally:
@@ -58,10 +70,15 @@ def _child(fn, rank: int, world: int, port: int, results, args, collective_timeo
         results.put((rank, "error", traceback.format_exc()))
 
 
+def _seconds_from_now(seconds: float) -> datetime.datetime:
+    return datetime.datetime.now() + datetime.timedelta(seconds=seconds)
+
+
 def run_ranks(fn, world: int, *args, timeout: float = 40.0, collective_timeout: float = COLLECTIVE_TIMEOUT_S) -> list:
     """fn(rank, world, *args) on `world` fork-started ranks; returns the per-rank results, in rank order.
 
-    Fails the test if any rank raised (with its traceback) or if the ranks did not finish within `timeout`.
+    Fails the test if any rank raised (with its traceback) or if the ranks did not finish within `timeout` seconds
+    of running `fn` (the rendezvous before it has its own deadline, RENDEZVOUS_TIMEOUT_S).
     """
     context = multiprocessing.get_context("fork")
     results = context.Queue()
@@ -73,7 +90,9 @@ def run_ranks(fn, world: int, *args, timeout: float = 40.0, collective_timeout: 
     for p in processes:
         p.start()
     collected: dict[int, tuple[str, object]] = {}
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    joined: set[int] = set()
+    # Until every rank has joined, the rendezvous deadline (plus a margin for the ranks to report it) applies.
+    deadline = _seconds_from_now(RENDEZVOUS_TIMEOUT_S + 5)
     try:
         while len(collected) < world:
             left = (deadline - datetime.datetime.now()).total_seconds()
@@ -83,6 +102,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 40.0, collective_timeout: 
                 rank, status, value = results.get(timeout=left)
             except queue.Empty:
                 break
+            if status == "joined":
+                joined.add(rank)
+                if len(joined) == world:
+                    deadline = _seconds_from_now(timeout)
+                continue
             collected[rank] = (status, value)
     finally:
         for p in processes:
@@ -91,6 +115,8 @@ def run_ranks(fn, world: int, *args, timeout: float = 40.0, collective_timeout: 
                 p.kill()
                 p.join(timeout=5)
     missing = [r for r in range(world) if r not in collected]
+    if missing and len(joined) < world:
+        pytest.fail(f"ranks {sorted(set(range(world)) - joined)} did not join within {RENDEZVOUS_TIMEOUT_S} s")
     if missing:
         pytest.fail(f"ranks {missing} did not finish within {timeout} s (hang?)")
     errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(collected.items()) if s == "error"]
