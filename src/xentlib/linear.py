@@ -161,7 +161,7 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def _active_rows(valid: Tensor, chunk: int) -> Tensor:
     """The rows whose target is not ignored, padded with an ignored row (loss and gradient 0) to a multiple of
-    `chunk`: every chunk then has the same shape from step to step, whatever the number of ignored rows, so the
+    `chunk` (the chunk's rows, at most all rows): every chunk then has the same shape from step to step, whatever the number of ignored rows, so the
     allocator reuses its memory instead of fragmenting over a training run."""
     active = valid.nonzero().squeeze(1)
     pad = -active.numel() % chunk
@@ -186,7 +186,7 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     # On an accelerator that would read the mask on the host: there the kernels give ignored rows zeros.
     active = None
     if x.device.type == "cpu" and not want_stats and not bool(problem.valid.all()):
-        active = _active_rows(problem.valid.reshape(-1), plan.chunk)
+        active = _active_rows(problem.valid.reshape(-1), min(plan.chunk, count))
     total = count if active is None else active.numel()
     out.grad_input = torch.zeros_like(x) if want_input else None
     # The first chunk overwrites the weight gradient (accumulate_mm_(first=True)); with no rows it stays zero.
