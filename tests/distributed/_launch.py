@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - older torch
 
 COLLECTIVE_TIMEOUT_S = 20  # the process group's own default timeout: a hung collective raises in the rank
 # Joining the group is not a collective: on a loaded two-core machine a forked rank can take seconds to reach the
-# store, so the rendezvous gets its own generous deadline, independent of the (short) collective timeout a test
-# asks for to catch a hang quickly.
+# store or to accept the other ranks' connections, so the rendezvous gets its own generous deadline, independent
+# of the (short) collective timeout a test asks for to catch a hang quickly.
 RENDEZVOUS_TIMEOUT_S = 60
 
 
@@ -47,20 +47,16 @@ def free_port() -> int:
 def _child(fn, rank: int, world: int, port: int, results, args, collective_timeout: float) -> None:
     try:
         torch.set_num_threads(1)  # forked OpenMP pools are not safe; one thread per rank on a small machine
-        store = dist.TCPStore(
-            "127.0.0.1",
-            port,
-            world,
-            is_master=rank == 0,
-            timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
-        )
+        # joined with the rendezvous deadline (the store and gloo's connections between ranks both wait on it),
+        # then the test's collective timeout set for what follows
         dist.init_process_group(
             "gloo",
-            store=store,
+            init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=collective_timeout),
+            timeout=datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S),
         )
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=collective_timeout))
         results.put((rank, "joined", None))
         try:
             results.put((rank, "ok", fn(rank, world, *args)))
