@@ -21,4 +21,5 @@ else:
         nll_loss,
         softmax,
     )
+    from xentlib.policy import linear_policy_loss, policy_loss  # noqa: F401
     from xentlib.rl import linear_log_probs, log_probs  # noqa: F401

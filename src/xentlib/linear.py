@@ -161,8 +161,8 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def _active_rows(valid: Tensor, chunk: int) -> Tensor:
     """The rows whose target is not ignored, padded with an ignored row (loss and gradient 0) to a multiple of
-    `chunk` (the chunk's rows, at most all rows): every chunk then has the same shape from step to step, whatever the number of ignored rows, so the
-    allocator reuses its memory instead of fragmenting over a training run."""
+    `chunk` (the rows of a chunk, at most all rows): every chunk then has the same shape from step to step,
+    whatever the number of ignored rows, so the allocator reuses its memory instead of fragmenting over a run."""
     active = valid.nonzero().squeeze(1)
     pad = -active.numel() % chunk
     if pad and active.numel() > 0:

@@ -358,6 +358,19 @@ class _LinearChunks:
             return torch.ops.mkldnn._linear_pointwise(grad_z, self.weight.t(), None, "none", [], "")
         return grad_z @ self.weight
 
+    def accumulate_gradients(self, index, x_c: Tensor, grad_z: Tensor, dx, dw, db, first: bool) -> None:
+        """A chunk's share of the gradients from its dZ (R, V): dX rows = dZ W, dW += dZ^T X_c (the first chunk
+        overwrites), db += sum_rows dZ (db in float32/float64); None for a gradient not wanted."""
+        if dx is not None:
+            if isinstance(index, slice) and not self.onednn:  # straight into the gradient's rows
+                torch.mm(grad_z, self.weight, out=dx[index])
+            else:
+                dx[index] = self.grad_input_rows(grad_z)
+        if dw is not None:
+            accumulate_mm_(dw, grad_z.t(), x_c, first=first)
+        if db is not None:
+            db += grad_z.sum(0, dtype=db.dtype)
+
 
 def _active_rows(valid: Tensor) -> Tensor | None:
     """On CPU the ignored rows (prompt tokens, padding) are dropped before the matmul; on an accelerator that
@@ -454,15 +467,8 @@ def linear_log_probs_backward_op(
                 z[block], t_c[block], v_c[block], lse_c[block], None if ent_c is None else ent_c[block],
                 g_c[block], None if h_c is None else h_c[block], z[block],
             )  # fmt: skip
-        if grad_input:
-            if isinstance(index, slice) and not chunks.onednn:  # straight into the gradient's rows
-                torch.mm(z, weight, out=dx[index])
-            else:
-                dx[index] = chunks.grad_input_rows(z)
-        if grad_weight:
-            accumulate_mm_(dw, z.t(), x_c, first=number == 0)
-        if grad_bias:
-            db += z.sum(0, dtype=rows.acc)
+        chunks.accumulate_gradients(index, x_c, z, dx if grad_input else None, dw if grad_weight else None, db,
+                                    first=number == 0)  # fmt: skip
     return dx, dw, db.to(bias.dtype) if grad_bias else weight.new_empty((0,))
 
 

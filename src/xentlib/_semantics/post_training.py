@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from xentlib._semantics.arguments import (
+    accumulation_dtype,
     check_extensions,
     check_floating_input,
     check_head_bias_and_dtype,
@@ -205,3 +206,80 @@ def distillation_denominator(reduction: str, valid: Tensor | None, rows: int, ba
     else:
         count = valid.sum().to(dtype)
     return count.clamp_min(1.0) if reduction == "batchmean" else count
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The clipped policy-gradient loss (xentlib.policy): PPO / GRPO on per-token log-probabilities
+# --------------------------------------------------------------------------------------------------------------
+
+POLICY_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class PolicyCall:
+    """A validated policy-loss call: the per-token tensors flattened to (N,) in the accumulation dtype (None
+    where not given), the clipping range [1 - epsilon_low, 1 + epsilon_high] and the coefficients."""
+
+    advantages: Tensor
+    old_log_probs: Tensor | None
+    ref_log_probs: Tensor | None
+    token_weight: Tensor | None
+    epsilon_low: float
+    epsilon_high: float
+    kl_coef: float
+    entropy_coef: float
+    reduction: str
+
+
+def _real(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}(): argument '{name}' must be float, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be finite, got {value}")
+    return float(value)
+
+
+def _per_token(fn: str, name: str, value, target: Tensor, like: Tensor, optional: bool = True) -> Tensor | None:
+    """A floating tensor broadcastable to the target's shape (e.g. (B, 1) advantages for (B, L) tokens), on the
+    input's device, as (N,) in the accumulation dtype of `like`."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{fn}(): argument '{name}' must be Tensor, not {type(value).__name__}")
+    if not value.is_floating_point():
+        raise RuntimeError(f"{fn}: {name} must be a floating tensor, got dtype {dtype_name(value.dtype)}")
+    if value.device != like.device:
+        raise RuntimeError(f"{fn}: {name} is on {value.device}, the input on {like.device}")
+    try:
+        value = value.broadcast_to(target.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{fn}: {name} of shape {tuple(value.shape)} does not broadcast to the target's shape "
+            f"{tuple(target.shape)} (one value per token, or e.g. (B, 1) for one per sequence)"
+        ) from None
+    return value.reshape(-1).to(accumulation_dtype(like.dtype)).detach()
+
+
+def check_policy_call(fn, like: Tensor, target: Tensor, advantages, old_log_probs, ref_log_probs, token_weight, *,
+                      epsilon, epsilon_high, kl_coef, entropy_coef, reduction) -> PolicyCall:  # fmt: skip
+    """The per-token tensors (advantages required) and the loss's scalars; `like` is the logits or the input."""
+    epsilon = _real(fn, "epsilon", epsilon)
+    epsilon_high = epsilon if epsilon_high is None else _real(fn, "epsilon_high", epsilon_high)
+    if not 0.0 <= epsilon < 1.0 or epsilon_high < 0.0:
+        raise ValueError(
+            f"{fn}: expected 0 <= epsilon < 1 and epsilon_high >= 0 (the ratio is clipped to "
+            f"[1 - epsilon, 1 + epsilon_high]), got epsilon={epsilon}, epsilon_high={epsilon_high}"
+        )
+    kl_coef, entropy_coef = _real(fn, "kl_coef", kl_coef), _real(fn, "entropy_coef", entropy_coef)
+    if kl_coef != 0.0 and ref_log_probs is None:
+        raise ValueError(f"{fn}: kl_coef={kl_coef} needs ref_log_probs (the reference model's log-probabilities)")
+    if not (isinstance(reduction, str) and reduction in POLICY_REDUCTIONS):
+        raise ValueError(f"{reduction} is not a valid value for reduction (expected 'mean' or 'sum')")
+    tensors = [
+        _per_token(fn, name, value, target, like, optional=name != "advantages")
+        for name, value in (
+            ("advantages", advantages), ("old_log_probs", old_log_probs), ("ref_log_probs", ref_log_probs),
+            ("token_weight", token_weight),
+        )
+    ]  # fmt: skip
+    return PolicyCall(*tensors, epsilon, epsilon_high, kl_coef, entropy_coef, reduction)

@@ -11,6 +11,8 @@ NumPy is imported: this package works where torch is not installed.
     linear_cross_entropy (+ _backward)              linear.py
     log_probs, linear_log_probs (+ _backward, log_probs_steps)
                                                     log_probs.py  (per-token log p(target) and entropy, for RL)
+    policy_loss, linear_policy_loss (+ _backward, policy_terms)
+                                                    policy.py  (PPO/GRPO's clipped surrogate on those)
     binary_cross_entropy(_with_logits) (+ _backward) bce.py
     distillation, linear_distillation (+ _backward, distillation_steps)
                                                     distillation.py  (GKD's generalized Jensen-Shannon divergence)
@@ -81,6 +83,14 @@ from xentlib.reference.log_probs import (
     log_probs_steps,
 )
 from xentlib.reference.nll import nll_loss, nll_loss_backward, nll_loss_steps
+from xentlib.reference.policy import (
+    PolicyTerms,
+    linear_policy_loss,
+    linear_policy_loss_backward,
+    policy_loss,
+    policy_loss_backward,
+    policy_terms,
+)
 from xentlib.reference.softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
 __all__ = [
@@ -93,6 +103,7 @@ __all__ = [
     "LinearLogProbsGrads",
     "LogProbs",
     "LogProbsSteps",
+    "PolicyTerms",
     "LinearDistillationGrads",
     "SoftmaxSteps",
     "binary_cross_entropy",
@@ -113,6 +124,8 @@ __all__ = [
     "linear_log_probs_backward",
     "linear_distillation",
     "linear_distillation_backward",
+    "linear_policy_loss",
+    "linear_policy_loss_backward",
     "log_softmax",
     "log_softmax_backward",
     "log_probs",
@@ -121,6 +134,9 @@ __all__ = [
     "nll_loss",
     "nll_loss_backward",
     "nll_loss_steps",
+    "policy_loss",
+    "policy_loss_backward",
+    "policy_terms",
     "softmax",
     "softmax_backward",
 ]
