@@ -171,6 +171,38 @@ def test_odd_shapes_and_the_cpu_kernel_match_the_composition(dtype, lead, hidden
         torch.testing.assert_close(ours, theirs, **tol)
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-mm"])
+def test_float32_chunk_matmuls_through_onednn_or_torch_mm(onednn, monkeypatch):
+    """The chunks' matmuls with W run in oneDNN or torch.mm (which one is faster depends on the CPU: linear.py,
+    `_PREFER_ONEDNN`); both ways, the policy loss and the log-probabilities match the composition, with ignored
+    rows dropped before the matmuls."""
+    from xentlib import linear, rl
+
+    if onednn and not linear._ONEDNN_LINEAR:
+        pytest.skip("this torch has no oneDNN linear")
+    monkeypatch.setattr(linear, "_PREFER_ONEDNN", onednn)
+    leaves, t, per_token = _problem((3, 7), 6, 23, dtype=torch.float32, seed=9)
+    x, w, b = leaves
+    assert rl._LinearChunks(x.reshape(-1, 6), w, b, None, 4).onednn == onednn
+    a, old = per_token["advantages"], per_token["old"]
+    loss = xentlib.linear_policy_loss(x, w, t, a, b, old_log_probs=old, entropy_coef=0.01, chunk_size=4)
+    expected = _trl_loss(x @ w.T + b, t, a, old, entropy_coef=0.01)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    logp, entropy = xentlib.linear_log_probs(x, w, t, b, return_entropy=True, chunk_size=4)
+    grads = torch.autograd.grad((a.float().expand(t.shape) * logp).sum() + entropy.sum(), leaves)
+    z = x @ w.T + b
+    log_p = torch.log_softmax(z, -1)
+    valid = t != IGNORE
+    expected_logp = log_p.gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+    expected_entropy = -(log_p.exp() * log_p).sum(-1) * valid
+    torch.testing.assert_close(logp, expected_logp, rtol=1e-5, atol=1e-6)
+    objective = (a.float().expand(t.shape) * expected_logp).sum() + expected_entropy.sum()
+    for ours, theirs in zip(grads, torch.autograd.grad(objective, leaves)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_no_token_counts(reduction):
     """Every target ignored: the loss is 0 (not 0/0) and every gradient exactly 0."""

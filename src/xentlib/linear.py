@@ -149,14 +149,24 @@ def _sweep_chunk(lp: sem.LinearProblem, weight, bias, plan, grads, want_stats, r
 
 
 def _by_onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether the chunk matmuls that read W (Z = X W^T + b and dX = dZ W) go through oneDNN: float32 on CPU.
-    There torch.mm (MKL) pays a fixed cost per call that grows with W, twice per chunk; oneDNN does not, and made
-    the whole float32 step 4-15% faster (measurements: docs/numerics.md section 9)."""
+    """Whether the chunk matmuls that read W (Z = X W^T + b and dX = dZ W) go through oneDNN: float32 on CPU,
+    where oneDNN is the faster of the two (`_PREFER_ONEDNN`; measurements: docs/numerics.md section 9)."""
     float32_cpu = x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
-    return _ONEDNN_LINEAR and float32_cpu and x.is_contiguous() and weight.is_contiguous()
+    return _PREFER_ONEDNN and float32_cpu and x.is_contiguous() and weight.is_contiguous()
+
+
+def _intel_cpu() -> bool:
+    """Whether this is an Intel CPU (Linux: /proc/cpuinfo's vendor), where torch.mm's float32 matmuls run in MKL at
+    full speed; elsewhere (an AMD EPYC measured) MKL paid a fixed cost per call that oneDNN does not."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return "GenuineIntel" in cpuinfo.read(4096)
+    except OSError:
+        return False
 
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_PREFER_ONEDNN = _ONEDNN_LINEAR and not _intel_cpu()
 
 
 def _active_rows(valid: Tensor, chunk: int) -> Tensor:

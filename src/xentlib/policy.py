@@ -170,9 +170,12 @@ def linear_policy_loss_op(
     grad_input: bool,
     grad_weight: bool,
     grad_bias: bool,
+    grads_private: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, log p_t, entropy, dX, dW, db) of a flat (N, D) input with (N,) per-token tensors; the gradients
-    (for an upstream gradient of 1) only where flagged, the entropy only `with_entropy`, else empty."""
+    (for an upstream gradient of 1) only where flagged, the entropy only `with_entropy`, else empty.
+    `grads_private`: the caller never reads the gradient outputs (linear_policy_loss), so the backward may scale
+    them in place instead of copying a weight-sized tensor."""
     count, vocab = input.shape[0], weight.shape[0]
     call = sem.PolicyCall(advantages, old_log_probs, ref_log_probs, token_weight, epsilon_low, epsilon_high, kl_coef,
                           entropy_coef, reduction)  # fmt: skip
@@ -193,7 +196,10 @@ def linear_policy_loss_op(
         for block in rows.blocks(z.shape[0]):
             at = _sub(index, block)
             t_b, v_b, z_b = safe[at], valid[at], z[block]
-            lp, lse, ent = rows.forward(z_b, t_b, v_b, with_entropy)  # z_b is kept: it becomes dZ below
+            # z_b is kept (it becomes dZ below); the kernel's row sums are kept for its backward
+            reuse_sums = rows.kernel and any_grad
+            log_sum = torch.empty(z_b.shape[0], dtype=torch.float32, device="cpu") if reuse_sums else None
+            lp, lse, ent = rows.forward(z_b, t_b, v_b, with_entropy, log_sum=log_sum)
             logp[at] = lp
             if with_entropy:
                 entropy[at] = ent
@@ -203,7 +209,7 @@ def linear_policy_loss_op(
             if any_grad:  # dL/dZ = c dl/dZ + e dH/dZ with c = w/D dloss_n/dl, e = w/D dloss_n/dH
                 g = torch.where(v_b, factor * terms.d_log_prob, 0.0)  # not 0 * inf on an ignored token
                 h = None if terms.d_entropy is None else torch.where(v_b, factor * terms.d_entropy, 0.0)
-                rows.backward_(z_b, t_b, v_b, lse, ent, g, h, z_b)
+                rows.backward_(z_b, t_b, v_b, lse, ent, g, h, z_b, log_sum=log_sum)
         if any_grad:
             chunks.accumulate_gradients(index, x_c, z, dx, dw, db, first=number == 0)
     empty = lambda: input.new_empty((0,))  # noqa: E731  (outputs of an op may not alias each other)
@@ -218,7 +224,7 @@ def linear_policy_loss_op(
 @linear_policy_loss_op.register_fake
 def _(input, weight, bias, target, advantages, old_log_probs, ref_log_probs, token_weight, temperature,
       ignore_index, softcap, epsilon_low, epsilon_high, kl_coef, entropy_coef, reduction, with_entropy, chunk_size,
-      grad_input, grad_weight, grad_bias):  # fmt: skip
+      grad_input, grad_weight, grad_bias, grads_private=False):  # fmt: skip
     acc = sem.accumulation_dtype(input.dtype)
     count = input.shape[0]
     entropy_rows = count if with_entropy or entropy_coef != 0.0 else 0
@@ -234,7 +240,8 @@ def _(input, weight, bias, target, advantages, old_log_probs, ref_log_probs, tok
 
 def _policy_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8])  # input, weight, bias, target and the per-token tensors: no copies
-    ctx.scalars, ctx.made = inputs[8:18], inputs[18:]  # temperature ... chunk_size; which gradients were made
+    ctx.scalars, ctx.made = inputs[8:18], inputs[18:21]  # temperature ... chunk_size; which gradients were made
+    ctx.private = len(inputs) > 21 and inputs[21]
     loss, logp, entropy, dx, dw, db = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(logp, entropy, dx, dw, db)
@@ -244,14 +251,18 @@ def _policy_setup_context(ctx, inputs, output):
 def _policy_backward(ctx, grad_loss, *_stats_and_grads):
     needs = ctx.needs_input_grad[:3]
     if grad_loss is None or not any(needs):
-        return (None,) * 21
-    saved, ctx.grads = ctx.grads, None  # handed to autograd once: scaled in place
+        return (None,) * 22
+    saved, ctx.grads = ctx.grads, None  # handed to autograd once
+    private = ctx.private
     if saved is None or any(need and not made for need, made in zip(needs, ctx.made)):
         # a second backward, or gradients the forward did not make (it ran without grad mode): run it again
         *scalars, _, chunk_size = ctx.scalars
         _, _, _, *saved = torch.ops.xentlib.linear_policy_loss(*ctx.saved_tensors, *scalars, False, chunk_size, *needs)
-    grads = [scale_by_grad_output_("sum", g, grad_loss) if need else None for g, need in zip(saved, needs)]
-    return (*grads, *(None,) * 18)
+        private = True
+    # in place where nobody else holds them (scale_by_grad_output_ skips a scale of 1); else a scaled copy
+    grads = [scale_by_grad_output_("sum", g if private else g.clone(), grad_loss) if need else None
+             for g, need in zip(saved, needs)]  # fmt: skip
+    return (*grads, *(None,) * 19)
 
 
 linear_policy_loss_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
@@ -319,7 +330,7 @@ def linear_policy_loss(
             input.reshape(-1, input.shape[-1]), weight, bias, target.reshape(-1), call.advantages,
             call.old_log_probs, call.ref_log_probs, call.token_weight, temperature, ignore_index, softcap,
             call.epsilon_low, call.epsilon_high, call.kl_coef, call.entropy_coef, call.reduction,
-            bool(return_token_stats), chunk_size, *wanted,
+            bool(return_token_stats), chunk_size, *wanted, True,
         )  # fmt: skip
     if not return_token_stats:
         return loss

@@ -107,8 +107,8 @@ LOG_PROBS_ENTRY_POINT = "xent_log_probs"
 LogProbsArguments = _structure(
     "LogProbsArguments",
     """logits:ptr logits_row_stride:i64 dtype:i32 rows:i64 classes:i64 target:ptr valid:ptr temperature:f32
-    log_prob:ptr lse:ptr entropy:ptr grad_log_prob:ptr grad_entropy:ptr grad:ptr grad_row_stride:i64 scratch:ptr
-    scratch_row_stride:i64 threads:i32""",
+    log_prob:ptr lse:ptr log_sum:ptr entropy:ptr grad_log_prob:ptr grad_entropy:ptr grad:ptr grad_row_stride:i64
+    scratch:ptr scratch_row_stride:i64 threads:i32""",
 )
 
 # The distillation divergence's arguments (distill.py): `struct xent_distillation` in cpu_rows.c.
@@ -296,11 +296,14 @@ def log_probs_rows(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     grad: torch.Tensor | None = None,
     upstream: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+    log_sum: torch.Tensor | None = None,
 ) -> None:
     """`xent_log_probs` over (R, V) float32/bfloat16 CPU logits with contiguous classes: the forward fills `out`
     = (log p_t, lse, entropy or None), float32 (R,); the backward writes into `grad` (like the logits, may be
     them) for `upstream` = (g, h or None, the forward's entropy or None), float32 (R,). `target` (int64, ignored
-    rows any valid index) and `valid` (bool) are contiguous (R,). Callers check `log_probs_covers` first."""
+    rows any valid index) and `valid` (bool) are contiguous (R,). `log_sum`, float32 (R,) or None: the forward
+    writes each row's log s there, and a backward given it skips recomputing s. Callers check `log_probs_covers`
+    first."""
     rows, classes = logits.shape
     threads, scratch, scratch_row_stride = _threads_and_scratch(rows, classes)
     log_prob, lse, entropy = out if out is not None else (None, None, None)
@@ -316,6 +319,7 @@ def log_probs_rows(
         temperature=temperature,
         log_prob=_pointer(log_prob),
         lse=_pointer(lse),
+        log_sum=_pointer(log_sum),
         entropy=_pointer(entropy if grad is None else saved_entropy),
         grad_log_prob=_pointer(g),
         grad_entropy=_pointer(h),

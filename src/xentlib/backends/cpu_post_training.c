@@ -10,15 +10,16 @@
  *   backward:  dL/dz_v = ([v = t] g - p_v (g + h (log p_v + H))) / T            (0 on ignored rows)
  * for the upstream gradients g (of log p_t) and h (of H; NULL: none). Each of these is a sum of terms of one sign
  * (log s >= 0, m - u_v >= 0), never lse - u_t, which would cancel. The backward recomputes m and s from the row
- * (one more exp per element, the cost of gradients that arrive after the forward) and takes H from the forward;
+ * (one more exp per element, the cost of gradients that arrive after the forward) unless `log_sum` holds the
+ * forward's log s (the forward writes it there when not NULL), and takes H from the forward;
  * `grad` may be the logits themselves (a row is read into scratch before it is written). A row whose max is not
  * finite has no finite softmax: NaN outputs and gradient, as torch's log_softmax gives. A class whose p_v is 0
  * (u_v = -inf) gets the gradient 0 from the entropy term (the limit of p log p), not 0 * inf. */
 #define XENT_LOG_PROBS(X)                                                                                         \
     X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)    \
     X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                      \
-    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, entropy, ptr)       \
-    X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr) X(void *, grad, ptr)                \
+    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, log_sum, ptr)        \
+    X(float *, entropy, ptr) X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr) X(void *, grad, ptr)                \
     X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
     X(int, threads, i32)
 
@@ -74,7 +75,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
         if (backward) {
-            float log_s = logf(exp_sum(scratch, classes, m));
+            float log_s = a->log_sum ? a->log_sum[r] : logf(exp_sum(scratch, classes, m));
             float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
             float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
             write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t);
@@ -87,6 +88,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         float log_s = logf(sums.exp_sum);
         a->log_prob[r] = gap_t - log_s;
         a->lse[r] = m + log_s;
+        if (a->log_sum) a->log_sum[r] = log_s;
         if (a->entropy) a->entropy[r] = log_s - sums.expected_gap / sums.exp_sum;
     }
 }
