@@ -832,7 +832,7 @@ def test_bfloat16_error_at_most_torchs(kind, smoothing, chunk_size):
 def test_bfloat16_weight_gradient_with_the_default_chunks():
     """With the compiled CPU kernel the default chunk is a fifth of the rows, so the bf16 weight gradient is rounded
     five times (docs/numerics.md section 9): measured 1.04-1.06x torch's error here, not the float32 accumulation
-    rounded once that issue 3 asks for (a float32 V x D accumulator would cost more memory than the budget)."""
+    rounded once (a float32 V x D accumulator would cost more memory than the 0.25x-the-logits budget)."""
     from xentlib.backends import cpu_kernel
 
     if not cpu_kernel.status()[0]:
@@ -908,7 +908,7 @@ def test_never_allocates_the_logits(kind, opts):
 def test_default_chunk_is_a_small_fraction_of_the_rows(element_size, in_place_rows):
     """Between 1 and N rows, at least 128 when N allows; for large N a fifth of the rows where the compiled CPU
     kernel turns the chunk into its gradient in place, else an eighth (a sixteenth in half precision, whose chunks
-    also hold float32 working copies), so one chunk's memory stays inside the 0.25x memory budget of issue 3;
+    also hold float32 working copies), so one chunk's memory stays inside a memory budget of 0.25x the logits;
     and never more than CHUNK_BYTES_CAP of logits, unless that leaves fewer than 128 rows."""
     from xentlib.linear import CHUNK_BYTES_CAP, default_chunk_rows
 

@@ -673,7 +673,32 @@ def test_distillation_example_prints_gkds_kls_mixture_and_gradient(capsys):
         assert cross_check(out, source)[1] == "agrees", out
 
 
-@pytest.mark.parametrize("name", ["log-probs", "distillation"])
+def test_policy_loss_example_prints_trls_ratio_clipping_and_loss(capsys):
+    from xentlib.cli._examples import EXAMPLES
+
+    example = EXAMPLES["policy-loss"]
+    options = example.options
+    code, out, _ = explain(capsys, "--example", "policy-loss", "--decimals", "10")
+    assert code == 0
+    logits = t64(example.logits).requires_grad_()
+    logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(example.target)[:, None])[:, 0]
+    a, old, ref = (t64(options[k]) for k in ("advantages", "old_log_probs", "ref_log_probs"))
+    ratio = torch.exp(logp - old)
+    clipped = torch.clamp(ratio, 1 - options["epsilon"], 1 + options["epsilon"])
+    per_token = -torch.min(ratio * a, clipped * a) + options["kl_coef"] * (torch.exp(ref - logp) - (ref - logp) - 1)
+    (d_logp,) = torch.autograd.grad(per_token.sum(), logp, retain_graph=True)
+    (rows,) = all_tables(out, "pg = -min(rA, clip(r)A)")
+    cells = np.array([[float(cell) for cell in row[1:]] for row in rows])
+    for column, expected in ((0, logp), (2, ratio), (3, clipped), (7, per_token), (8, d_logp)):
+        assert_close(cells[:, column], expected.tolist())
+    assert (clipped != ratio).any() and (cells[:, 3] != cells[:, 2]).any()  # the example shows a clipped ratio
+    assert final_loss(out) == pytest.approx(per_token.mean().item(), abs=1e-9)
+    assert "DIFFERS" not in out
+    for source in ("torch", "xentlib.policy_loss", "xentlib.linear_policy_loss"):
+        assert cross_check(out, source)[1] == "agrees", out
+
+
+@pytest.mark.parametrize("name", ["log-probs", "policy-loss", "distillation"])
 def test_post_training_examples_take_no_inputs_and_are_listed(capsys, name):
     code, _, err = explain(capsys, "--example", name, "--target", "[0]")
     assert code == 2 and "has fixed inputs" in err

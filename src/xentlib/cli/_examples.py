@@ -228,10 +228,10 @@ class PostTraining:
 
     name: str
     summary: str
-    op: str  # "log_probs" or "distillation"
+    op: str  # "log_probs", "policy_loss" or "distillation"
     logits: Any  # (N, V); the student's for distillation
     target: Any = None  # (N,) class indices for log_probs
-    options: dict[str, Any] = field(default_factory=dict)  # temperature; distillation: teacher, beta
+    options: dict[str, Any] = field(default_factory=dict)  # temperature; policy_loss: advantages, ...; teacher, beta
     note: str = ""
 
 
@@ -244,6 +244,22 @@ POST_TRAINING = (
         target=[0, 3],
         options={"temperature": 0.7},
         note="An RL trainer scores the sampled tokens with log p(target) and adds the entropy as a bonus.",
+    ),
+    PostTraining(
+        name="policy-loss",
+        summary="PPO/GRPO's clipped surrogate on three sampled tokens, one ratio clipped, with a KL to a reference",
+        op="policy_loss",
+        logits=[[2.0, 0.5, -1.0, 0.1], [0.3, 0.2, 1.1, -0.4], [1.2, -0.3, 0.4, 0.9]],
+        target=[0, 3, 2],
+        options={
+            "advantages": [1.0, -0.5, 0.8],
+            "old_log_probs": [-0.45, -2.1, -1.95],
+            "ref_log_probs": [-0.30, -2.4, -1.5],
+            "epsilon": 0.2,
+            "kl_coef": 0.05,
+        },
+        note="The policy's new log p over the sampling policy's gives the ratio r; PPO clips r A so one step cannot "
+        "move a token's probability far.",
     ),
     PostTraining(
         name="distillation",

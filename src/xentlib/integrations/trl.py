@@ -15,6 +15,14 @@ The head maths a config declares (`final_logit_softcapping`, `logit_scale`, ...)
 `xentlib.integrations.transformers` reads them. The fields `log_sum_sq_probs`, `mean_logits` and `is_top1` are
 not computed (asking for them raises). trl is imported only when a function here is called.
 
+GRPO in three matmuls instead of four: `grpo_linear_loss` is the loss of `GRPOTrainer._compute_loss` (token-level
+importance sampling, the clipped surrogate, the k3 KL to the reference; loss types 'grpo', 'bnpo', 'dr_grpo',
+'dapo') computed by `xentlib.linear_policy_loss`, which makes the gradients in the forward (docs/transformers.md):
+
+    class XentlibGRPOTrainer(GRPOTrainer):
+        def _compute_loss(self, model, inputs):
+            return xtrl.grpo_linear_loss(model, inputs, **xtrl.grpo_options(self))
+
 Distillation (GKD): TRL's `GKDTrainer` has no hook for a fused loss; `gkd_linear_loss` is the loss of its
 `compute_loss` computed by `xentlib.linear_distillation_loss` from both models' last hidden states and output
 embeddings, never the (tokens, vocab) logits of either. Override `compute_loss` with it (docs/transformers.md):
@@ -33,7 +41,7 @@ import types
 
 import torch
 
-__all__ = ["add_fused_lm_head", "gkd_linear_loss", "patch_trl_trainers", "unpatch_trl_trainers"]
+__all__ = ["add_fused_lm_head", "gkd_linear_loss", "grpo_linear_loss", "patch_trl_trainers", "unpatch_trl_trainers"]
 
 SUPPORTED_OUTPUTS = ("log_probs", "entropy")
 TRAINER_MODULES = ("trl.trainer.grpo_trainer", "trl.trainer.rloo_trainer")
@@ -158,3 +166,87 @@ def gkd_linear_loss(model, teacher_model, inputs, beta: float, num_items_in_batc
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     return loss, outputs
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def grpo_options(trainer) -> dict:
+    """The `grpo_linear_loss` options of a `GRPOTrainer` (its configuration and this step's accumulation); raises
+    NotImplementedError for what the fused loss does not compute: sequence-level importance sampling, the loss
+    types other than GRPO_LOSS_TYPES, two-sided clipping (`delta`), the entropy bonus or mask, the off-policy
+    mask, vLLM's importance-sampling correction and the bias-corrected KL."""
+    args = trainer.args
+    unsupported = {
+        "importance_sampling_level": getattr(trainer, "importance_sampling_level", "token") != "token",
+        "loss_type": trainer.loss_type not in GRPO_LOSS_TYPES,
+        "delta": getattr(args, "delta", None) is not None,
+        "entropy bonus": getattr(trainer, "_entropy_bonus_enabled", False),
+        "top_entropy_quantile": getattr(trainer, "top_entropy_quantile", 1.0) < 1.0,
+        "off_policy_mask_threshold": getattr(trainer, "off_policy_mask_threshold", None) is not None,
+        "vllm_importance_sampling_correction": getattr(trainer, "use_vllm", False)
+        and getattr(trainer, "vllm_importance_sampling_correction", False),
+        "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
+    }
+    named = [name for name, on in unsupported.items() if on]
+    if named:
+        raise NotImplementedError(f"grpo_linear_loss does not compute {', '.join(named)}; use GRPOTrainer's own loss")
+    training = trainer.model.training
+    options = dict(
+        loss_type=trainer.loss_type, beta=trainer.beta, epsilon_low=trainer.epsilon_low,
+        epsilon_high=trainer.epsilon_high, temperature=trainer.temperature,
+        max_completion_length=trainer.max_completion_length,
+        accumulation=trainer.current_gradient_accumulation_steps if training else 1,
+    )  # fmt: skip
+    if trainer.loss_type == "dapo":
+        processes = trainer.accelerator.num_processes
+        steps = trainer.current_gradient_accumulation_steps / args.steps_per_generation if training else 1.0
+        options["dapo_scale"] = steps / processes
+    return options
+
+
+def grpo_linear_loss(model, inputs, *, loss_type="bnpo", beta=0.0, epsilon_low=0.2, epsilon_high=None,
+                     temperature=1.0, max_completion_length=None, accumulation=1, dapo_scale=1.0):  # fmt: skip
+    """The loss of `GRPOTrainer._compute_loss` from TRL's `inputs` (prompt_ids, prompt_mask, completion_ids,
+    completion_mask, advantages (B,) or (B, T), old_per_token_logps, ref_per_token_logps, num_items_in_batch),
+    by `xentlib.linear_policy_loss` on the decoder's last hidden states: the (B, T, V) logits are never formed and
+    the gradients are made in the forward. Per token, TRL's loss types are weights of a 'sum' (docs/numerics.md,
+    "The policy loss"): 'grpo' 1 / (B |completion_b| accumulation), 'bnpo' 'mean' / accumulation, 'dr_grpo'
+    1 / (B max_completion_length accumulation), 'dapo' 1 / (num_items_in_batch dapo_scale)."""
+    from xentlib.integrations._hf_head import base_model, head_maths_candidates, output_head, text_config
+    from xentlib.policy import linear_policy_loss
+
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    keep = completion_ids.shape[1]
+    hidden = hidden[:, -keep - 1 : -1]  # position t predicts token t + 1: the completion's tokens
+    labels = completion_ids.masked_fill(completion_mask == 0, -100)
+    advantages = inputs["advantages"]
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    mask = completion_mask.to(torch.float32)
+    batch = completion_ids.shape[0]
+    reduction, weight = "sum", None
+    if loss_type == "grpo":
+        weight = 1.0 / (mask.sum(1, keepdim=True).clamp(min=1.0) * batch * accumulation)
+    elif loss_type == "bnpo":
+        reduction = "mean"
+    elif loss_type == "dr_grpo":
+        weight = torch.full_like(mask, 1.0 / (batch * max_completion_length * accumulation))
+    elif loss_type == "dapo":
+        weight = torch.full_like(mask, 1.0) / (inputs["num_items_in_batch"].clamp(min=1.0) * dapo_scale)
+    else:
+        raise NotImplementedError(f"grpo_linear_loss computes the loss types {GRPO_LOSS_TYPES}, not {loss_type!r}")
+    head = output_head(model)
+    maths = head_maths_candidates(text_config(model))[0]  # the config's usual reading (a logit scale, a soft-cap)
+    bias = head.bias
+    if maths.logit_scale != 1.0:  # scale * (h W^T + b) = (scale h) W^T + scale b
+        hidden, bias = hidden * maths.logit_scale, None if bias is None else bias * maths.logit_scale
+    loss = linear_policy_loss(
+        hidden, head.weight, labels, advantages, bias, old_log_probs=inputs.get("old_per_token_logps"),
+        ref_log_probs=inputs.get("ref_per_token_logps") if beta != 0.0 else None, token_weight=weight,
+        epsilon=epsilon_low, epsilon_high=epsilon_high, kl_coef=beta, temperature=temperature,
+        softcap=maths.softcap, reduction=reduction,
+    )  # fmt: skip
+    return loss / accumulation if loss_type == "bnpo" else loss

@@ -14,7 +14,7 @@ intermediates it shows. Layout:
     render.py    the report (Rich tables)
     plot.py      --plot
     mistakes.py  --list-examples and the common-mistake examples
-    post_training.py  the log-probs and distillation examples (steps from the reference, checked against
+    post_training.py  the log-probs, policy-loss and distillation examples (steps from the reference, checked against
                  torch and xentlib's fused functions)
 """
 
@@ -42,6 +42,7 @@ EPILOG = """examples:
                   --target '[1]'
   xentlib explain --example mistake-btc          (common mistakes: see --list-examples)
   xentlib explain --example log-probs            (per-token log p(target) and entropy, for RL)
+  xentlib explain --example policy-loss          (PPO/GRPO's clipped surrogate on those)
   xentlib explain --example distillation         (GKD's divergence of a student from a teacher)"""
 
 

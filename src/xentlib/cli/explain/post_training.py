@@ -1,10 +1,13 @@
-"""`xentlib explain --example log-probs | distillation`: the post-training quantities step by step.
+"""`xentlib explain --example log-probs | policy-loss | distillation`: the post-training quantities step by step.
 
 Every number shown is an intermediate of the float64 reference (`xentlib.reference.log_probs_steps`,
-`xentlib.reference.distillation_steps`); the closing table computes the same values again with torch's own ops
-(the composition an RL or GKD trainer writes) and with xentlib's fused functions, and says whether they agree.
+`xentlib.reference.policy_terms`, `xentlib.reference.distillation_steps`); the closing table computes the same
+values again with torch's own ops (the composition an RL or GKD trainer writes) and with xentlib's fused
+functions, and says whether they agree.
 
     log_probs:     u = z / T,  log p = log_softmax(u),  log p[t],  H = -sum_v p_v log p_v
+    policy_loss:   r = exp(log p[t] - old),  pg = -min(r A, clip(r, 1 - e, 1 + e) A),
+                   kl = exp(ref - log p[t]) - (ref - log p[t]) - 1,  loss = mean over tokens of pg + c kl
     distillation:  p = softmax(z_s / T), q = softmax(z_t / T), m = beta q + (1 - beta) p,
                    D = beta KL(q || m) + (1 - beta) KL(p || m)  per row, 'batchmean' = sum_rows D / N
 """
@@ -19,7 +22,7 @@ from xentlib.cli._shared import one_line, print_table
 from xentlib.cli.explain.checks import agrees, max_difference
 from xentlib.cli.explain.render import number, numbers
 
-OPS = ("log_probs", "distillation")
+OPS = ("log_probs", "policy_loss", "distillation")
 
 
 def explain_post_training(console, example: PostTraining, decimals: int) -> None:
@@ -30,6 +33,8 @@ def explain_post_training(console, example: PostTraining, decimals: int) -> None
         console.print(example.note)
     if example.op == "log_probs":
         explain_log_probs(console, example, decimals)
+    elif example.op == "policy_loss":
+        explain_policy_loss(console, example, decimals)
     else:
         explain_distillation(console, example, decimals)
 
@@ -91,6 +96,85 @@ def xentlib_log_probs(logits, target, temperature):
         torch.from_numpy(logits), torch.from_numpy(target), temperature=temperature, return_entropy=True
     )
     return torch.stack([picked, entropy])
+
+
+# ------------------------------------------------------------------------------------------- policy_loss
+
+
+def explain_policy_loss(console, example: PostTraining, decimals: int) -> None:
+    from rich.table import Table
+
+    fmt = lambda v: number(v, decimals)
+    logits, target = np.asarray(example.logits, dtype=np.float64), np.asarray(example.target, dtype=np.int64)
+    options = {k: np.asarray(v, dtype=np.float64) if isinstance(v, list) else v for k, v in example.options.items()}
+    a, old, ref = options["advantages"], options["old_log_probs"], options["ref_log_probs"]
+    eps, kl_coef = float(options["epsilon"]), float(options["kl_coef"])
+    log_prob = reference.log_probs(logits, target).log_prob
+    valid = target != -100
+    terms = reference.policy_terms(log_prob, np.zeros_like(log_prob), valid, a, old, ref, epsilon=eps,
+                                   kl_coef=kl_coef)  # fmt: skip
+    ratio = np.exp(log_prob - old)
+    clipped = np.clip(ratio, 1 - eps, 1 + eps)
+    console.print(
+        f"{logits.shape[0]}x{logits.shape[1]} logits z of the sampled positions, sampled tokens {target.tolist()}, "
+        f"clip range [{1 - eps:g}, {1 + eps:g}], kl_coef = {kl_coef:g}, reduction='mean'"
+    )
+    table = Table(title="per token (log p[t] from log_softmax, as in the log-probs example)", title_justify="left")
+    headers = ("token", "log p[t]", "old log p", "r = exp(diff)", "clip(r)", "A", "pg = -min(rA, clip(r)A)",
+               "kl (k3)", "loss_n", "d loss_n / d log p")  # fmt: skip
+    for header in headers:
+        table.add_column(header, justify="right")
+    gap = ref - log_prob  # kl = exp(gap) - gap - 1
+    for n in range(len(target)):
+        table.add_row(
+            str(n), fmt(log_prob[n]), fmt(old[n]), fmt(ratio[n]), fmt(clipped[n]), fmt(a[n]),
+            fmt(-min(ratio[n] * a[n], clipped[n] * a[n])), fmt(np.expm1(gap[n]) - gap[n]), fmt(terms.loss[n]),
+            fmt(terms.d_log_prob[n]),
+        )  # fmt: skip
+    print_table(console, table)
+    console.print(
+        "Where r A > clip(r) A the clipped term is the minimum: it does not depend on log p, so that token's\n"
+        "surrogate gradient is 0 (only its KL term pulls); elsewhere d pg / d log p = -A r. The gradient wrt the\n"
+        "logits is the log-probs example's with these per-token coefficients / N (docs/numerics.md, section 10)."
+    )
+    loss = float(terms.loss.sum() / valid.sum())
+    console.print(f"\nreduction='mean': loss = sum of loss_n / {int(valid.sum())} tokens = {fmt(loss)}")
+    checks = [
+        ("torch (log_softmax, gather, TRL's GRPO loss)", lambda: torch_policy_loss(logits, target, a, old, ref, eps,
+                                                                                   kl_coef)),  # fmt: skip
+        ("xentlib.policy_loss", lambda: xentlib_policy_loss(logits, target, a, old, ref, eps, kl_coef)),
+        ("xentlib.linear_policy_loss (identity head)",
+         lambda: xentlib_policy_loss(logits, target, a, old, ref, eps, kl_coef, linear=True)),
+    ]  # fmt: skip
+    render_checks(console, np.float64(loss), checks, decimals, what="the loss")
+    console.print(f"loss = {number(loss, max(decimals, 6))}  (xentlib.reference.policy_loss)")
+
+
+def torch_policy_loss(logits, target, a, old, ref, eps, kl_coef):
+    """The loss as TRL's GRPOTrainer computes it ('bnpo': the mean over tokens), in float64."""
+    import torch
+
+    log_p = torch.log_softmax(torch.from_numpy(logits), dim=-1)
+    logp = log_p.gather(-1, torch.from_numpy(target).unsqueeze(-1)).squeeze(-1)
+    a, old, ref = (torch.from_numpy(v) for v in (a, old, ref))
+    coef_1 = torch.exp(logp - old)
+    per_token = -torch.min(coef_1 * a, torch.clamp(coef_1, 1 - eps, 1 + eps) * a)
+    per_token = per_token + kl_coef * (torch.exp(ref - logp) - (ref - logp) - 1)
+    return per_token.mean()
+
+
+def xentlib_policy_loss(logits, target, a, old, ref, eps, kl_coef, linear=False):
+    import torch
+
+    import xentlib
+
+    z, t = torch.from_numpy(logits), torch.from_numpy(target)
+    per_token = dict(old_log_probs=torch.from_numpy(old), ref_log_probs=torch.from_numpy(ref), epsilon=eps,
+                     kl_coef=kl_coef)  # fmt: skip
+    if linear:
+        eye = torch.eye(z.shape[1], dtype=torch.float64)
+        return xentlib.linear_policy_loss(z, eye, t, torch.from_numpy(a), **per_token)
+    return xentlib.policy_loss(z, t, torch.from_numpy(a), **per_token)
 
 
 # ------------------------------------------------------------------------------------------ distillation
