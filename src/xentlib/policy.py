@@ -129,10 +129,11 @@ def policy_loss(
         epsilon_high=epsilon_high, kl_coef=kl_coef, entropy_coef=entropy_coef, reduction=reduction,
     )  # fmt: skip
     want_entropy = call.entropy_coef != 0.0 or return_token_stats
-    logp, entropy = log_probs(
-        logits, target, temperature=temperature, ignore_index=ignore_index, return_entropy=True, softcap=softcap
-    ) if want_entropy else (log_probs(logits, target, temperature=temperature, ignore_index=ignore_index,
-                                      softcap=softcap), None)  # fmt: skip
+    outputs = log_probs(
+        logits, target, temperature=temperature, ignore_index=ignore_index, return_entropy=want_entropy,
+        softcap=softcap,
+    )  # fmt: skip
+    logp, entropy = outputs if want_entropy else (outputs, None)
     flat_entropy = None if entropy is None else entropy.reshape(-1)
     terms = token_terms(logp.reshape(-1), flat_entropy, call)
     valid = target.reshape(-1) != ignore_index
