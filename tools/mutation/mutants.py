@@ -537,4 +537,37 @@ MUTANTS: list[Mutant] = [
         ["tests/test_distillation.py", "-k", "both_cpu_paths"],
         "the student's gradient for 0 < beta < 1 without its (1 - beta) weight",
     ),
+    # ---------------------------------------------------------------------------------------- the policy loss
+    Mutant(
+        "policy-clipped-token-keeps-gradient",
+        "policy.py",
+        "d_log_prob = torch.where(ratio.detach() * a <= clipped.detach() * a, -a * ratio.detach(), 0.0)",
+        "d_log_prob = -a * ratio.detach()",
+        ["tests/test_policy_loss.py", "-k", "explicit_derivatives or linear_policy_loss_matches"],
+        "a clipped token's surrogate still pulls on log p in the fused op (PPO's clip ignored in the gradient)",
+    ),
+    Mutant(
+        "policy-kl-derivative-sign",
+        "policy.py",
+        "d_log_prob = d_log_prob + call.kl_coef * (1.0 - delta.detach().exp())",
+        "d_log_prob = d_log_prob + call.kl_coef * (delta.detach().exp() - 1.0)",
+        ["tests/test_policy_loss.py", "-k", "explicit_derivatives or linear_policy_loss_matches"],
+        "the k3 KL's gradient with the wrong sign: the policy pushed away from the reference",
+    ),
+    Mutant(
+        "policy-mean-over-all-tokens",
+        "policy.py",
+        "weights = torch.where(valid, 1.0 if call.token_weight is None else call.token_weight, zero)",
+        "weights = torch.ones_like(valid, dtype=zero.dtype) if call.token_weight is None else call.token_weight",
+        ["tests/test_policy_loss.py", "-k", "matches_reference"],
+        "'mean' divides by every token, prompt and padding too, and ignored tokens' weights count",
+    ),
+    Mutant(
+        "policy-kernel-row-sums-not-kept",
+        "backends/cpu_post_training.c",
+        "if (a->log_sum) a->log_sum[r] = log_s;",
+        "if (a->log_sum) a->log_sum[r] = 0.0f;",
+        ["tests/test_policy_loss.py", "-k", "cpu_kernel or onednn or bfloat16"],
+        "the forward's row sums not handed to the fused backward: gradients from an unnormalized softmax",
+    ),
 ]
