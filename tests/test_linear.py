@@ -960,3 +960,20 @@ def test_cpu_chunks_run_the_compiled_kernel(dtype, monkeypatch):
     x, w = fresh(case.x), fresh(case.weight)
     xentlib.linear_cross_entropy(x, w, case.target, chunk_size=16).backward()
     assert len(calls) == 3  # ceil(40 / 16) chunks
+
+
+def test_the_ops_gradient_outputs_are_not_changed_by_backward():
+    """Called directly, `torch.ops.xentlib.linear_cross_entropy` returns its gradients (for grad_output = 1) as
+    outputs; a backward with another grad_output scales a copy, not the tensors the caller holds (only
+    `linear_cross_entropy`, which drops them, lets the backward scale them in place)."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    head = torch.randn(7, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randint(0, 7, (5, 1), generator=gen)
+    scalars = (0.0, -100, "mean", 0.0, 0.0, None, torch.float64, True, True, False, False, "auto", 0)
+    out = torch.ops.xentlib.linear_cross_entropy(h, head, None, t, None, None, None, None, *scalars)
+    held = [g.clone() for g in out[1:3]]
+    grads = torch.autograd.grad(out[0] * 3.0, (h, head))
+    for before, now, grad in zip(held, out[1:3], grads):
+        assert torch.equal(before, now)
+        torch.testing.assert_close(grad, 3.0 * before, rtol=1e-15, atol=0)

@@ -331,3 +331,15 @@ def test_opcheck():
             torch.ops.xentlib.linear_policy_loss,
             (x, w, b, t, a, old, ref, weight, 0.8, IGNORE, None, 0.2, 0.3, 0.1, 0.01, "mean", True, 4, *grads),
         )
+
+
+def test_the_ops_gradient_outputs_are_not_changed_by_backward():
+    leaves, t, per_token = _problem((6,), 3, 9, dtype=torch.float64, seed=6)
+    a = torch.randn(6, dtype=torch.float64)
+    call = (*leaves, t, a, None, None, None, 1.0, IGNORE, None, 0.2, 0.2, 0.0, 0.0, "mean", False, 0, True, True, True)
+    out = torch.ops.xentlib.linear_policy_loss(*call)
+    held = [g.clone() for g in out[3:]]
+    grads = torch.autograd.grad(out[0] * 3.0, leaves)
+    for before, now, grad in zip(held, out[3:], grads):
+        assert torch.equal(before, now)
+        torch.testing.assert_close(grad, 3.0 * before, rtol=1e-15, atol=0)

@@ -240,11 +240,14 @@ def linear_cross_entropy_op(
     with_stats: bool,
     backend: str,
     chunk_size: int,
+    grads_private: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_input, grad_weight, grad_bias, lse, entropy, row_loss, argmax) of a flat (M, D) input, a
     (V, D) weight and flat (N,) or (N, V) targets. The gradients are for grad_output = 1, or, with `row_scale`
     (N,), for those per-row upstream gradients; a gradient not asked for (and the statistics without
-    `with_stats`) is an empty tensor."""
+    `with_stats`) is an empty tensor.
+    `grads_private`: the caller never reads the gradient outputs (`linear_cross_entropy`), so the backward may
+    scale them in place; a direct caller of the op gets them untouched (the backward scales a copy)."""
     problem = _rows_problem(
         input, weight, target, class_weight, normalizer, normalizer_value, ignore_index, reduction, smoothing,
         z_loss, softcap, output_dtype,
@@ -273,7 +276,7 @@ def _rows_problem(input, weight, target, class_weight, normalizer, normalizer_va
 @linear_cross_entropy_op.register_fake
 def _(input, weight, bias, target, class_weight, normalizer, input_rows, row_scale, normalizer_value, ignore_index,
       reduction, smoothing, z_loss, softcap, output_dtype, grad_input, grad_weight, grad_bias, with_stats, backend,
-      chunk_size):  # fmt: skip
+      chunk_size, grads_private=False):  # fmt: skip
     count = target.shape[0]
     dtypes = [input.dtype] + ([target.dtype] if target.is_floating_point() else [])
     acc = sem.accumulation_dtype(*dtypes, *([class_weight.dtype] if class_weight is not None else []))
@@ -311,6 +314,7 @@ _LINEAR_SCALARS = (
 def _linear_setup_context(ctx, inputs, output):
     *tensors, row_scale = inputs[:8]
     ctx.call = dict(zip(_LINEAR_SCALARS, inputs[8:]))
+    ctx.private = len(inputs) > 8 + len(_LINEAR_SCALARS) and inputs[8 + len(_LINEAR_SCALARS)]
     loss, grad_input, grad_weight, grad_bias, lse, entropy, row_loss, argmax = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias, row_loss, argmax)
@@ -324,7 +328,7 @@ def _linear_backward(ctx, grad_loss, _gi, _gw, _gb, grad_lse, grad_entropy, _row
     tensors = ctx.saved_tensors  # input, weight, bias, target, class_weight, normalizer, input_rows
     needs = ctx.needs_input_grad[:5]
     saved, ctx.grads = ctx.grads, None
-    none = (None,) * 16
+    none = (None,) * 17
     if not ctx.call["with_stats"]:  # the statistics were empty placeholders: nothing flows through them
         grad_lse = grad_entropy = None
     if grad_loss is None and grad_lse is None and grad_entropy is None:
@@ -333,7 +337,10 @@ def _linear_backward(ctx, grad_loss, _gi, _gw, _gb, grad_lse, grad_entropy, _row
     if torch.is_grad_enabled() or needs[3] or needs[4] or stats_flow:
         return (*_composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
     if saved is not None:
-        grads = [None if g.numel() == 0 and not need else _scale(g, grad_loss) for g, need in zip(saved, needs)]
+        grads = [
+            None if g.numel() == 0 and not need else _scale(g if ctx.private else g.clone(), grad_loss)
+            for g, need in zip(saved, needs)
+        ]
     else:  # reduction='none', or a second backward: sweep again with the row scales
         count = tensors[3].shape[0]
         row_scale = grad_loss.reshape(-1) if ctx.call["reduction"] == "none" else grad_loss.expand(count)
@@ -529,7 +536,7 @@ def linear_cross_entropy(
         outputs = torch.ops.xentlib.linear_cross_entropy(
             lp.flat_input, linear_weight, linear_bias, call.target, call.weight, normalizer_tensor, lp.input_rows,
             None, normalizer_value, call.ignore_index, call.reduction, call.smoothing, call.z_loss, call.softcap,
-            call.output_dtype, *wants, return_stats, backend, chunk_size,
+            call.output_dtype, *wants, return_stats, backend, chunk_size, True,
         )  # fmt: skip
     loss, *_, lse, entropy, row_loss, argmax = outputs
     shape = call.output_shape
