@@ -294,7 +294,8 @@ def linear_policy_loss(
 
     Args:
         input: (..., D) hidden states (row i predicts target i); weight: (V, D) LM head; bias: optional (V,).
-        chunk_size: rows of logits per chunk (default: a fifth of the rows, at least 128, at most 1 GiB).
+        chunk_size: rows of logits per chunk (default: a fifth of the rows rounded down to a
+            multiple of 128, at least 128, at most 1 GiB).
         the rest: as `policy_loss`.
 
     Returns:

@@ -536,7 +536,8 @@ def linear_log_probs(
         target: (...) int64 token ids, or `ignore_index` (prompt tokens, padding): those rows give 0 and cost
             no matmul on CPU.
         temperature, ignore_index, return_entropy, softcap: as `log_probs`.
-        chunk_size: rows of logits per chunk (default: a fifth of the rows, at least 128, at most 1 GiB of logits).
+        chunk_size: rows of logits per chunk (default: a fifth of the rows rounded down to
+            a multiple of 128, at least 128, at most 1 GiB of logits).
         backend: "auto" or "torch" (chunks of PyTorch ops, any device).
 
     Returns:

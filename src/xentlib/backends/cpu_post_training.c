@@ -16,12 +16,12 @@
  * finite has no finite softmax: NaN outputs and gradient, as torch's log_softmax gives. A class whose p_v is 0
  * (u_v = -inf) gets the gradient 0 from the entropy term (the limit of p log p), not 0 * inf. */
 #define XENT_LOG_PROBS(X)                                                                                         \
-    X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)    \
-    X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                      \
-    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, log_sum, ptr)        \
-    X(float *, entropy, ptr) X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr) X(void *, grad, ptr)                \
-    X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64)                \
-    X(int, threads, i32)
+    X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)      \
+    X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                       \
+    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, log_sum, ptr)            \
+    X(float *, entropy, ptr) X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr)             \
+    X(void *, grad, ptr) X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr)                                \
+    X(int64_t, scratch_row_stride, i64) X(int, threads, i32)
 
 XENT_DECLARE(xent_log_probs, XENT_LOG_PROBS)
 
