@@ -212,9 +212,12 @@ def test_grpo_options_read_the_trainer_and_refuse_what_the_fused_loss_does_not_c
                            max_completion_length=64, accumulation=2, dapo_scale=0.25)  # fmt: skip
     for change in (dict(importance_sampling_level="sequence"), dict(loss_type="cispo"), dict(delta=4.0),
                    dict(_entropy_bonus_enabled=True), dict(top_entropy_quantile=0.2),
-                   dict(use_bias_correction_kl=True)):  # fmt: skip
+                   dict(use_bias_correction_kl=True), dict(aux_loss_enabled=True)):  # fmt: skip
         with pytest.raises(NotImplementedError, match=next(iter(change)).strip("_").split("_")[0]):
             xtrl.grpo_options(_fake_grpo_trainer(**change))
+    inputs = _grpo_inputs(_tiny_llama(), completion=3)
+    with pytest.raises(NotImplementedError, match="pixel_values"):
+        xtrl.grpo_linear_loss(_tiny_llama(), dict(inputs, pixel_values=torch.zeros(1, 3)))
 
 
 def _grpo_trainer_without_init(model, loss_type):
@@ -238,12 +241,17 @@ def _grpo_trainer_without_init(model, loss_type):
     return trainer
 
 
+@pytest.mark.parametrize("tool_mask", [False, True])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_grpo_linear_loss_equals_grpo_trainers_own_compute_loss(loss_type):
+def test_grpo_linear_loss_equals_grpo_trainers_own_compute_loss(loss_type, tool_mask):
     """The documented override against TRL's own `GRPOTrainer._compute_loss` (which reads the per-token
-    log-probabilities from TRL's fused LM head) on the same model and inputs: loss and every gradient."""
+    log-probabilities from TRL's fused LM head) on the same model and inputs: loss and every gradient; with a
+    `tool_mask` (tool-output tokens, which TRL leaves out of the loss) or without."""
     model = _tiny_llama()
     inputs = _grpo_inputs(model)
+    if tool_mask:
+        inputs["tool_mask"] = torch.ones_like(inputs["completion_mask"])
+        inputs["tool_mask"][1, 2:4] = 0
     trl_utils.add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
     trainer = _grpo_trainer_without_init(model, loss_type)
     theirs = type(trainer)._compute_loss(trainer, model, inputs)

@@ -169,6 +169,8 @@ def gkd_linear_loss(model, teacher_model, inputs, beta: float, num_items_in_batc
 
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_MULTIMODAL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
+                      "mm_token_type_ids")  # fmt: skip
 
 
 def grpo_options(trainer) -> dict:
@@ -187,6 +189,7 @@ def grpo_options(trainer) -> dict:
         "vllm_importance_sampling_correction": getattr(trainer, "use_vllm", False)
         and getattr(trainer, "vllm_importance_sampling_correction", False),
         "use_bias_correction_kl": getattr(args, "use_bias_correction_kl", False),
+        "the auxiliary (router) loss": getattr(trainer, "aux_loss_enabled", False),
     }
     named = [name for name, on in unsupported.items() if on]
     if named:
@@ -216,16 +219,20 @@ def grpo_linear_loss(model, inputs, *, loss_type="bnpo", beta=0.0, epsilon_low=0
     from xentlib.integrations._hf_head import base_model, head_maths_candidates, output_head, text_config
     from xentlib.policy import linear_policy_loss
 
+    images = [key for key in _MULTIMODAL_INPUTS if inputs.get(key) is not None]
+    if images:
+        raise NotImplementedError(f"grpo_linear_loss takes text-only batches; these inputs are set: {images}")
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
     hidden = base_model(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     keep = completion_ids.shape[1]
     hidden = hidden[:, -keep - 1 : -1]  # position t predicts token t + 1: the completion's tokens
-    labels = completion_ids.masked_fill(completion_mask == 0, -100)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]  # as TRL
+    labels = completion_ids.masked_fill(mask == 0, -100)
     advantages = inputs["advantages"]
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    mask = completion_mask.to(torch.float32)
+    mask = mask.to(torch.float32)
     batch = completion_ids.shape[0]
     reduction, weight = "sum", None
     if loss_type == "grpo":
