@@ -343,3 +343,31 @@ def test_the_ops_gradient_outputs_are_not_changed_by_backward():
     for before, now, grad in zip(held, out[3:], grads):
         assert torch.equal(before, now)
         torch.testing.assert_close(grad, 3.0 * before, rtol=1e-15, atol=0)
+
+
+# ------------------------------------------------------------------------------------- a peer's convention
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo"])
+def test_matches_liger_kernels_grpo_loss_where_installed(loss_type):
+    """Liger Kernel's chunked GRPO loss (pure PyTorch; skipped where liger-kernel is not installed) agrees with
+    ours where their conventions meet: token-level ratio, k3 KL, its loss types as token weights (float64 inputs;
+    its loss is accumulated in float32)."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    leaves, t, per_token = _problem((3, 7), 5, 23, dtype=torch.float64, bias=False, seed=11)
+    x, w = leaves
+    mask = (t != IGNORE).long()
+    a, old, ref = per_token["advantages"][:, 0], per_token["old"], per_token["ref"]
+    theirs_fn = liger.LigerFusedLinearGRPOLoss(
+        beta=0.05, loss_type=loss_type, max_completion_length=7, epsilon_low=0.2, epsilon_high=0.28, temperature=0.7,
+        compiled=False,
+    )  # fmt: skip
+    theirs = theirs_fn(x, w, t.clamp(min=0), mask, a, ref_per_token_logps=ref, old_per_token_logps=old)[0]
+    weight = None if loss_type == "bnpo" else torch.full(t.shape, 1.0 / (3 * 7), dtype=torch.float64)
+    ours = xentlib.linear_policy_loss(
+        x, w, t, a[:, None], old_log_probs=old, ref_log_probs=ref, kl_coef=0.05, epsilon=0.2, epsilon_high=0.28,
+        temperature=0.7, token_weight=weight, reduction="mean" if loss_type == "bnpo" else "sum",
+    )  # fmt: skip
+    torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=1e-7)  # theirs: a float32 loss
+    for a_grad, b_grad in zip(torch.autograd.grad(ours, leaves), torch.autograd.grad(theirs, leaves)):
+        torch.testing.assert_close(a_grad, b_grad, rtol=1e-5, atol=1e-6)

@@ -141,6 +141,11 @@ def _needs_gpu_and(module: str, attr: str, index_only: bool, no_smoothing: bool 
     return unavailable
 
 
+def _needs(module: str, attr: str):
+    """A peer that runs on any device: unavailable only where it is not installed."""
+    return lambda case: None if _module_attr(module, attr) is not None else f"{module} not importable"
+
+
 def _torch_chunked_unavailable(case: Case) -> str | None:
     import torch
 
@@ -361,6 +366,22 @@ def build_xentlib_policy_logprobs(case: Case) -> Step:
     )
 
 
+def build_liger_grpo_logprobs(case: Case) -> Step:
+    """Liger Kernel's chunked `LigerFusedLinearGRPOLoss` (pure PyTorch, torch.compile'd chunks: it runs on CPU
+    too), on-policy, no KL and no entropy term, 'bnpo' (a mean over tokens): the same work as the xentlib-policy
+    row but for the entropy bonus. Tokens as sequences of 256 (one chunk each, its default), or one sequence."""
+    import torch
+
+    loss_class = _module_attr("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
+    x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
+    seq = 256 if case.shape.n % 256 == 0 else case.shape.n
+    batch = case.shape.n // seq
+    loss_fn = loss_class(beta=0.0, use_ref_model=False, loss_type="bnpo")
+    ids, mask = target.view(batch, seq), torch.ones(batch, seq, dtype=torch.long, device=x.device)
+    advantages = _advantages(case)[:batch]
+    return loss_step(lambda: loss_fn(x.view(batch, seq, -1), weight, ids, mask, advantages)[0])
+
+
 def torch_logprobs(x, weight, target):
     """The composition an RL trainer writes: log_softmax of the logits, gathered; entropy -sum p log p."""
     import torch
@@ -400,6 +421,15 @@ def build_xentlib_distill(case: Case) -> Step:
     return loss_step(
         lambda: xentlib.linear_distillation_loss(x, weight, teacher_x, teacher_weight, beta=DISTILL_BETA, **kwargs)
     )
+
+
+def build_liger_jsd_distill(case: Case) -> Step:
+    """Liger Kernel's chunked `LigerFusedLinearJSDLoss` (pure PyTorch, torch.compile'd chunks), soft loss only,
+    beta 0.5 (where the generalized JSD is symmetric, so its convention and TRL's agree)."""
+    loss_class = _module_attr("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss")
+    loss_fn = loss_class(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILL_BETA)
+    x, weight, teacher_x, teacher_weight = _distill_inputs(case)
+    return loss_step(lambda: loss_fn(x, weight, teacher_x, teacher_weight, case.target))
 
 
 def torch_distill(x, weight, teacher_x, teacher_weight):
@@ -521,10 +551,26 @@ IMPLS: tuple[Impl, ...] = (
     Impl("torch-eager", "logprobs", "baseline", build_torch_eager_logprobs),
     Impl("torch-compile", "logprobs", "baseline", build_torch_compile_logprobs, compiled=True),
     Impl("3-matmuls", "logprobs", "floor", build_three_matmuls),
+    Impl(
+        "liger-grpo",
+        "logprobs",
+        "external",
+        build_liger_grpo_logprobs,
+        _needs("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss"),
+        compiled=True,
+    ),  # fmt: skip
     Impl("xentlib", "distill", "xentlib", build_xentlib_distill, _missing_distill),
     Impl("torch-eager", "distill", "baseline", build_torch_eager_distill),
     Impl("torch-compile", "distill", "baseline", build_torch_compile_distill, compiled=True),
     Impl("4-matmuls", "distill", "floor", build_four_matmuls),
+    Impl(
+        "liger-jsd",
+        "distill",
+        "external",
+        build_liger_jsd_distill,
+        _needs("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
+        compiled=True,
+    ),  # fmt: skip
 )
 
 IMPL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(impl.name for impl in IMPLS))
