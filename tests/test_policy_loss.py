@@ -232,8 +232,8 @@ def test_upstream_gradient_scales_and_token_stats_are_linear_log_probs():
 
 def test_bfloat16_error_at_most_torch_composition():
     leaves, t, per_token = _problem((64,), 32, 500, dtype=torch.bfloat16, seed=4)
-    a, old, ref = (per_token[k].reshape(64)[: 64] if k != "advantages" else torch.randn(64, dtype=torch.float64)
-                   for k in ("advantages", "old", "ref"))  # fmt: skip
+    a = torch.randn(64, generator=torch.Generator().manual_seed(12), dtype=torch.float64)  # one per token
+    old, ref = per_token["old"], per_token["ref"]
     kwargs = dict(epsilon=0.2, kl_coef=0.05, entropy_coef=0.01, temperature=0.8)
     loss = xentlib.linear_policy_loss(*leaves[:2], t, a, leaves[2], old_log_probs=old, ref_log_probs=ref, **kwargs)
     ours = [loss, *torch.autograd.grad(loss, leaves)]
