@@ -325,7 +325,6 @@ def test_opcheck():
     leaves, t, per_token = _problem((6,), 3, 9, dtype=torch.float32, seed=3)
     x, w, b = leaves
     a, old, ref, weight = (per_token[k].reshape(-1)[:6].float() for k in ("advantages", "old", "ref", "weight"))
-    a = torch.randn(6)
     for grads in ((True, True, True), (False, False, False)):
         torch.library.opcheck(
             torch.ops.xentlib.linear_policy_loss,
