@@ -29,7 +29,7 @@ from torch import Tensor
 from xentlib import _semantics as sem
 from xentlib.backends import cpu_kernel
 from xentlib.backends.composite import refuse_transforms
-from xentlib.linear import accumulate_mm_, default_chunk_rows
+from xentlib.linear import accumulate_chunk_grads_, default_chunk_rows, kept_rows
 
 __all__ = ["distillation_loss", "linear_distillation_loss"]
 
@@ -119,13 +119,6 @@ def _chunk_rows(zs: Tensor, zt: Tensor, beta, temperature, scale: Tensor | None,
     return torch.cat(out)
 
 
-def _active_rows(valid: Tensor | None, device: torch.device):
-    """On CPU the indices of the kept rows (ignored rows are skipped); elsewhere None (they are masked)."""
-    if valid is None or device.type != "cpu" or bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(1)
-
-
 def _row_scale(reduction, valid, row_scale: Tensor | None, count, batch, acc, device) -> Tensor:
     """Per-row coefficient of each row's gradient: grad_output (per row or expanded) / the denominator;
     0 on ignored rows."""
@@ -170,7 +163,7 @@ def distillation_op(
     acc = _acc_dtype(student.dtype)
     scale = _row_scale(reduction, valid, row_scale, count, batch, acc, student.device)
     row_loss = torch.zeros(count, dtype=acc, device=student.device)
-    active = _active_rows(valid, student.device)
+    active = kept_rows(valid, student.device)
     grad = (torch.zeros_like if active is not None else torch.empty_like)(student) if with_grad else None
     total = count if active is None else active.numel()
     chunk = chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, student.element_size())
@@ -298,20 +291,10 @@ def _linear_chunk(xs_c, ws, bs, xt_c, wt, bt, buffers, call, scale_c, grads, out
     zs, zt = buffers[0][: xs_c.shape[0]], buffers[1][: xs_c.shape[0]]
     _logits_into(zs, xs_c, ws, bs)
     _logits_into(zt, xt_c, wt, bt)
-    want_input, want_weight, want_bias = grads
     grad = zs if any(grads) else None
     loss = _chunk_rows(zs, zt, call["beta"], call["temperature"], scale_c, grad)
-    if grad is None:
-        return loss
-    if want_input:
-        if isinstance(in_rows, slice):  # straight into the gradient's rows, no temporary
-            torch.mm(grad, ws, out=out[0][in_rows])
-        else:
-            out[0][in_rows] = grad @ ws
-    if want_weight:
-        accumulate_mm_(out[1], grad.t(), xs_c, first=first)
-    if want_bias:
-        out[2] += grad.sum(0, dtype=out[2].dtype)
+    if grad is not None:
+        accumulate_chunk_grads_(grad, ws, xs_c, in_rows, *out, first=first)
     return loss
 
 
@@ -357,7 +340,7 @@ def linear_distillation_op(
     call = {"beta": beta, "temperature": temperature}
     grads = (grad_input, grad_weight, grad_bias)
     scale = _row_scale(reduction, valid, row_scale, count, batch, acc, device)
-    active = _active_rows(valid, device)
+    active = kept_rows(valid, device)
     total = count if active is None else active.numel()
     # the weight gradient's accumulator: float32 for half-precision weights on accelerators (rounded once); on
     # CPU the gradient itself, one rounding per chunk, as linear_cross_entropy does there (a float32 V x D buffer

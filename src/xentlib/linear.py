@@ -109,20 +109,13 @@ def _sweep_chunk(lp: sem.LinearProblem, weight, bias, plan, grads, want_stats, r
     """One chunk of rows: its logits, their per-row results, and its share of the gradients. Its tensors die when
     it returns, so a chunk's fresh logits (oneDNN) are freed before the next chunk's are made."""
     problem, x = lp.rows, lp.flat_input
-    want_input, want_weight, want_bias = grads
     if lp.input_rows is None:
         in_rows = rows
         x_c = x[rows]
     else:
         in_rows = lp.input_rows[rows]
         x_c = x.index_select(0, in_rows)
-    if buffer is None:  # no reused buffer: the matmuls that read W run in oneDNN (_by_onednn)
-        logits = torch.ops.mkldnn._linear_pointwise(x_c, weight, bias, "none", [], "")
-    else:
-        logits = buffer[: x_c.shape[0]]
-        torch.mm(x_c, weight.t(), out=logits)
-        if bias is not None:
-            logits.add_(bias)
+    logits = chunk_logits(x_c, weight, bias, buffer)
     sub = _chunk_problem(problem, rows, logits)
     result = plan.rows_fn(sub, sub.logits if any(grads) else None, want_stats)
     out.loss[rows] = result.loss[:, 0]
@@ -135,17 +128,48 @@ def _sweep_chunk(lp: sem.LinearProblem, weight, bias, plan, grads, want_stats, r
     grad_logits = logits  # now holds dZ
     if row_scale is not None:
         grad_logits.mul_(row_scale[rows].to(grad_logits.dtype).unsqueeze(1))
-    if want_input:
-        if buffer is None:
-            out.grad_input[in_rows] = torch.ops.mkldnn._linear_pointwise(grad_logits, weight.t(), None, "none", [], "")
-        elif isinstance(in_rows, slice):  # straight into the gradient's rows, no temporary
-            torch.mm(grad_logits, weight, out=out.grad_input[in_rows])
+    accumulate_chunk_grads_(grad_logits, weight, x_c, in_rows, out.grad_input, out.grad_weight, out.grad_bias,
+                            first=first, onednn=buffer is None)  # fmt: skip
+
+
+def chunk_logits(x_c: Tensor, weight: Tensor, bias: Tensor | None, buffer: Tensor | None) -> Tensor:
+    """Z = X_c W^T + b of a chunk: into the first rows of a reused `buffer`, or, where there is none (the
+    matmuls that read W run in oneDNN: `_by_onednn`), oneDNN's own fresh output, bias fused."""
+    if buffer is None:
+        return torch.ops.mkldnn._linear_pointwise(x_c, weight, bias, "none", [], "")
+    logits = buffer[: x_c.shape[0]]
+    torch.mm(x_c, weight.t(), out=logits)
+    if bias is not None:
+        logits.add_(bias)
+    return logits
+
+
+def kept_rows(valid: Tensor | None, device: torch.device) -> Tensor | None:
+    """The indices of the rows whose target is kept, where some row is ignored (the prompt, padding) and the rows
+    are on the CPU (`device`): those rows are dropped before the work. None otherwise: no mask or nothing to drop,
+    or on an accelerator, where finding them would read the mask on the host (every row is computed, the ignored
+    ones masked)."""
+    if valid is None or device.type != "cpu" or bool(valid.all()):
+        return None
+    return valid.nonzero().squeeze(1)
+
+
+def accumulate_chunk_grads_(grad_z: Tensor, weight: Tensor, x_c: Tensor, rows, dx, dw, db, first: bool,
+                            onednn: bool = False) -> None:  # fmt: skip
+    """A chunk's share of the gradients of Z = X W^T + b from its dZ (R, V): dX[rows] = dZ W (rows: a slice or an
+    index tensor), dW += dZ^T X_c (the first chunk overwrites: `accumulate_mm_`), db += sum_rows dZ in db's dtype;
+    None for a gradient not wanted. `onednn`: dZ W runs in oneDNN (`_by_onednn`), else in torch.mm."""
+    if dx is not None:
+        if onednn:
+            dx[rows] = torch.ops.mkldnn._linear_pointwise(grad_z, weight.t(), None, "none", [], "")
+        elif isinstance(rows, slice):  # straight into the gradient's rows, no temporary
+            torch.mm(grad_z, weight, out=dx[rows])
         else:
-            out.grad_input[in_rows] = grad_logits @ weight
-    if want_weight:
-        accumulate_mm_(out.grad_weight, grad_logits.t(), x_c, first=first)
-    if want_bias:
-        out.grad_bias += grad_logits.sum(0, dtype=problem.acc_dtype)
+            dx[rows] = grad_z @ weight
+    if dw is not None:
+        accumulate_mm_(dw, grad_z.t(), x_c, first=first)
+    if db is not None:
+        db += grad_z.sum(0, dtype=db.dtype)
 
 
 def _by_onednn(x: Tensor, weight: Tensor) -> bool:
@@ -169,11 +193,10 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 _PREFER_ONEDNN = _ONEDNN_LINEAR and not _intel_cpu()
 
 
-def _active_rows(valid: Tensor, chunk: int) -> Tensor:
-    """The rows whose target is not ignored, padded with an ignored row (loss and gradient 0) to a multiple of
-    `chunk` (the rows of a chunk, at most all rows): every chunk then has the same shape from step to step,
-    whatever the number of ignored rows, so the allocator reuses its memory instead of fragmenting over a run."""
-    active = valid.nonzero().squeeze(1)
+def _padded_to_chunks(active: Tensor, valid: Tensor, chunk: int) -> Tensor:
+    """The kept rows `active` padded with an ignored row (loss and gradient 0) to a multiple of `chunk` (the rows
+    of a chunk, at most all rows): every chunk then has the same shape from step to step, whatever the number of
+    ignored rows, so the allocator reuses its memory instead of fragmenting over a run."""
     pad = -active.numel() % chunk
     if pad and active.numel() > 0:
         ignored = (~valid).nonzero()[:1]
@@ -194,9 +217,10 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
         out.argmax = torch.zeros(count, dtype=torch.long, device=x.device)
     # On CPU rows with an ignored target contribute nothing: skip them before the matmul (stats need every row).
     # On an accelerator that would read the mask on the host: there the kernels give ignored rows zeros.
-    active = None
-    if x.device.type == "cpu" and not want_stats and not bool(problem.valid.all()):
-        active = _active_rows(problem.valid.reshape(-1), min(plan.chunk, count))
+    valid = problem.valid.reshape(-1)
+    active = None if want_stats else kept_rows(valid, x.device)
+    if active is not None:
+        active = _padded_to_chunks(active, valid, min(plan.chunk, count))
     total = count if active is None else active.numel()
     out.grad_input = torch.zeros_like(x) if want_input else None
     # The first chunk overwrites the weight gradient (accumulate_mm_(first=True)); with no rows it stays zero.
@@ -307,14 +331,13 @@ def _plan(input: Tensor, weight: Tensor, problem, backend: str, chunk_size: int)
 
 _LINEAR_SCALARS = (
     "normalizer_value", "ignore_index", "reduction", "smoothing", "z_loss", "softcap", "output_dtype",
-    "grad_input", "grad_weight", "grad_bias", "with_stats", "backend", "chunk_size",
+    "grad_input", "grad_weight", "grad_bias", "with_stats", "backend", "chunk_size", "grads_private",
 )  # fmt: skip
 
 
 def _linear_setup_context(ctx, inputs, output):
     *tensors, row_scale = inputs[:8]
-    ctx.call = dict(zip(_LINEAR_SCALARS, inputs[8:]))
-    ctx.private = len(inputs) > 8 + len(_LINEAR_SCALARS) and inputs[8 + len(_LINEAR_SCALARS)]
+    ctx.call = dict(zip(_LINEAR_SCALARS, inputs[8:], strict=True))
     loss, grad_input, grad_weight, grad_bias, lse, entropy, row_loss, argmax = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(grad_input, grad_weight, grad_bias, row_loss, argmax)
@@ -338,7 +361,7 @@ def _linear_backward(ctx, grad_loss, _gi, _gw, _gb, grad_lse, grad_entropy, _row
         return (*_composite_grads(ctx, tensors, needs, grad_loss, grad_lse, grad_entropy), *none)
     if saved is not None:
         grads = [
-            None if g.numel() == 0 and not need else _scale(g if ctx.private else g.clone(), grad_loss)
+            None if g.numel() == 0 and not need else _scale(g if ctx.call["grads_private"] else g.clone(), grad_loss)
             for g, need in zip(saved, needs)
         ]
     else:  # reduction='none', or a second backward: sweep again with the row scales

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from xentlib import _semantics as sem
 from xentlib.backends.composite import refuse_transforms, scale_by_grad_output_
-from xentlib.linear import _autocast_operands
-from xentlib.rl import _active_rows, _chunk, _LinearChunks, _Rows, _sub, _targets, log_probs
+from xentlib.linear import _autocast_operands, accumulate_chunk_grads_
+from xentlib.rl import _LinearChunks, _Rows, _sub, _targets, log_probs
 
 __all__ = ["linear_policy_loss", "policy_loss"]
 
@@ -188,7 +188,7 @@ def linear_policy_loss_op(
     loss = torch.zeros((), dtype=rows.acc, device=input.device)
     logp = torch.zeros(count, dtype=rows.acc, device=input.device)
     entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty((0,))
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
+    chunks = _LinearChunks(input, weight, bias, valid, chunk_size)
     dx = torch.zeros_like(input) if grad_input else None
     # the first chunk overwrites dW (accumulate_mm_(first=True)); with no rows it stays zero
     dw = (torch.empty_like if chunks.total else torch.zeros_like)(weight) if grad_weight else None
@@ -196,23 +196,14 @@ def linear_policy_loss_op(
     for number, (index, x_c, z) in enumerate(chunks):
         for block in rows.blocks(z.shape[0]):
             at = _sub(index, block)
-            t_b, v_b, z_b = safe[at], valid[at], z[block]
-            # z_b is kept (it becomes dZ below); the kernel's row sums are kept for its backward
-            reuse_sums = rows.kernel and any_grad
-            log_sum = torch.empty(z_b.shape[0], dtype=torch.float32, device="cpu") if reuse_sums else None
-            lp, lse, ent = rows.forward(z_b, t_b, v_b, with_entropy, log_sum=log_sum)
-            logp[at] = lp
+            logp[at], block_entropy, block_loss = _block_(
+                rows, call, z[block], safe[at], valid[at], factors[at], at, with_entropy, any_grad
+            )
+            loss += block_loss
             if with_entropy:
-                entropy[at] = ent
-            terms = token_terms(lp, ent, call, at)
-            factor = factors[at]
-            loss += (factor * torch.where(v_b, terms.loss, 0.0)).sum()
-            if any_grad:  # dL/dZ = c dl/dZ + e dH/dZ with c = w/D dloss_n/dl, e = w/D dloss_n/dH
-                g = torch.where(v_b, factor * terms.d_log_prob, 0.0)  # not 0 * inf on an ignored token
-                h = None if terms.d_entropy is None else torch.where(v_b, factor * terms.d_entropy, 0.0)
-                rows.backward_(z_b, t_b, v_b, lse, ent, g, h, z_b, log_sum=log_sum)
+                entropy[at] = block_entropy
         if any_grad:
-            chunks.accumulate_gradients(index, x_c, z, dx, dw, db, first=number == 0)
+            accumulate_chunk_grads_(z, weight, x_c, index, dx, dw, db, first=number == 0, onednn=chunks.onednn)
     empty = lambda: input.new_empty((0,))  # noqa: E731  (outputs of an op may not alias each other)
     return (
         loss, logp, entropy,
@@ -220,6 +211,21 @@ def linear_policy_loss_op(
         dw if grad_weight else empty(),
         db.to(bias.dtype) if grad_bias else empty(),
     )  # fmt: skip
+
+
+def _block_(rows: _Rows, call, z: Tensor, target, valid, factor, at, with_entropy: bool, with_grad: bool):
+    """(log p_t, entropy or None, the block's share of the loss) of a block of logits z (R, V) whose tokens are
+    `at` of the call; with `with_grad`, z becomes dL/dZ = c dl/dZ + e dH/dZ, with c = w/D dloss_n/dl and
+    e = w/D dloss_n/dH (`factor` = w/D). Where the kernel runs, the backward reuses its forward's row sums."""
+    log_sum = torch.empty(z.shape[0], dtype=torch.float32, device="cpu") if rows.kernel and with_grad else None
+    log_prob, lse, entropy = rows.forward(z, target, valid, with_entropy, log_sum=log_sum)  # z is kept
+    terms = token_terms(log_prob, entropy, call, at)
+    loss = (factor * torch.where(valid, terms.loss, 0.0)).sum()
+    if with_grad:
+        g = torch.where(valid, factor * terms.d_log_prob, 0.0)  # not 0 * inf on an ignored token
+        h = None if terms.d_entropy is None else torch.where(valid, factor * terms.d_entropy, 0.0)
+        rows.backward_(z, target, valid, lse, entropy, g, h, z, log_sum=log_sum)
+    return log_prob, entropy, loss
 
 
 @linear_policy_loss_op.register_fake
@@ -242,7 +248,7 @@ def _(input, weight, bias, target, advantages, old_log_probs, ref_log_probs, tok
 def _policy_setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8])  # input, weight, bias, target and the per-token tensors: no copies
     ctx.scalars, ctx.made = inputs[8:18], inputs[18:21]  # temperature ... chunk_size; which gradients were made
-    ctx.private = len(inputs) > 21 and inputs[21]
+    ctx.private = inputs[21]  # grads_private
     loss, logp, entropy, dx, dw, db = output
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(logp, entropy, dx, dw, db)

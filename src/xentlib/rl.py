@@ -28,7 +28,14 @@ from xentlib import _semantics as sem
 from xentlib.backends import cpu_kernel
 from xentlib.backends.composite import refuse_transforms
 from xentlib.backends.torch_chunked import CHUNK_ELEMENTS
-from xentlib.linear import CHUNK_BYTES_CAP, _autocast_operands, _by_onednn, accumulate_mm_
+from xentlib.linear import (
+    CHUNK_BYTES_CAP,
+    _autocast_operands,
+    _by_onednn,
+    accumulate_chunk_grads_,
+    chunk_logits,
+    kept_rows,
+)
 
 __all__ = ["linear_log_probs", "log_probs"]
 
@@ -330,15 +337,20 @@ def default_chunk_rows(rows: int, vocab: int, element_size: int) -> int:
 
 
 class _LinearChunks:
-    """Chunks of rows of x and their logits Z = x W^T + b: a reused buffer, or where oneDNN computes the
-    matmuls (float32 on CPU, measured faster in linear.py) the matmul's own output, freed chunk by chunk."""
+    """Chunks of rows of x and their logits Z = x W^T + b (`linear.chunk_logits`): a reused buffer, or where oneDNN
+    computes the matmuls (float32 on CPUs where it is the faster: `linear._by_onednn`) its own output, freed chunk
+    by chunk."""
 
-    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, active: Tensor | None, chunk: int):
-        self.x, self.weight, self.bias, self.active = x, weight, bias, active
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, valid: Tensor, chunk_size: int):
+        """Over the rows of x whose target counts (`valid`; on CPU the others are dropped: `kept_rows`), in chunks
+        of `chunk_size` rows (0: `default_chunk_rows`)."""
+        self.x, self.weight, self.bias = x, weight, bias
+        self.active = active = kept_rows(valid, x.device)
         self.total = x.shape[0] if active is None else active.numel()
-        self.chunk = max(1, chunk)
+        rows, vocab = x.shape[0], weight.shape[0]
+        self.chunk = chunk_size if chunk_size > 0 else default_chunk_rows(rows, vocab, x.element_size())
         self.onednn = _by_onednn(x, weight)
-        shape = (min(self.chunk, max(self.total, 1)), weight.shape[0])
+        shape = (min(self.chunk, max(self.total, 1)), vocab)
         self.buffer = None if self.onednn else torch.empty(shape, dtype=x.dtype, device=x.device)
 
     def __iter__(self):
@@ -347,46 +359,7 @@ class _LinearChunks:
             stop = min(start + self.chunk, self.total)
             rows = slice(start, stop) if self.active is None else self.active[start:stop]
             x_c = self.x[rows] if self.active is None else self.x.index_select(0, rows)
-            yield rows, x_c, self.logits(x_c)
-
-    def logits(self, x_c: Tensor) -> Tensor:
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x_c, self.weight, self.bias, "none", [], "")
-        z = self.buffer[: x_c.shape[0]]
-        torch.mm(x_c, self.weight.t(), out=z)
-        if self.bias is not None:
-            z.add_(self.bias)
-        return z
-
-    def grad_input_rows(self, grad_z: Tensor) -> Tensor:
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(grad_z, self.weight.t(), None, "none", [], "")
-        return grad_z @ self.weight
-
-    def accumulate_gradients(self, index, x_c: Tensor, grad_z: Tensor, dx, dw, db, first: bool) -> None:
-        """A chunk's share of the gradients from its dZ (R, V): dX rows = dZ W, dW += dZ^T X_c (the first chunk
-        overwrites), db += sum_rows dZ (db in float32/float64); None for a gradient not wanted."""
-        if dx is not None:
-            if isinstance(index, slice) and not self.onednn:  # straight into the gradient's rows
-                torch.mm(grad_z, self.weight, out=dx[index])
-            else:
-                dx[index] = self.grad_input_rows(grad_z)
-        if dw is not None:
-            accumulate_mm_(dw, grad_z.t(), x_c, first=first)
-        if db is not None:
-            db += grad_z.sum(0, dtype=db.dtype)
-
-
-def _active_rows(valid: Tensor) -> Tensor | None:
-    """On CPU the ignored rows (prompt tokens, padding) are dropped before the matmul; on an accelerator that
-    would read the mask on the host, so every row is computed and the ignored ones are masked."""
-    if valid.device.type != "cpu" or bool(valid.all()):
-        return None
-    return valid.nonzero().squeeze(1)
-
-
-def _chunk(chunk_size: int, count: int, vocab: int, input: Tensor) -> int:
-    return chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size())
+            yield rows, x_c, chunk_logits(x_c, self.weight, self.bias, self.buffer)
 
 
 @torch.library.custom_op("xentlib::linear_log_probs", mutates_args=())
@@ -409,7 +382,7 @@ def linear_log_probs_op(
     logp = torch.zeros(count, dtype=rows.acc, device=input.device)
     lse = torch.zeros_like(logp)
     entropy = torch.zeros_like(logp) if with_entropy else logp.new_empty((0,))
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
+    chunks = _LinearChunks(input, weight, bias, valid, chunk_size)
     for index, _, z in chunks:
         t_c, v_c = safe[index], valid[index]
         for block in rows.blocks(z.shape[0]):
@@ -458,7 +431,7 @@ def linear_log_probs_backward_op(
     rows = _Rows(vocab, input.dtype, input.device, temperature, softcap, with_entropy)
     g = _upstream(grad_logp, count, valid, rows.acc)
     h = _upstream(grad_entropy, count, valid, rows.acc) if with_entropy else None
-    chunks = _LinearChunks(input, weight, bias, _active_rows(valid), _chunk(chunk_size, count, vocab, input))
+    chunks = _LinearChunks(input, weight, bias, valid, chunk_size)
     dx = torch.zeros_like(input) if grad_input else input.new_empty((0,))
     # the first chunk overwrites dW (accumulate_mm_(first=True)); with no rows it stays zero
     dw = (torch.empty_like if chunks.total else torch.zeros_like)(weight) if grad_weight else weight.new_empty((0,))
@@ -472,8 +445,8 @@ def linear_log_probs_backward_op(
                 z[block], t_c[block], v_c[block], lse_c[block], None if ent_c is None else ent_c[block],
                 g_c[block], None if h_c is None else h_c[block], z[block],
             )  # fmt: skip
-        chunks.accumulate_gradients(index, x_c, z, dx if grad_input else None, dw if grad_weight else None, db,
-                                    first=number == 0)  # fmt: skip
+        accumulate_chunk_grads_(z, weight, x_c, index, dx if grad_input else None, dw if grad_weight else None, db,
+                                first=number == 0, onednn=chunks.onednn)  # fmt: skip
     return dx, dw, db.to(bias.dtype) if grad_bias else weight.new_empty((0,))
 
 

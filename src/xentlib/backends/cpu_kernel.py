@@ -102,7 +102,7 @@ CommonCallArguments = _structure(
 )
 COMMON_ARGUMENTS, COMMON_LAYOUT = CommonCallArguments._fields_, CommonCallArguments.layout
 
-# The per-token log-probabilities' arguments (rl.py): `struct xent_log_probs` in cpu_rows.c.
+# The per-token log-probabilities' arguments (rl.py, policy.py): `struct xent_log_probs` in cpu_post_training.c.
 LOG_PROBS_ENTRY_POINT = "xent_log_probs"
 LogProbsArguments = _structure(
     "LogProbsArguments",
@@ -111,7 +111,7 @@ LogProbsArguments = _structure(
     scratch:ptr scratch_row_stride:i64 threads:i32""",
 )
 
-# The distillation divergence's arguments (distill.py): `struct xent_distillation` in cpu_rows.c.
+# The distillation divergence's arguments (distill.py): `struct xent_distillation` in cpu_post_training.c.
 DISTILLATION_ENTRY_POINT = "xent_distillation"
 DistillationArguments = _structure(
     "DistillationArguments",
@@ -210,7 +210,8 @@ def _open(target: Path):
 
 
 def _entry_point(library: ctypes.CDLL, name: str, struct: str, layout: str, structure: type):
-    """`name(struct *)`, after checking that the library's declaration of the structure is this module's."""
+    """`name(struct *)`, after checking that the library's declaration of the structure is `layout`, the one this
+    module passes."""
     declared = ctypes.string_at(ctypes.addressof(ctypes.c_char.in_dll(library, f"{struct}_layout"))).decode()
     size = ctypes.c_int64.in_dll(library, f"{struct}_size").value
     if declared != layout or size != ctypes.sizeof(structure):
@@ -369,7 +370,8 @@ def distillation_rows(
 
 
 def distillation_covers(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `distillation_rows` computes rows of this device and dtype (laid out as it needs)."""
+    """Whether `distillation_rows` (and `log_probs_rows`) compute rows of this device and dtype, laid out as they
+    need: CPU float32/bfloat16, and the kernel built."""
     return device.type == "cpu" and dtype in DTYPES and _load() is not None
 
 
@@ -385,7 +387,7 @@ def supports_distillation(student: torch.Tensor, teacher: torch.Tensor, grad: to
 def log_probs_covers(device: torch.device, dtype: torch.dtype, softcap: float | None) -> bool:
     """Whether `log_probs_rows` computes rows of this device and dtype (with contiguous classes): CPU
     float32/bfloat16, no soft-capping, and the kernel built."""
-    return device.type == "cpu" and dtype in DTYPES and softcap is None and _load() is not None
+    return softcap is None and distillation_covers(device, dtype)
 
 
 def supports_call(device: torch.device, dtype: torch.dtype, problem: CrossEntropyProblem) -> bool:

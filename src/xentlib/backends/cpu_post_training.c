@@ -113,8 +113,8 @@ void xent_log_probs(const struct xent_log_probs *a) {
 #define XENT_DISTILLATION(X)                                                                                      \
     X(const void *, student, ptr) X(int64_t, student_row_stride, i64) X(int, student_dtype, i32)                  \
     X(const void *, teacher, ptr) X(int64_t, teacher_row_stride, i64) X(int, teacher_dtype, i32)                  \
-    X(int64_t, rows, i64) X(int64_t, classes, i64) X(float, beta, f32) X(float, temperature, f32)             \
-    X(const float *, scale, ptr) X(float *, loss, ptr) X(void *, grad, ptr) X(int64_t, grad_row_stride, i64)     \
+    X(int64_t, rows, i64) X(int64_t, classes, i64) X(float, beta, f32) X(float, temperature, f32)                 \
+    X(const float *, scale, ptr) X(float *, loss, ptr) X(void *, grad, ptr) X(int64_t, grad_row_stride, i64)      \
     X(float *, scratch, ptr) X(int64_t, scratch_row_stride, i64) X(int, threads, i32)
 
 XENT_DECLARE(xent_distillation, XENT_DISTILLATION)

@@ -141,9 +141,13 @@ def _needs_gpu_and(module: str, attr: str, index_only: bool, no_smoothing: bool 
     return unavailable
 
 
+_LIGER_GRPO = ("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
+_LIGER_JSD = ("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss")
+
+
 def _needs(module: str, attr: str):
-    """A peer that runs on any device: unavailable only where it is not installed."""
-    return lambda case: None if _module_attr(module, attr) is not None else f"{module} not importable"
+    """An implementation that runs on any device: unavailable only where `module.attr` cannot be imported."""
+    return lambda case: None if _module_attr(module, attr) is not None else f"{module}.{attr} not importable"
 
 
 def _torch_chunked_unavailable(case: Case) -> str | None:
@@ -351,7 +355,7 @@ def build_xentlib_logprobs(case: Case) -> Step:
     return _policy_gradient_step(case, lambda x, w, t: xentlib.linear_log_probs(x, w, t, return_entropy=True, **kwargs))
 
 
-def build_xentlib_policy_logprobs(case: Case) -> Step:
+def build_xentlib_policy(case: Case) -> Step:
     """The same objective's gradients from the fused policy loss: on-policy its gradient wrt log p is -A, as
     -(A * logp).sum()'s, and the entropy bonus is the same; three matmuls instead of four."""
     import xentlib
@@ -372,7 +376,7 @@ def build_liger_grpo_logprobs(case: Case) -> Step:
     row but for the entropy bonus. Tokens as sequences of 256 (one chunk each, its default), or one sequence."""
     import torch
 
-    loss_class = _module_attr("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
+    loss_class = _module_attr(*_LIGER_GRPO)
     x, weight, target = case.tensors["x"], case.tensors["weight"], case.target
     seq = 256 if case.shape.n % 256 == 0 else case.shape.n
     batch = case.shape.n // seq
@@ -426,7 +430,7 @@ def build_xentlib_distill(case: Case) -> Step:
 def build_liger_jsd_distill(case: Case) -> Step:
     """Liger Kernel's chunked `LigerFusedLinearJSDLoss` (pure PyTorch, torch.compile'd chunks), soft loss only,
     beta 0.5 (where the generalized JSD is symmetric, so its convention and TRL's agree)."""
-    loss_class = _module_attr("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss")
+    loss_class = _module_attr(*_LIGER_JSD)
     loss_fn = loss_class(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=DISTILL_BETA)
     x, weight, teacher_x, teacher_weight = _distill_inputs(case)
     return loss_step(lambda: loss_fn(x, weight, teacher_x, teacher_weight, case.target))
@@ -482,22 +486,6 @@ def build_four_matmuls(case: Case) -> Step:
     return Step(forward=forward, backward=backward)
 
 
-def _missing_distill(case: Case) -> str | None:
-    try:
-        importlib.import_module("xentlib.distill")
-    except ImportError as error:
-        return f"xentlib.distill not importable ({error})"
-    return None
-
-
-def _missing_rl(case: Case) -> str | None:
-    try:
-        importlib.import_module("xentlib.rl")
-    except ImportError as error:
-        return f"xentlib.rl not importable ({error})"
-    return None
-
-
 def _index_targets_only(case: Case) -> str | None:
     return None if case.targets == "index" else "class-index targets only"
 
@@ -546,31 +534,17 @@ IMPLS: tuple[Impl, ...] = (
         _needs_gpu_and("cut_cross_entropy", "linear_cross_entropy", index_only=True, no_smoothing=True),
     ),
     Impl("3-matmuls", "linear", "floor", build_three_matmuls),
-    Impl("xentlib", "logprobs", "xentlib", build_xentlib_logprobs, _missing_rl),
-    Impl("xentlib-policy", "logprobs", "xentlib", build_xentlib_policy_logprobs, _missing_rl),
+    Impl("xentlib", "logprobs", "xentlib", build_xentlib_logprobs, _needs("xentlib", "linear_log_probs")),
+    Impl("xentlib-policy", "logprobs", "xentlib", build_xentlib_policy, _needs("xentlib", "linear_policy_loss")),
     Impl("torch-eager", "logprobs", "baseline", build_torch_eager_logprobs),
     Impl("torch-compile", "logprobs", "baseline", build_torch_compile_logprobs, compiled=True),
     Impl("3-matmuls", "logprobs", "floor", build_three_matmuls),
-    Impl(
-        "liger-grpo",
-        "logprobs",
-        "external",
-        build_liger_grpo_logprobs,
-        _needs("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss"),
-        compiled=True,
-    ),  # fmt: skip
-    Impl("xentlib", "distill", "xentlib", build_xentlib_distill, _missing_distill),
+    Impl("liger-grpo", "logprobs", "external", build_liger_grpo_logprobs, _needs(*_LIGER_GRPO), compiled=True),
+    Impl("xentlib", "distill", "xentlib", build_xentlib_distill, _needs("xentlib", "linear_distillation_loss")),
     Impl("torch-eager", "distill", "baseline", build_torch_eager_distill),
     Impl("torch-compile", "distill", "baseline", build_torch_compile_distill, compiled=True),
     Impl("4-matmuls", "distill", "floor", build_four_matmuls),
-    Impl(
-        "liger-jsd",
-        "distill",
-        "external",
-        build_liger_jsd_distill,
-        _needs("liger_kernel.chunked_loss", "LigerFusedLinearJSDLoss"),
-        compiled=True,
-    ),  # fmt: skip
+    Impl("liger-jsd", "distill", "external", build_liger_jsd_distill, _needs(*_LIGER_JSD), compiled=True),
 )
 
 IMPL_NAMES: tuple[str, ...] = tuple(dict.fromkeys(impl.name for impl in IMPLS))

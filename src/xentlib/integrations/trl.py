@@ -97,9 +97,7 @@ def _fused_output(hidden, head, labels, maths, temperature, cast_fp32, outputs, 
     weight, bias = head.weight, head.bias
     if cast_fp32:
         hidden, weight, bias = hidden.float(), weight.float(), None if bias is None else bias.float()
-    if maths.logit_scale != 1.0:  # scale * (h W^T + b) = (scale h) W^T + scale b
-        hidden = hidden * maths.logit_scale
-        bias = None if bias is None else bias * maths.logit_scale
+    hidden, bias = _with_logit_scale(hidden, bias, maths.logit_scale)
     with torch.autocast(hidden.device.type, enabled=not cast_fp32 and torch.is_autocast_enabled(hidden.device.type)):
         log_probs, entropy = xentlib.linear_log_probs(
             hidden, weight, labels, bias, temperature=temperature, ignore_index=-100, return_entropy=True,
@@ -113,6 +111,13 @@ def _fused_output(hidden, head, labels, maths, temperature, cast_fp32, outputs, 
         entropy=entropy if "entropy" in outputs else None,
         label_mask=mask,
     )
+
+
+def _with_logit_scale(hidden, bias, scale: float):
+    """The head's operands with a logit scale folded in: scale (h W^T + b) = (scale h) W^T + scale b."""
+    if scale == 1.0:
+        return hidden, bias
+    return hidden * scale, None if bias is None else bias * scale
 
 
 def patch_trl_trainers() -> list[str]:
@@ -232,24 +237,11 @@ def grpo_linear_loss(model, inputs, *, loss_type="bnpo", beta=0.0, epsilon_low=0
     labels = completion_ids.masked_fill(mask == 0, -100)
     advantages = inputs["advantages"]
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-    mask = mask.to(torch.float32)
-    batch = completion_ids.shape[0]
-    reduction, weight = "sum", None
-    if loss_type == "grpo":
-        weight = 1.0 / (mask.sum(1, keepdim=True).clamp(min=1.0) * batch * accumulation)
-    elif loss_type == "bnpo":
-        reduction = "mean"
-    elif loss_type == "dr_grpo":
-        weight = torch.full_like(mask, 1.0 / (batch * max_completion_length * accumulation))
-    elif loss_type == "dapo":
-        weight = torch.full_like(mask, 1.0) / (inputs["num_items_in_batch"].clamp(min=1.0) * dapo_scale)
-    else:
-        raise NotImplementedError(f"grpo_linear_loss computes the loss types {GRPO_LOSS_TYPES}, not {loss_type!r}")
+    reduction, weight = _loss_type_weights(loss_type, mask.to(torch.float32), inputs, max_completion_length,
+                                           accumulation, dapo_scale)  # fmt: skip
     head = output_head(model)
     maths = head_maths_candidates(text_config(model))[0]  # the config's usual reading (a logit scale, a soft-cap)
-    bias = head.bias
-    if maths.logit_scale != 1.0:  # scale * (h W^T + b) = (scale h) W^T + scale b
-        hidden, bias = hidden * maths.logit_scale, None if bias is None else bias * maths.logit_scale
+    hidden, bias = _with_logit_scale(hidden, head.bias, maths.logit_scale)
     loss = linear_policy_loss(
         hidden, head.weight, labels, advantages, bias, old_log_probs=inputs.get("old_per_token_logps"),
         ref_log_probs=inputs.get("ref_per_token_logps") if beta != 0.0 else None, token_weight=weight,
@@ -257,3 +249,17 @@ def grpo_linear_loss(model, inputs, *, loss_type="bnpo", beta=0.0, epsilon_low=0
         softcap=maths.softcap, reduction=reduction,
     )  # fmt: skip
     return loss / accumulation if loss_type == "bnpo" else loss
+
+
+def _loss_type_weights(loss_type: str, mask, inputs, max_completion_length, accumulation, dapo_scale):
+    """(reduction, token weights or None) of a TRL loss type, for `linear_policy_loss` (see `grpo_linear_loss`)."""
+    batch = mask.shape[0]
+    if loss_type == "grpo":
+        return "sum", 1.0 / (mask.sum(1, keepdim=True).clamp(min=1.0) * batch * accumulation)
+    if loss_type == "bnpo":
+        return "mean", None
+    if loss_type == "dr_grpo":
+        return "sum", torch.full_like(mask, 1.0 / (batch * max_completion_length * accumulation))
+    if loss_type == "dapo":
+        return "sum", torch.full_like(mask, 1.0) / (inputs["num_items_in_batch"].clamp(min=1.0) * dapo_scale)
+    raise NotImplementedError(f"grpo_linear_loss computes the loss types {GRPO_LOSS_TYPES}, not {loss_type!r}")

@@ -21,6 +21,19 @@ def as_float64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def linear_logits(input, weight, bias=None) -> np.ndarray:
+    """z = x W^T + b in float64: x (..., D), W (V, D), b (V,) or None."""
+    z = as_float64(input) @ as_float64(weight).T
+    return z if bias is None else z + as_float64(bias)
+
+
+def linear_grads(grad_z, input, weight, with_bias: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The gradients of z = x W^T + b from G = dL/dz (..., V): dx = G W, dW = G^T x, db = sum over rows of G."""
+    x, w = as_float64(input), as_float64(weight)
+    g_rows, x_rows = np.reshape(grad_z, (-1, w.shape[0])), x.reshape(-1, w.shape[1])
+    return (g_rows @ w).reshape(x.shape), g_rows.T @ x_rows, g_rows.sum(axis=0) if with_bias else None
+
+
 def quiet():
     """IEEE arithmetic already gives torch's answers for inf/NaN inputs (0/0 = NaN, log 0 = -inf, ...);
     this silences numpy's warnings about them."""

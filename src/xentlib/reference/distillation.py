@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from xentlib.reference._common import as_float64, quiet
+from xentlib.reference._common import as_float64, linear_grads, linear_logits, quiet
 
 DISTILLATION_REDUCTIONS = ("none", "batchmean", "sum", "mean")
 
@@ -170,18 +170,13 @@ def distillation_backward(
         return (grad * coef[:, None]).reshape(np.shape(student_logits))
 
 
-def _linear_logits(x, w, b):
-    z = as_float64(x) @ as_float64(w).T
-    return z if b is None else z + as_float64(b)
-
-
 def linear_distillation(
     student_input, student_weight, teacher_input, teacher_weight, target=None, *, student_bias=None,
     teacher_bias=None, **options,
 ):  # fmt: skip
     """`distillation` of z_s = x_s W_s^T + b_s and z_t = x_t W_t^T + b_t; options as `distillation`."""
-    zs = _linear_logits(student_input, student_weight, student_bias)
-    zt = _linear_logits(teacher_input, teacher_weight, teacher_bias)
+    zs = linear_logits(student_input, student_weight, student_bias)
+    zt = linear_logits(teacher_input, teacher_weight, teacher_bias)
     return distillation(zs, zt, target, **options)
 
 
@@ -190,10 +185,7 @@ def linear_distillation_backward(
     teacher_bias=None, **options,
 ):  # fmt: skip
     """Gradients wrt x_s, W_s, b_s with G = d/dz_s: dx_s = G W_s, dW_s = G^T x_s, db_s = sum_rows G."""
-    x, w = as_float64(student_input), as_float64(student_weight)
-    zs = _linear_logits(x, w, student_bias)
-    zt = _linear_logits(teacher_input, teacher_weight, teacher_bias)
+    zs = linear_logits(student_input, student_weight, student_bias)
+    zt = linear_logits(teacher_input, teacher_weight, teacher_bias)
     g = distillation_backward(grad_output, zs, zt, target, **options)
-    g_rows, x_rows = g.reshape(-1, w.shape[0]), x.reshape(-1, w.shape[1])
-    bias = None if student_bias is None else g_rows.sum(0)
-    return LinearDistillationGrads((g_rows @ w).reshape(x.shape), g_rows.T @ x_rows, bias)
+    return LinearDistillationGrads(*linear_grads(g, student_input, student_weight, student_bias is not None))

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from xentlib.reference._common import as_float64, quiet
+from xentlib.reference._common import as_float64, linear_grads, linear_logits, quiet
 
 
 class LogProbs(NamedTuple):
@@ -100,12 +100,11 @@ def log_probs_backward(grad_log_prob, grad_entropy, logits, target, *, temperatu
     g = np.where(valid, as_float64(0.0 if grad_log_prob is None else grad_log_prob), 0.0)[..., None]
     h = np.where(valid, as_float64(0.0 if grad_entropy is None else grad_entropy), 0.0)[..., None]
     g, h = np.broadcast_to(g, (*shape, 1)), np.broadcast_to(h, (*shape, 1))
+    steps = log_probs_steps(logits, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap)
+    p, log_p, entropy = steps.p, steps.log_p, steps.entropy[..., None]
     with quiet():
-        u, chain = _scaled(logits, temperature, softcap)
-        log_p = _log_softmax(u)
-        p = np.exp(log_p)
-        entropy = -np.sum(np.where(p > 0, p * log_p, 0.0), axis=-1, keepdims=True)
-        onehot = np.zeros_like(u)
+        _, chain = _scaled(logits, temperature, softcap)
+        onehot = np.zeros_like(p)
         np.put_along_axis(onehot, safe[..., None], 1.0, axis=-1)
         d_logp = onehot - p  # d logp / du
         d_entropy = -np.where(p > 0, p * (log_p + entropy), 0.0)  # d H / du
@@ -115,21 +114,16 @@ def log_probs_backward(grad_log_prob, grad_entropy, logits, target, *, temperatu
 
 def linear_log_probs(input, weight, target, bias=None, *, temperature=1.0, ignore_index=-100, softcap=None):
     """`log_probs(input @ weight.T + bias, target, ...)` in float64."""
-    z = as_float64(input) @ as_float64(weight).T
-    if bias is not None:
-        z = z + as_float64(bias)
-    return log_probs(z, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap)
+    return log_probs(
+        linear_logits(input, weight, bias), target, temperature=temperature, ignore_index=ignore_index, softcap=softcap
+    )
 
 
 def linear_log_probs_backward(grad_log_prob, grad_entropy, input, weight, target, bias=None, *, temperature=1.0,
                               ignore_index=-100, softcap=None) -> LinearLogProbsGrads:  # fmt: skip
     """Gradients wrt input, weight and bias: G = dL/dz from `log_probs_backward`, then G W, G^T x, sum G."""
-    x, w = as_float64(input), as_float64(weight)
-    z = x @ w.T + (0.0 if bias is None else as_float64(bias))
     grad_z = log_probs_backward(
-        grad_log_prob, grad_entropy, z, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap
-    )
-    vocab, hidden = w.shape
-    rows_z, rows_x = grad_z.reshape(-1, vocab), x.reshape(-1, hidden)
-    grad_b = None if bias is None else rows_z.sum(axis=0)
-    return LinearLogProbsGrads(grad_z @ w, rows_z.T @ rows_x, grad_b)
+        grad_log_prob, grad_entropy, linear_logits(input, weight, bias), target, temperature=temperature,
+        ignore_index=ignore_index, softcap=softcap,
+    )  # fmt: skip
+    return LinearLogProbsGrads(*linear_grads(grad_z, input, weight, bias is not None))

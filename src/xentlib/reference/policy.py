@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from xentlib.reference._common import as_float64, quiet
+from xentlib.reference._common import as_float64, linear_logits, quiet
 from xentlib.reference.log_probs import LinearLogProbsGrads, linear_log_probs_backward, log_probs, log_probs_backward
 
 
@@ -106,14 +106,9 @@ def policy_loss_backward(grad_output, logits, target, advantages, old_log_probs=
                               softcap=softcap)  # fmt: skip
 
 
-def _linear_logits(input, weight, bias):
-    z = as_float64(input) @ as_float64(weight).T
-    return z if bias is None else z + as_float64(bias)
-
-
 def linear_policy_loss(input, weight, target, advantages, bias=None, **options) -> float:
     """`policy_loss(input @ weight.T + bias, ...)`; options as `policy_loss`."""
-    return policy_loss(_linear_logits(input, weight, bias), target, advantages, **options)
+    return policy_loss(linear_logits(input, weight, bias), target, advantages, **options)
 
 
 def linear_policy_loss_backward(grad_output, input, weight, target, advantages, bias=None, *, old_log_probs=None,
@@ -122,7 +117,7 @@ def linear_policy_loss_backward(grad_output, input, weight, target, advantages, 
                                 reduction="mean") -> LinearLogProbsGrads:  # fmt: skip
     """Gradients wrt input, weight and bias of `linear_policy_loss`."""
     scalars = dict(epsilon=epsilon, epsilon_high=epsilon_high, kl_coef=kl_coef, entropy_coef=entropy_coef)
-    z = _linear_logits(input, weight, bias)
+    z = linear_logits(input, weight, bias)
     g, h = _upstream(grad_output, z, target, advantages, old_log_probs, ref_log_probs, token_weight, temperature,
                      ignore_index, softcap, reduction, scalars)  # fmt: skip
     return linear_log_probs_backward(g, h, input, weight, target, bias, temperature=temperature,
