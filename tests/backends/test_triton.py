@@ -486,7 +486,14 @@ def test_linear_chunks_match_float64(kind, options, bias, chunk):
         assert_close(loss, literal.cpu(), atol=1e-5)
 
 
-def test_linear_bfloat16_close_to_float64():
+@pytest.mark.parametrize("poisoned", [False, True], ids=["plain", "uninitialized-memory-poisoned"])
+def test_linear_bfloat16_close_to_float64(monkeypatch, poisoned):
+    """bfloat16 through the Triton path, whose float32 weight-gradient accumulator starts as uninitialized
+    memory; `poisoned` fills every `torch.empty_like` with NaN, so an accumulator that was not zeroed shows up
+    whatever the allocator happens to return."""
+    if poisoned:
+        real_empty_like = torch.empty_like
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan")))
     x, w, b, target = linear_case("index", dtype=torch.bfloat16, rows=8, hidden=16, classes=45)
     ours = [t.clone().requires_grad_() for t in (x, w, b)]
     loss = public_linear(*ours, target, {"eps": 0.1}, chunk_size=3)

@@ -225,8 +225,8 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "linear-bias-grad-overwritten",
         "linear.py",
-        "out.grad_bias += grad_logits.sum(0, dtype=problem.acc_dtype)",
-        "out.grad_bias = grad_logits.sum(0, dtype=problem.acc_dtype)",
+        "db += grad_z.sum(0, dtype=db.dtype)",
+        "db.copy_(grad_z.sum(0, dtype=db.dtype))",
         [f"{L}::test_options_match_torch_and_reference", "-k", "plain"],
         "the bias gradient of each chunk overwrites the previous chunks'",
     ),
