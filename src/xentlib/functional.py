@@ -14,7 +14,7 @@ from torch import Tensor
 
 from xentlib import _semantics as sem
 from xentlib.backends import common_call
-from xentlib.backends import ops as _ops  # noqa: F401  (registers torch.ops.xentlib.*)
+from xentlib.backends import ops as _ops  # registers torch.ops.xentlib.*
 from xentlib.backends.bce import BinaryCrossEntropyFunction, BinaryCrossEntropyWithLogitsFunction
 from xentlib.backends.composite import CrossEntropyStats, composite_rows, reduce_rows
 from xentlib.backends.composite import transforms_active as _transformed
@@ -138,7 +138,7 @@ def _fused_cross_entropy(call: sem.CrossEntropyCall, backend: str, chunk: int, r
     """The op of backends/ops.py: the loss, and the statistics reshaped to the caller's shape."""
     with_grad = torch.is_grad_enabled() and call.logits.requires_grad
     normalizer, normalizer_value = sem.normalizer_operands(call.normalizer)
-    op = torch.ops.xentlib.cross_entropy if traced() else _ops.eager_cross_entropy
+    op = _ops.traced_op(call.logits) if traced() else _ops.eager_cross_entropy
     loss, _, lse, entropy, row_loss, argmax = op(
         call.logits, call.target, call.weight, normalizer, normalizer_value, call.ignore_index, call.reduction,
         call.smoothing, call.z_loss, call.softcap, call.output_dtype, with_grad, return_stats, backend, chunk,

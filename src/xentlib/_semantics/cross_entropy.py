@@ -289,7 +289,7 @@ def _denominator(reduction, mean_count, normalizer, acc, device) -> Tensor:
         value = 1.0
     if isinstance(value, Tensor):
         return value.detach().to(device=device, dtype=acc)
-    return torch.tensor(value, dtype=acc, device=device)
+    return torch.full((), value, dtype=acc, device=device)  # a factory op, which tracers record as a node
 
 
 def _check_index_target_shape(input: Tensor, target: Tensor) -> None:

@@ -20,8 +20,11 @@ from torch import Tensor
 from xentlib import _semantics as sem
 from xentlib.backends import composite
 from xentlib.backends.dispatch import rows_function, select_backend
+from xentlib.backends.triton import installed as triton_installed
 
 _EMPTY = (0,)
+# read once, at import: a traced call must not search the file system (torch.compile's tracer cannot follow it)
+_TRITON_INSTALLED = triton_installed()
 
 
 def rows_for(problem, backend: str, chunk_size: int):
@@ -95,7 +98,7 @@ def _acc_dtype(logits: Tensor, target: Tensor, weight: Tensor | None) -> torch.d
 _SCALARS = ("normalizer_value", "ignore_index", "reduction", "smoothing", "z_loss", "softcap", "output_dtype")
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     logits, target, weight, normalizer, *scalars = inputs
     ctx.call = dict(zip(_SCALARS, scalars[: len(_SCALARS)]))
     ctx.has_grad, ctx.with_stats, ctx.backend, ctx.chunk_size = scalars[len(_SCALARS) : len(_SCALARS) + 4]
@@ -108,7 +111,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, weight, normalizer)
 
 
-def _backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax):
+def backward(ctx, grad_loss, _grad, grad_lse, grad_entropy, _row_loss, _argmax):
     logits, target, weight, normalizer = ctx.saved_tensors
     needs = ctx.needs_input_grad
     buffer, ctx.grad_buffer = ctx.grad_buffer, None
@@ -160,7 +163,19 @@ def _rounded_once(reduction: str, logits: Tensor, grad_loss: Tensor) -> Tensor |
     return grad_loss.detach().reshape(())
 
 
-cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+cross_entropy.register_autograd(backward, setup_context=setup_context)
+
+
+def traced_op(logits: Tensor):
+    """The op a traced call records. On an accelerator, with triton installed, `xentlib::triton_cross_entropy`:
+    this implementation registered with `torch.library.triton_op` (backends/triton/registered.py), whose body
+    AOTAutograd traces, so that Inductor launches the Triton kernels itself. On CPU the custom op above, whose C
+    kernel no tracer can follow."""
+    if logits.device.type == "cpu" or not _TRITON_INSTALLED:
+        return torch.ops.xentlib.cross_entropy
+    from xentlib.backends.triton import registered  # noqa: F401  (registers the op on first use)
+
+    return torch.ops.xentlib.triton_cross_entropy
 
 
 class EagerCrossEntropy(torch.autograd.Function):
@@ -171,10 +186,10 @@ class EagerCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         output = cross_entropy_impl(*inputs)
-        _setup_context(ctx, inputs, output)
+        setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_backward)
+    backward = staticmethod(backward)
 
 
 def eager_cross_entropy(*inputs):

@@ -16,7 +16,7 @@ import sys
 
 _LAZY_OPS = {"cross_entropy_rows", "scale_unless_one_", "choose_block_size"}
 
-__all__ = ["is_available", "require", "supports_problem", *sorted(_LAZY_OPS)]
+__all__ = ["installed", "is_available", "require", "supports_problem", *sorted(_LAZY_OPS)]
 
 
 def _interpreter_on() -> bool:
@@ -28,6 +28,11 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def installed() -> bool:
+    """Whether triton can be imported (without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def is_available(device=None) -> tuple[bool, str]:
     """Whether the Triton backend can run, and why (not).
 
@@ -35,7 +40,7 @@ def is_available(device=None) -> tuple[bool, str]:
     a CUDA/ROCm device; CPU tensors need Triton's interpreter (TRITON_INTERPRET=1 set before the kernels are
     first imported).
     """
-    if importlib.util.find_spec("triton") is None:
+    if not installed():
         return False, "triton is not installed (pip install 'xentlib[triton]')"
     device_type = None if device is None else str(device).split(":")[0]
     if device_type == "cpu" or (device_type is None and _interpreter_on()):

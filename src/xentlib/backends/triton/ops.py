@@ -14,7 +14,9 @@ import math
 
 import torch
 import triton
+from torch.library import wrap_triton
 
+from xentlib.backends.dispatch import traced
 from xentlib.backends.triton import kernels, require, supports_problem
 
 # Largest class block a program holds at once; rows with more classes loop over blocks.
@@ -31,6 +33,13 @@ SCALE_MAX_PROGRAMS = 4096
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def launcher(kernel):
+    """`kernel` itself for an eager launch; wrapped by `wrap_triton` where something records the call (make_fx,
+    AOTAutograd tracing `torch.ops.xentlib.triton_cross_entropy`), so that the launch becomes a node of the
+    graph. Eager launches skip the wrapper, whose dispatch costs more than a small kernel."""
+    return wrap_triton(kernel) if traced() else kernel
+
+
 def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``buffer.mul_(scale)`` for a contiguous buffer and a one-element scale, without a pass over the buffer
     (nor a host synchronisation) when the scale is 1."""
@@ -42,7 +51,7 @@ def scale_unless_one_(buffer: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     if numel:
         scale = scale.to(device=buffer.device, dtype=buffer.dtype).reshape(1)
         grid = (min(triton.cdiv(numel, SCALE_BLOCK), SCALE_MAX_PROGRAMS),)
-        kernels.scale_unless_one_kernel[grid](buffer, numel, scale, BLOCK=SCALE_BLOCK, num_warps=8)
+        launcher(kernels.scale_unless_one_kernel)[grid](buffer, numel, scale, BLOCK=SCALE_BLOCK, num_warps=8)
     return buffer
 
 
@@ -171,12 +180,12 @@ def cross_entropy_rows(
             block_r = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(rows)))
             grid = (triton.cdiv(rows, block_r),)
             tail = dict(common_tail, BLOCK_C=block_c, BLOCK_R=block_r, num_warps=_num_warps(block_c * block_r))
-            kernels.index_target_tile_kernel[grid](*common_head, R=rows, **index_args, **tail)
+            launcher(kernels.index_target_tile_kernel)[grid](*common_head, R=rows, **index_args, **tail)
         else:
-            kernels.index_target_rows_kernel[(rows,)](*common_head, **index_args, **common_tail)
+            launcher(kernels.index_target_rows_kernel)[(rows,)](*common_head, **index_args, **common_tail)
     elif problem.kind == "prob":
         target = problem.target
-        kernels.prob_target_rows_kernel[(rows,)](
+        launcher(kernels.prob_target_rows_kernel)[(rows,)](
             *common_head,
             target_ptr=target,
             stride_tb=target.stride(0),
