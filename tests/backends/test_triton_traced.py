@@ -137,3 +137,17 @@ def test_compiled_cross_entropy_launches_our_kernels_on_cuda():
     want = step(x, t)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(want, x)[0])
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_opcheck_of_the_triton_op(with_grad):
+    """Schema, fake kernel (the body itself under FakeTensorMode), autograd registration and AOTAutograd's
+    decomposition of the op, on CPU tensors: probability targets on the PyTorch backend read no data and launch
+    no kernel, so the check runs with or without the interpreter."""
+    from xentlib.backends.triton import registered  # noqa: F401  (registers the op)
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 9, 2, generator=generator, requires_grad=True)
+    q = torch.softmax(torch.randn(5, 9, 2, generator=generator), 1)
+    arguments = (x, q, None, None, 0.0, -100, "mean", 0.1, 1e-3, None, torch.float32, with_grad, True, "torch", 0)
+    torch.library.opcheck(torch.ops.xentlib.triton_cross_entropy.default, arguments)
