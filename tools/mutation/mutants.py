@@ -29,6 +29,23 @@ A = "tests/test_accuracy.py"
 T = "tests/backends/test_triton.py"
 
 MUTANTS: list[Mutant] = [
+    # ---------------------------------------------------------------- the traced Triton op
+    Mutant(
+        "traced-op-always-opaque",
+        "backends/ops.py",
+        'if logits.device.type == "cpu" or not _TRITON_INSTALLED:',
+        "if True:",
+        ["tests/backends/test_triton_traced.py", "-k", "launches_our_kernels"],
+        "a traced accelerator call records the opaque custom op: Inductor never sees the Triton kernels",
+    ),
+    Mutant(
+        "traced-launch-not-wrapped",
+        "backends/triton/ops.py",
+        "return wrap_triton(kernel) if traced() else kernel",
+        "return kernel",
+        ["tests/backends/test_triton_traced.py", "-k", "launches_our_kernels"],
+        "the launches are not wrapped: tracing the op would run the kernel on fake tensors",
+    ),
     # ---------------------------------------------------------------- distributed
     Mutant(
         "dist-max-to-min",
