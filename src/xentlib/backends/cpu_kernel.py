@@ -311,11 +311,7 @@ def log_probs_rows(
     log_prob, lse, entropy = out if out is not None else (None, None, None)
     g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
     call = LogProbsArguments(
-        logits=logits.data_ptr(),
-        logits_row_stride=logits.stride(0),
-        dtype=DTYPES[logits.dtype],
-        rows=rows,
-        classes=classes,
+        **_logits_fields(logits),
         target=target.data_ptr(),
         valid=valid.data_ptr(),
         temperature=temperature,
@@ -415,6 +411,19 @@ def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> boo
     return rows_ok and grad_ok and probs_ok and supports_call(x.device, x.dtype, problem)
 
 
+def _logits_fields(logits: torch.Tensor) -> dict:
+    """The fields every cross-entropy and log-probability argument structure starts with: (R, C, ...) logits with
+    contiguous classes, by address, row stride, dtype and shape."""
+    rows, classes = logits.shape[:2]
+    return dict(
+        logits=logits.data_ptr(),
+        logits_row_stride=logits.stride(0),
+        dtype=DTYPES[logits.dtype],
+        rows=rows,
+        classes=classes,
+    )
+
+
 class _Work(NamedTuple):
     """The threads of one kernel call and their scratch buffer, held here until the call returns (the argument
     structure keeps only its address)."""
@@ -462,11 +471,7 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
     weight = contiguous(problem.class_weight)
     work = _work(batch, classes)
     call = arguments(
-        logits=x.data_ptr(),
-        logits_row_stride=x.stride(0),
-        dtype=DTYPES[x.dtype],
-        rows=batch,
-        classes=classes,
+        **_logits_fields(x),
         target=_pointer(target),
         target_weight=_pointer(target_weight),
         valid=valid.data_ptr(),
