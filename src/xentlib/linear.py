@@ -241,6 +241,7 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     return out
 
 
+# The parameters are the op's schema (custom_op reads the annotations), hence listed in full, as in backends/ops.py.
 @torch.library.custom_op("xentlib::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     input: Tensor,

@@ -274,6 +274,8 @@ def _policy_backward(ctx, grad_loss, *_stats_and_grads):
 linear_policy_loss_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
 
 
+# The keyword options repeat `policy_loss`'s: each public function spells out its signature in full (as torch's
+# do), so that help() and type checkers see every parameter.
 def linear_policy_loss(
     input: Tensor,
     weight: Tensor,

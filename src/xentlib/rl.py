@@ -223,6 +223,7 @@ def _fake_rows(like: Tensor, with_entropy: bool):
     return out, like.new_empty((like.shape[0] if with_entropy else 0,), dtype=acc), torch.empty_like(out)
 
 
+# Each op's annotated parameters are its schema (torch.library.custom_op reads them): listed in full in every op.
 @torch.library.custom_op("xentlib::log_probs_backward", mutates_args=())
 def log_probs_backward_op(
     logits: Tensor,
