@@ -499,6 +499,7 @@ def distillation_loss(
     return loss.reshape(call.row_shape) if call.reduction == "none" else loss
 
 
+# The options repeat `distillation_loss`'s: public signatures are spelled out in full, as the policy losses' are.
 def linear_distillation_loss(
     student_input: Tensor,
     student_weight: Tensor,

@@ -191,6 +191,8 @@ def _correct(call: sem.CrossEntropyCall, target: Tensor, argmax: Tensor) -> Tens
     return (argmax == index) & (index != call.ignore_index)
 
 
+# torch.nn.functional.nll_loss's signature parameter for parameter (as cross_entropy above mirrors torch's): a
+# drop-in replacement keeps torch's parameters even where they repeat.
 def nll_loss(
     input: Tensor,
     target: Tensor,

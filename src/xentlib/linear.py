@@ -241,6 +241,7 @@ def _sweep(lp: sem.LinearProblem, weight, bias, plan: _Plan, grads, want_stats: 
     return out
 
 
+# The parameters are the op's schema (custom_op reads the annotations), hence listed in full, as in backends/ops.py.
 @torch.library.custom_op("xentlib::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(
     input: Tensor,
@@ -390,42 +391,7 @@ def _tiled_linear_cross_entropy(input, weight, bias, lp, return_stats, chunk_siz
 
     tiled.check_supported(lp.rows, want_stats=return_stats)
     with torch.autocast(input.device.type, enabled=False):
-        return TiledLinearCrossEntropyFunction.apply(input, weight, bias, lp)
-
-
-def _gathered_rows(lp: sem.LinearProblem) -> Tensor:
-    """The (N, D) input rows the loss rows read: the flat input, or with shift=True a copy of its rows."""
-    return lp.flat_input if lp.input_rows is None else lp.flat_input.index_select(0, lp.input_rows)
-
-
-class TiledLinearCrossEntropyFunction(torch.autograd.Function):
-    """Loss and per-row lse in forward (no logits kept); the backward recomputes the logits tile by tile."""
-
-    @staticmethod
-    def forward(ctx, input, weight, bias, lp):
-        from xentlib.backends.triton import tiled
-
-        row_loss, lse = tiled.tiled_forward(_gathered_rows(lp), weight, bias, lp.rows)
-        ctx.lp = lp
-        ctx.save_for_backward(input, weight, bias, lse)
-        return reduce_rows(lp.rows, row_loss).to(lp.rows.output_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        from xentlib.backends.triton import tiled
-
-        if torch.is_grad_enabled():
-            raise NotImplementedError("backend='triton-tiled' has no double backward: use backend='torch'")
-        input, weight, bias, lse = ctx.saved_tensors
-        lp = ctx.lp
-        row_scale = grad_loss.reshape(-1) if lp.rows.reduction == "none" else grad_loss
-        needs = tuple(ctx.needs_input_grad[:3])
-        grad_x, grad_w, grad_b = tiled.tiled_backward(_gathered_rows(lp), weight, bias, lp.rows, lse, row_scale, needs)
-        if grad_x is not None and lp.input_rows is not None:  # shift=True: back to the rows they were read from
-            grad_x = torch.zeros_like(lp.flat_input).index_copy_(0, lp.input_rows, grad_x)
-        if grad_x is not None:
-            grad_x = grad_x.view(input.shape)
-        return grad_x, grad_w, grad_b, None
+        return tiled.TiledLinearCrossEntropyFunction.apply(input, weight, bias, lp)
 
 
 def _scale(grad: Tensor, grad_loss: Tensor) -> Tensor:
@@ -590,8 +556,7 @@ def _composite_linear_cross_entropy(lp: sem.LinearProblem, weight: Tensor, bias:
     from xentlib.functional import _composite_cross_entropy
 
     call = lp.rows
-    rows = lp.flat_input if lp.input_rows is None else lp.flat_input.index_select(0, lp.input_rows)
-    logits = torch.nn.functional.linear(rows, weight, bias)
+    logits = torch.nn.functional.linear(lp.gathered_input(), weight, bias)
     loss, stats = _composite_cross_entropy(dataclasses.replace(call, logits=sem.as_rows(logits)), return_stats)
     if not return_stats:
         return loss

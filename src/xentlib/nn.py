@@ -50,6 +50,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.backend, self.chunk_size, self.inplace_backward = backend, chunk_size, inplace_backward
 
     def forward(self, input: Tensor, target: Tensor, *, normalizer=None) -> Tensor:
+        # the settings by keyword, as torch's modules call their functional forms (LinearCrossEntropyLoss alike)
         return F.cross_entropy(
             input,
             target,
@@ -163,6 +164,7 @@ class LinearCrossEntropyLoss(_LinearCrossEntropyBase):
     ) -> None:
         if tuple(out_features) != ():
             raise NotImplementedError("xentlib's LinearCrossEntropyLoss supports out_features=() only")
+        # torch's own parameters by keyword to torch's module (xentlib's extensions are kept below)
         super().__init__(
             in_features,
             num_classes,

@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
-from xentlib.backends.composite import refuse_transforms, scale_by_grad_output_
+from xentlib.backends.composite import scale_by_grad_output_
 from xentlib.linear import _autocast_operands, accumulate_chunk_grads_
-from xentlib.rl import _LinearChunks, _Rows, _sub, _targets, log_probs
+from xentlib.rl import _LinearChunks, _Rows, _sub, _targets, checked_log_probs_call, log_probs
 
 __all__ = ["linear_policy_loss", "policy_loss"]
 
@@ -120,8 +120,7 @@ def policy_loss(
         the loss, a float32 (float64) 0-d tensor differentiable wrt the logits; or (loss, log_probs, entropy).
         The advantages, old and reference log-probabilities and weights are constants: no gradient reaches them.
     """
-    refuse_transforms("policy_loss", logits)
-    temperature, ignore_index, softcap = sem.check_log_probs_call(
+    temperature, ignore_index, softcap = checked_log_probs_call(
         "policy_loss", logits, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap
     )
     call = sem.check_policy_call(
@@ -275,6 +274,8 @@ def _policy_backward(ctx, grad_loss, *_stats_and_grads):
 linear_policy_loss_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
 
 
+# The keyword options repeat `policy_loss`'s: each public function spells out its signature in full (as torch's
+# do), so that help() and type checkers see every parameter.
 def linear_policy_loss(
     input: Tensor,
     weight: Tensor,
@@ -321,8 +322,7 @@ def linear_policy_loss(
         >>> torch.allclose(loss, ref, atol=1e-6)
         True
     """
-    refuse_transforms("linear_policy_loss", input, weight, bias)
-    temperature, ignore_index, softcap = sem.check_log_probs_call(
+    temperature, ignore_index, softcap = checked_log_probs_call(
         "linear_policy_loss", input, target, weight, bias,
         temperature=temperature, ignore_index=ignore_index, softcap=softcap,
     )  # fmt: skip

@@ -159,6 +159,16 @@ class _Rows:
             out.copy_(grad)
 
 
+def checked_log_probs_call(fn: str, input, target, weight=None, bias=None, *, temperature, ignore_index, softcap):
+    """The first steps of log_probs, linear_log_probs and the policy losses: refuse the torch.func transforms
+    (these ops have no rule for them yet), then `sem.check_log_probs_call`; returns (temperature, ignore_index,
+    softcap) canonical."""
+    refuse_transforms(fn, input, weight, bias)
+    return sem.check_log_probs_call(
+        fn, input, target, weight, bias, temperature=temperature, ignore_index=ignore_index, softcap=softcap
+    )
+
+
 def _targets(target: Tensor, ignore_index: int, vocab: int):
     """(safe class indices, valid mask): the bounds check reads the data inside the op (IndexError on CPU)."""
     valid = target != ignore_index
@@ -213,6 +223,7 @@ def _fake_rows(like: Tensor, with_entropy: bool):
     return out, like.new_empty((like.shape[0] if with_entropy else 0,), dtype=acc), torch.empty_like(out)
 
 
+# Each op's annotated parameters are its schema (torch.library.custom_op reads them): listed in full in every op.
 @torch.library.custom_op("xentlib::log_probs_backward", mutates_args=())
 def log_probs_backward_op(
     logits: Tensor,
@@ -306,8 +317,7 @@ def log_probs(
         >>> [round(v, 4) for v in logp.tolist()], [round(v, 4) for v in entropy.tolist()]
         ([-0.2395, 0.0], [0.6656, 0.0])
     """
-    refuse_transforms("log_probs", logits)
-    temperature, ignore_index, softcap = sem.check_log_probs_call(
+    temperature, ignore_index, softcap = checked_log_probs_call(
         "log_probs", logits, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap
     )
     vocab = logits.shape[-1]
@@ -530,8 +540,7 @@ def linear_log_probs(
         >>> torch.allclose(linear_log_probs(x, w, t), ref, atol=1e-6)
         True
     """
-    refuse_transforms("linear_log_probs", input, weight, bias)
-    temperature, ignore_index, softcap = sem.check_log_probs_call(
+    temperature, ignore_index, softcap = checked_log_probs_call(
         "linear_log_probs", input, target, weight, bias,
         temperature=temperature, ignore_index=ignore_index, softcap=softcap,
     )  # fmt: skip

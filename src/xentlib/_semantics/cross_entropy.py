@@ -261,6 +261,8 @@ def problem_tensors(
         target_rows = safe_index
         count = target_weight.sum()
     denominator = _denominator(reduction, count, normalizer, acc, logits.device)
+    # every field by name (like the keyword calls of nn.py and the transformers integration, sharing no logic with
+    # them): many are tensors or floats that a positional slip would swap silently
     return CrossEntropyProblem(
         logits=logits,
         kind="prob" if prob else "index",

@@ -31,6 +31,10 @@ class LinearProblem:
     flat_input: Tensor  # (M, D) view of the input
     input_rows: Tensor | None  # (N,) int64 row ids into flat_input, or None for the identity (N == M)
 
+    def gathered_input(self) -> Tensor:
+        """The (N, D) input rows the loss rows read: the flat input, or with shift=True a copy of its rows."""
+        return self.flat_input if self.input_rows is None else self.flat_input.index_select(0, self.input_rows)
+
 
 def logits_placeholder(rows: int, vocab: int, like: Tensor) -> Tensor:
     """A (rows, vocab) tensor of `like`'s dtype and device that holds no memory: the shape of logits that are

@@ -53,6 +53,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -306,15 +307,11 @@ def log_probs_rows(
     writes each row's log s there, and a backward given it skips recomputing s. Callers check `log_probs_covers`
     first."""
     rows, classes = logits.shape
-    threads, scratch, scratch_row_stride = _threads_and_scratch(rows, classes)
+    work = _work(rows, classes)
     log_prob, lse, entropy = out if out is not None else (None, None, None)
     g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
     call = LogProbsArguments(
-        logits=logits.data_ptr(),
-        logits_row_stride=logits.stride(0),
-        dtype=DTYPES[logits.dtype],
-        rows=rows,
-        classes=classes,
+        **_logits_fields(logits),
         target=target.data_ptr(),
         valid=valid.data_ptr(),
         temperature=temperature,
@@ -324,11 +321,7 @@ def log_probs_rows(
         entropy=_pointer(entropy if grad is None else saved_entropy),
         grad_log_prob=_pointer(g),
         grad_entropy=_pointer(h),
-        grad=_pointer(grad),
-        grad_row_stride=0 if grad is None else grad.stride(0),
-        scratch=scratch.data_ptr(),
-        scratch_row_stride=scratch_row_stride,
-        threads=threads,
+        **work.fields(grad),
     )
     _run(_state["log_probs"], call, grad)
 
@@ -346,7 +339,7 @@ def distillation_rows(
     `loss` (float32 (R,)) receives each row's divergence, `grad` (like the student, may be it) the student's
     gradient times `scale` (float32 (R,), or None for 1). Callers check `supports_distillation` first."""
     rows, classes = student.shape
-    threads, scratch, scratch_row_stride = _threads_and_scratch(rows, classes, scratch_rows=2)
+    work = _work(rows, classes, scratch_rows=2)
     call = DistillationArguments(
         student=student.data_ptr(),
         student_row_stride=student.stride(0),
@@ -360,11 +353,7 @@ def distillation_rows(
         temperature=temperature,
         scale=_pointer(scale),
         loss=loss.data_ptr(),
-        grad=_pointer(grad),
-        grad_row_stride=0 if grad is None else grad.stride(0),
-        scratch=scratch.data_ptr(),
-        scratch_row_stride=scratch_row_stride,
-        threads=threads,
+        **work.fields(grad),
     )
     _run(_state["distillation"], call, grad)
 
@@ -422,13 +411,45 @@ def supports(problem: CrossEntropyProblem, grad_out: torch.Tensor | None) -> boo
     return rows_ok and grad_ok and probs_ok and supports_call(x.device, x.dtype, problem)
 
 
-def _threads_and_scratch(rows: int, classes: int, scratch_rows: int = 1) -> tuple[int, torch.Tensor, int]:
-    """(threads, scratch, floats between two threads' scratch): one thread below PARALLEL_MIN_ELEMENTS logits,
-    else the torch threads (at most one per row); each thread's `scratch_rows` rows of classes padded to whole
-    vectors. The buffer names the CPU: under a `torch.device(...)` context a factory would allocate elsewhere."""
+def _logits_fields(logits: torch.Tensor) -> dict:
+    """The fields every cross-entropy and log-probability argument structure starts with: (R, C, ...) logits with
+    contiguous classes, by address, row stride, dtype and shape."""
+    rows, classes = logits.shape[:2]
+    return dict(
+        logits=logits.data_ptr(),
+        logits_row_stride=logits.stride(0),
+        dtype=DTYPES[logits.dtype],
+        rows=rows,
+        classes=classes,
+    )
+
+
+class _Work(NamedTuple):
+    """The threads of one kernel call and their scratch buffer, held here until the call returns (the argument
+    structure keeps only its address)."""
+
+    threads: int
+    scratch: torch.Tensor
+    scratch_row_stride: int  # floats between two threads' scratch
+
+    def fields(self, grad: torch.Tensor | None) -> dict:
+        """The fields every entry point's argument structure ends with: the gradient buffer, then the work."""
+        return dict(
+            grad=_pointer(grad),
+            grad_row_stride=0 if grad is None else grad.stride(0),
+            scratch=self.scratch.data_ptr(),
+            scratch_row_stride=self.scratch_row_stride,
+            threads=self.threads,
+        )
+
+
+def _work(rows: int, classes: int, scratch_rows: int = 1) -> _Work:
+    """One thread below PARALLEL_MIN_ELEMENTS logits, else the torch threads (at most one per row); each thread's
+    `scratch_rows` rows of classes padded to whole vectors. The buffer names the CPU: under a `torch.device(...)`
+    context a factory would allocate elsewhere."""
     threads = 1 if rows * classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
     stride = scratch_rows * (-(-classes // LANES) * LANES)
-    return threads, torch.empty(threads, stride, dtype=torch.float32, device="cpu"), stride
+    return _Work(threads, torch.empty(threads, stride, dtype=torch.float32, device="cpu"), stride)
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
@@ -448,13 +469,9 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
     probs = None if index else problem.target
     valid = contiguous(problem.valid)
     weight = contiguous(problem.class_weight)
-    threads, scratch, scratch_row_stride = _threads_and_scratch(batch, classes)
+    work = _work(batch, classes)
     call = arguments(
-        logits=x.data_ptr(),
-        logits_row_stride=x.stride(0),
-        dtype=DTYPES[x.dtype],
-        rows=batch,
-        classes=classes,
+        **_logits_fields(x),
         target=_pointer(target),
         target_weight=_pointer(target_weight),
         valid=valid.data_ptr(),
@@ -470,11 +487,7 @@ def fill_rows(problem: CrossEntropyProblem, grad_out: torch.Tensor | None, resul
         lse=_pointer(result.lse),
         argmax=_pointer(result.argmax),
         entropy=_pointer(result.entropy),
-        grad=_pointer(grad_out),
-        grad_row_stride=0 if grad_out is None else grad_out.stride(0),
-        scratch=scratch.data_ptr(),
-        scratch_row_stride=scratch_row_stride,
-        threads=threads,
+        **work.fields(grad_out),
     )
     _run(fn, call, grad_out)
 

@@ -35,6 +35,8 @@ def rows_for(problem, backend: str, chunk_size: int):
     return rows_function(name, None if chunk_size <= 0 else chunk_size)
 
 
+# torch.library.custom_op reads the op's schema from these annotated parameters, so they are listed in full here
+# and in the other ops (linear.py's shares the options): a shared signature cannot be written.
 def cross_entropy_impl(
     logits: Tensor,
     target: Tensor,

@@ -36,6 +36,7 @@ MODES = ("unpatched", "patched")
 MIB = 1024 * 1024
 
 
+# argparse declarations, one per option: alike in shape to the CLI's (cli/train.py), sharing no logic.
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run (default 100)")

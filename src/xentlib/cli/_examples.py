@@ -45,6 +45,7 @@ class Mistake:
 
 TEXTBOOK_LOGITS = [[0.0541, 0.1762, 0.9489], [-0.0288, -0.8072, 0.4909]]
 
+# One entry per example, each field by name: the entries look alike by design (data, not code to share).
 WORKED = (
     Worked(
         name="textbook",

@@ -34,6 +34,7 @@ EPILOG = """examples:
   xentlib train --drop-labels 0.3                 (30% of training labels set to ignore_index)"""
 
 
+# argparse declarations, one per option (the common part is add_command_parser): alike in shape to explain's.
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command_parser(
         subparsers,

@@ -41,6 +41,7 @@ FN = "vocab_parallel_linear_cross_entropy"
 CHUNK_ELEMENTS = 1 << 22
 
 
+# The options repeat `vocab_parallel_cross_entropy`'s (and so torch's cross_entropy's): public keyword signatures.
 def vocab_parallel_linear_cross_entropy(
     input: Tensor,
     weight_shard: Tensor,

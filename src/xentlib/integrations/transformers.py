@@ -155,6 +155,7 @@ def linear_causal_lm_loss(
     device_type = rows.device.type
     rows, weight, bias = _autocast_operands(device_type, rows, weight, bias)
     with torch.autocast(device_type, enabled=False):
+        # by keyword, under the public API's names (nn.LinearCrossEntropyLoss passes its settings alike)
         loss = functional.linear_cross_entropy(
             rows,
             weight,

@@ -231,6 +231,9 @@ def _divisor(pb: CrossEntropySteps, reduction: str, normalizer):
     return pb.mean_denominator if reduction == "mean" else 1.0
 
 
+# cross_entropy, cross_entropy_backward and cross_entropy_stats each spell out the same parameters on purpose:
+# torch's `F.cross_entropy` signature and xentlib's extensions, so that the tests pass the reference exactly the
+# arguments of the function it checks (tests/reference/test_cross_entropy.py).
 def cross_entropy(
     input,
     target,

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from xentlib.reference._common import as_float64
+from xentlib.reference._common import as_float64, linear_grads, linear_logits
 from xentlib.reference.cross_entropy import cross_entropy, cross_entropy_backward
 
 
@@ -31,22 +31,22 @@ class LinearCrossEntropyGrads(NamedTuple):
 
 
 def _logits(input, weight, bias, target):
-    """(x, W, z in row layout, target in row layout, leading shape) with z = x W^T + b."""
+    """(x, z in row layout, target in row layout, leading shape) with z = x W^T + b."""
     x, w = as_float64(input), as_float64(weight)
     if x.ndim == 0 or w.ndim != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"input (..., D) and weight (V, D) do not match: {x.shape} and {w.shape}")
-    z = x @ w.T  # z[..., v] = sum_d x[..., d] W[v, d]
-    if bias is not None:
-        z = z + as_float64(bias)  # + b[v]
+    z = linear_logits(x, w, bias)  # z[..., v] = sum_d x[..., d] W[v, d] + b[v]
     t = np.asarray(target)
     if x.ndim == 1:  # one sample: z (V,) with target () or probabilities (V,)
-        return x, w, z, t, ()
+        return x, z, t, ()
     lead = x.shape[:-1]
     vocab = w.shape[0]
     t_rows = t.reshape(-1, vocab) if t.shape == z.shape else t.reshape(-1)
-    return x, w, z.reshape(-1, vocab), t_rows, lead
+    return x, z.reshape(-1, vocab), t_rows, lead
 
 
+# Both signatures spell out `xentlib.linear_cross_entropy`'s options (and so repeat `cross_entropy`'s): the tests
+# call the reference with the arguments of the fast function (tests/test_linear.py, `check_linear`).
 def linear_cross_entropy(
     input,
     weight,
@@ -62,7 +62,7 @@ def linear_cross_entropy(
     normalizer=None,
 ):
     """Cross-entropy of x W^T + b (classes on the last dimension); options as in `cross_entropy`."""
-    _, _, z, t, lead = _logits(input, weight, bias, target)
+    _, z, t, lead = _logits(input, weight, bias, target)
     loss = cross_entropy(
         z, t, class_weight, ignore_index, reduction, label_smoothing,
         z_loss=z_loss, softcap=softcap, normalizer=normalizer,
@@ -86,7 +86,7 @@ def linear_cross_entropy_backward(
     normalizer=None,
 ) -> LinearCrossEntropyGrads:
     """Gradients of `linear_cross_entropy(...)` given dL/d(output) = grad_output (same arguments)."""
-    x, w, z, t, lead = _logits(input, weight, bias, target)
+    x, z, t, lead = _logits(input, weight, bias, target)
     g = as_float64(grad_output)
     if reduction == "none" and x.ndim > 1:
         g = g.reshape(-1)  # per-row gradient in row layout
@@ -94,10 +94,7 @@ def linear_cross_entropy_backward(
         g, z, t, class_weight, ignore_index, reduction, label_smoothing,
         z_loss=z_loss, softcap=softcap, normalizer=normalizer,
     )  # fmt: skip
-    g_z = grads.input.reshape(-1, w.shape[0])  # G = dL/dz, (rows, V)
-    x_rows = x.reshape(-1, w.shape[1])  # (rows, D)
-    grad_input = (g_z @ w).reshape(x.shape)  # dL/dx = G W
-    grad_weight = g_z.T @ x_rows  # dL/dW = G^T x
-    grad_bias = None if bias is None else g_z.sum(axis=0)  # dL/db = sum over rows of G
+    # G = dL/dz: dL/dx = G W, dL/dW = G^T x, dL/db = sum over rows of G
+    grad_input, grad_weight, grad_bias = linear_grads(grads.input, x, weight, bias is not None)
     grad_target = None if grads.target is None else grads.target.reshape(np.shape(target))
     return LinearCrossEntropyGrads(grad_input, grad_weight, grad_bias, grad_target, grads.weight)

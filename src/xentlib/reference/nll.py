@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+# the helpers cross_entropy.py imports too: nll_loss is its case without a softmax (`nll_loss_steps`)
 from xentlib.reference._common import (
     as_float64,
     check_reduction,

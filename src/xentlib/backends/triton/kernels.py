@@ -221,6 +221,8 @@ def prob_target_rows_kernel(
             tl.store(grad_row + offs.to(tl.int64) * stride_gc, round_to(dx, grad_ptr.dtype.element_ty), mask=mask)
 
 
+# Its parameters repeat index_target_rows_kernel's: a @triton.jit kernel takes every pointer and stride as its own
+# argument (no struct, no helper call can carry them). Pinned by tests/backends/test_triton.py.
 @triton.jit
 def index_target_tile_kernel(
     logits_ptr, stride_lb, stride_lc, stride_ls,

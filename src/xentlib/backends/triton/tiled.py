@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from xentlib.backends.composite import reduce_rows
 from xentlib.backends.triton import linear_kernels, require, supports_problem
 from xentlib.backends.triton.ops import extension_scalars, index_target_operands
 
@@ -124,3 +125,30 @@ def tiled_backward(x, weight, bias, problem, lse: torch.Tensor, row_scale: torch
         None if grad_w is None else grad_w.to(weight.dtype),
         None if grad_b is None else grad_b.to(bias.dtype),
     )
+
+
+class TiledLinearCrossEntropyFunction(torch.autograd.Function):
+    """linear_cross_entropy's autograd function for backend="triton-tiled" (linear.py, `_tiled_linear_cross_entropy`):
+    loss and per-row lse in forward (no logits kept); the backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, lp):
+        row_loss, lse = tiled_forward(lp.gathered_input(), weight, bias, lp.rows)
+        ctx.lp = lp
+        ctx.save_for_backward(input, weight, bias, lse)
+        return reduce_rows(lp.rows, row_loss).to(lp.rows.output_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise NotImplementedError("backend='triton-tiled' has no double backward: use backend='torch'")
+        input, weight, bias, lse = ctx.saved_tensors
+        lp = ctx.lp
+        row_scale = grad_loss.reshape(-1) if lp.rows.reduction == "none" else grad_loss
+        needs = tuple(ctx.needs_input_grad[:3])
+        grad_x, grad_w, grad_b = tiled_backward(lp.gathered_input(), weight, bias, lp.rows, lse, row_scale, needs)
+        if grad_x is not None and lp.input_rows is not None:  # shift=True: back to the rows they were read from
+            grad_x = torch.zeros_like(lp.flat_input).index_copy_(0, lp.input_rows, grad_x)
+        if grad_x is not None:
+            grad_x = grad_x.view(input.shape)
+        return grad_x, grad_w, grad_b, None

@@ -46,6 +46,7 @@ EPILOG = """examples:
   xentlib explain --example distillation         (GKD's divergence of a student from a teacher)"""
 
 
+# argparse declarations, one per option (the common part is add_command_parser): alike in shape to train's.
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command_parser(
         subparsers,
