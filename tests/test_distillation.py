@@ -459,18 +459,20 @@ def test_opcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.3, 3.0])
-def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, beta, temperature):
+@pytest.mark.parametrize("scale", [3.0, 15.0])
+def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, beta, temperature, scale):
     """float32/bfloat16 CPU rows run the compiled kernel unless it is off; both paths against the float64
     reference, with classes masked to -inf in both models (0 log 0 = 0: a finite divergence, zero gradient
     there), a vocabulary that is not a multiple of the kernel's vector width, and rows over its threading
-    threshold."""
+    threshold. At scale 15 many probabilities underflow while their logarithms stay finite (the kernel's mixture
+    log-probability takes its exact path there)."""
     from xentlib.backends import cpu_kernel
 
     if path == "torch ops":
         monkeypatch.setitem(cpu_kernel._state, "fn", None)
     elif not cpu_kernel.status()[0]:
         pytest.skip(cpu_kernel.status()[1])
-    student, teacher, target = make((300,), 251, dtype=dtype, seed=25, scale=3.0)
+    student, teacher, target = make((300,), 251, dtype=dtype, seed=25, scale=scale)
     student[:, :7], teacher[:, :7] = float("-inf"), float("-inf")
     loss, grad = ours(student, teacher, target, beta=beta, temperature=temperature, reduction="none")
     assert cpu_kernel.supports_distillation(student, teacher, None) == (path == "kernel")
@@ -480,7 +482,8 @@ def test_both_cpu_paths_match_the_reference(monkeypatch, path, dtype, beta, temp
     want_grad = ref.distillation_backward(np.ones(300), student.double().numpy(), teacher.double().numpy(),
                                           beta=beta, temperature=temperature, reduction="none")  # fmt: skip
     assert np.isfinite(rows).all()
-    tol = dict(rtol=1e-4, atol=5e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-4)  # u = z / 0.3: ~40
+    # absolute float32 errors grow with the logits (u = z / 0.3 reaches ~40 at scale 3, ~200 at scale 15)
+    tol = dict(rtol=1e-4, atol=5e-5 * scale / 3) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-4 * scale / 3)
     np.testing.assert_allclose(loss.double().numpy(), np.where(keep, rows, 0.0), **tol)
     np.testing.assert_allclose(grad.double().numpy(), np.where(keep[:, None], want_grad, 0.0), **tol)
     assert (grad[:, :7] == 0).all()

@@ -29,6 +29,14 @@ A = "tests/test_accuracy.py"
 T = "tests/backends/test_triton.py"
 
 MUTANTS: list[Mutant] = [
+    Mutant(
+        "c-distillation-mixture-ratio-halved",
+        "backends/cpu_post_training.c",
+        "vf ratio = blend(big > (vf){}, small / big, (vf){});",
+        "vf ratio = blend(big > (vf){}, small / big * 0.5f, (vf){});",
+        ["tests/test_distillation.py", "-k", "both_cpu and kernel"],
+        "log m's exact path (lanes where the mixture underflows) with the smaller term's ratio halved",
+    ),
     # ---------------------------------------------------------------- the traced Triton op
     Mutant(
         "traced-op-always-opaque",

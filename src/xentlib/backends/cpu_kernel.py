@@ -339,7 +339,7 @@ def distillation_rows(
     `loss` (float32 (R,)) receives each row's divergence, `grad` (like the student, may be it) the student's
     gradient times `scale` (float32 (R,), or None for 1). Callers check `supports_distillation` first."""
     rows, classes = student.shape
-    work = _work(rows, classes, scratch_rows=2)
+    work = _work(rows, classes, scratch_rows=4)  # each model's u and exponentials
     call = DistillationArguments(
         student=student.data_ptr(),
         student_row_stride=student.stride(0),

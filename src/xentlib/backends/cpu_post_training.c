@@ -2,6 +2,8 @@
  * each a sweep per row over float32/bfloat16 rows (the toolkit in cpu_rows.h; built and bound with cpu_rows.c by
  * cpu_kernel.py). Like cpu_rows.c, a copy on purpose of maths that exists as torch ops (rl.py, distill.py), for one
  * sweep per row; tests/test_log_probs.py and tests/test_distillation.py hold both to the float64 reference. */
+#include <float.h>
+
 #include "cpu_rows.h"
 
 /* Per-token log-probabilities and entropy (xentlib.log_probs, rl.py; derivation in docs/numerics.md) of rows
@@ -75,7 +77,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
         if (backward) {
-            float log_s = a->log_sum ? a->log_sum[r] : logf(exp_sum(scratch, classes, m));
+            float log_s = a->log_sum ? a->log_sum[r] : logf(exp_sum(scratch, NULL, classes, m));
             float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
             float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
             write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t);
@@ -107,9 +109,12 @@ void xent_log_probs(const struct xent_log_probs *a) {
  *                  r = log p - log m,  log m = logaddexp(log q + log beta, log p + log(1 - beta))
  * with log p = (u_s - m_s) - log s_s (and log q alike), never u - lse. A term whose probability is 0 is 0 (not
  * 0 * inf). `loss` receives D per row; with `grad` (which may be the student's logits: a row is read into scratch
- * first) the gradient times `scale[r]` (1 when NULL). Two scratch rows per thread (student, teacher), each of
- * classes rounded up to LANES floats: `scratch_row_stride` is twice that. A row whose max is not finite (either
- * model's) gives NaN loss and gradient, as torch's log_softmax gives. */
+ * first) the gradient times `scale[r]` (1 when NULL). Four scratch rows per thread (each model's u = z / T and
+ * its exponentials), each of classes rounded up to LANES floats: `scratch_row_stride` is four times that. A row
+ * whose max is not finite (either model's) gives NaN loss and gradient, as torch's log_softmax gives.
+ * Exponentials: one per element and model (e = exp(u - m), kept), so p = e / s and q alike; log m is the larger
+ * of log(beta q) and log((1 - beta) p) plus log1p of the smaller over the larger, a ratio of probabilities (not
+ * an exp of a difference of logs). */
 #define XENT_DISTILLATION(X)                                                                                      \
     X(const void *, student, ptr) X(int64_t, student_row_stride, i64) X(int, student_dtype, i32)                  \
     X(const void *, teacher, ptr) X(int64_t, teacher_row_stride, i64) X(int, teacher_dtype, i32)                  \
@@ -119,29 +124,48 @@ void xent_log_probs(const struct xent_log_probs *a) {
 
 XENT_DECLARE(xent_distillation, XENT_DISTILLATION)
 
-/* Pass over a row's classes: the KL sums, and the scratch rows become p (student) and, for the gradient, q
- * (beta = 0) or r = log p - log m. */
-static void distillation_sums(float *s_row, float *t_row, int64_t classes, float ms, float log_ss, float mt,
-                              float log_st, float beta, float *kl_p, float *kl_q) {
+/* log m for m = x + y, x = beta q and y = (1 - beta) p (both >= 0): log(m) where every lane of m is a normal
+ * float, as it is unless a distribution is extremely peaked; else the larger of log x and log y plus log1p of the
+ * smaller over the larger (exact where m underflows but the logs do not; -inf where p = q = 0). */
+static inline vf log_mixture(vf log_p, vf log_q, vf y, vf x, float log_keep, float log_beta) {
+    vf m = x + y;
+    vi normal = m >= splat(FLT_MIN);
+    uint64_t words[sizeof normal / 8], all = ~(uint64_t)0;
+    memcpy(words, &normal, sizeof normal);
+    for (size_t w = 0; w < sizeof normal / 8; w++) all &= words[w];
+    if (all == ~(uint64_t)0) return log_normal(m);
+    vf a = log_q + splat(log_beta), b = log_p + splat(log_keep); /* log x, log y */
+    vi a_high = a > b;
+    vf high = blend(a_high, a, b), big = blend(a_high, x, y), small = blend(a_high, y, x);
+    vi nothing = high == splat(-INFINITY); /* p = q = 0 here: its terms are 0 */
+    vf ratio = blend(big > (vf){}, small / big, (vf){}); /* exp(low - high), 0 where both underflow */
+    return blend(nothing, high, high + log1p_unit(ratio));
+}
+
+/* Pass over a row's classes, from u and e = exp(u - m) of each model: the KL sums, and the scratch rows s_row and
+ * t_row become p (student) and, for the gradient, q (beta = 0) or r = log p - log m. */
+static void distillation_sums(float *s_row, float *t_row, const float *s_exp, const float *t_exp, int64_t classes,
+                              float ms, float ss, float mt, float st, float beta, float *kl_p, float *kl_q) {
     vf sum_p = (vf){}, sum_q = (vf){};
     const vf zero = (vf){};
-    float log_keep = beta > 0.0f && beta < 1.0f ? log1pf(-beta) : 0.0f, log_beta = beta > 0.0f ? logf(beta) : 0.0f;
+    float log_ss = logf(ss), log_st = logf(st), inv_ss = 1.0f / ss, inv_st = 1.0f / st;
+    float keep = 1.0f - beta, log_keep = beta > 0.0f && beta < 1.0f ? log1pf(-beta) : 0.0f;
+    float log_beta = beta > 0.0f ? logf(beta) : 0.0f;
     for (int64_t c = 0; c < classes; c += LANES) {
-        vf us, ut;
+        vf us, ut, es, et;
         memcpy(&us, s_row + c, sizeof us);
         memcpy(&ut, t_row + c, sizeof ut);
+        memcpy(&es, s_exp + c, sizeof es);
+        memcpy(&et, t_exp + c, sizeof et);
         vf log_p = (us - splat(ms)) - splat(log_ss), log_q = (ut - splat(mt)) - splat(log_st);
-        vf p = exp_nonpositive(log_p), q = exp_nonpositive(log_q), second;
+        vf p = es * splat(inv_ss), q = et * splat(inv_st), second;
         if (beta == 0.0f) { /* KL(q || p) */
             sum_q += blend(q > zero, q * (log_q - log_p), zero);
             second = q;
         } else {
             vf log_m = log_q; /* beta = 1: m = q */
             if (beta < 1.0f) {
-                vf a = log_q + splat(log_beta), b = log_p + splat(log_keep);
-                vf high = blend(a > b, a, b), low = blend(a > b, b, a);
-                vi nothing = high == splat(-INFINITY); /* p = q = 0 here: its terms are 0 below */
-                log_m = blend(nothing, high, high + log1p_unit(exp_nonpositive(blend(nothing, zero, low - high))));
+                log_m = log_mixture(log_p, log_q, p * splat(keep), q * splat(beta), log_keep, log_beta);
                 sum_q += blend(q > zero, q * (log_q - log_m), zero);
             }
             second = log_p - log_m;
@@ -166,7 +190,8 @@ static inline vf distillation_gradient_lanes(const float *s_row, const float *t_
 static void distillation_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
     const struct xent_distillation *a = arguments;
     int64_t classes = a->classes, padded = (classes + LANES - 1) / LANES * LANES;
-    float *s_row = scratch, *t_row = scratch + padded, beta = a->beta, temperature = a->temperature;
+    float *s_row = scratch, *t_row = scratch + padded, *s_exp = t_row + padded, *t_exp = s_exp + padded;
+    float beta = a->beta, temperature = a->temperature;
     size_t s_elem = a->student_dtype == XENT_FLOAT32 ? 4 : 2, t_elem = a->teacher_dtype == XENT_FLOAT32 ? 4 : 2;
     for (int64_t r = first; r < last; r++) {
         const void *zs = (const char *)a->student + (size_t)(r * a->student_row_stride) * s_elem;
@@ -181,9 +206,9 @@ static void distillation_range(const void *arguments, int64_t first, int64_t las
         }
         divide_row(s_row, classes, temperature);
         divide_row(t_row, classes, temperature);
-        float log_ss = logf(exp_sum(s_row, classes, ms)), log_st = logf(exp_sum(t_row, classes, mt));
+        float ss = exp_sum(s_row, s_exp, classes, ms), st = exp_sum(t_row, t_exp, classes, mt);
         float kl_p, kl_q;
-        distillation_sums(s_row, t_row, classes, ms, log_ss, mt, log_st, beta, &kl_p, &kl_q);
+        distillation_sums(s_row, t_row, s_exp, t_exp, classes, ms, ss, mt, st, beta, &kl_p, &kl_q);
         int general = beta > 0.0f && beta < 1.0f;
         a->loss[r] = beta == 0.0f ? kl_q : general ? beta * kl_q + (1.0f - beta) * kl_p : kl_p;
         if (!grad_row) continue;

@@ -209,13 +209,16 @@ static inline void divide_row(float *scratch, int64_t classes, float temperature
     }
 }
 
-/* sum_v exp(u_v - m), scratch (u) left as it is */
-static inline float exp_sum(const float *scratch, int64_t classes, float m) {
+/* sum_v exp(u_v - m) over scratch (u, left as it is); with `e` (not NULL), each exponential also written there (0
+ * in the padding) */
+static inline float exp_sum(const float *scratch, float *e, int64_t classes, float m) {
     vf sum = (vf){};
     for (int64_t c = 0; c < classes; c += LANES) {
         vf u;
         memcpy(&u, scratch + c, sizeof u);
-        sum += exp_nonpositive(u - splat(m));
+        vf value = exp_nonpositive(u - splat(m));
+        if (e) memcpy(e + c, &value, sizeof value);
+        sum += value;
     }
     return horizontal_sum(sum);
 }
