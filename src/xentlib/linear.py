@@ -26,7 +26,7 @@ from torch import Tensor
 from xentlib import _semantics as sem
 from xentlib.backends import composite
 from xentlib.backends.composite import CrossEntropyStats, as_leaf, composite_rows, reduce_rows
-from xentlib.backends.dispatch import BACKENDS, rows_function, select_backend
+from xentlib.backends.dispatch import BACKENDS, chunk_policy, rows_function, select_backend
 
 # The most memory one chunk of logits may take. Past ~2048 rows a larger chunk makes its matmuls little faster
 # per row (measured on CPU at D=1024, V=32000 fp32: 1024 rows cost up to 5% more per row than 2048), so for large N
@@ -67,8 +67,9 @@ class _Sweep:
 @dataclass(frozen=True)
 class _Plan:
     """How the sweep runs: the backend's row function, rows per chunk, and the dtype the weight gradient is
-    accumulated in (float32 on the Triton path, whose GPUs have memory for it; the weight's own dtype on the
-    PyTorch path, where a float32 copy of V x D would cost more than the chunk: docs/numerics.md section 9)."""
+    accumulated in, as the backend's `ChunkPolicy` says (float32 on the Triton path, whose GPUs have memory for it;
+    the weight's own dtype on CPU, where a float32 copy of V x D would cost more than the chunk: docs/numerics.md
+    section 9)."""
 
     rows_fn: object
     chunk: int
@@ -320,14 +321,13 @@ def _(input, weight, bias, target, class_weight, normalizer, input_rows, row_sca
 def _plan(input: Tensor, weight: Tensor, problem, backend: str, chunk_size: int) -> _Plan:
     """The backend's row function, the rows per chunk and the weight gradient's accumulation dtype."""
     name, _ = select_backend(input.device, backend, problem, rows_contiguous=True)  # chunks are made contiguous
+    policy = chunk_policy(name)
     count, vocab = problem.logits.shape[0], problem.logits.shape[1]
-    # the Triton kernels, like the compiled CPU kernel, turn a chunk of logits into its gradient in place
-    in_place_rows = name in ("triton", "cpu")
-    chunk = chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size(), in_place_rows)
-    weight_grad_dtype = torch.float32 if name == "triton" and weight.element_size() < 4 else weight.dtype
-    # only the PyTorch backend has chunks of its own: a quarter of a logits chunk, so that its float32 buffers stay
-    # smaller than the chunk itself (the kernels ignore the argument)
-    return _Plan(rows_function(name, max(1, chunk // 4)), chunk, weight_grad_dtype)
+    chunk = (
+        chunk_size if chunk_size > 0 else default_chunk_rows(count, vocab, input.element_size(), policy.rows_in_place)
+    )
+    weight_grad_dtype = torch.float32 if policy.float32_weight_grad and weight.element_size() < 4 else weight.dtype
+    return _Plan(rows_function(name, policy.own_chunk_rows(chunk)), chunk, weight_grad_dtype)
 
 
 _LINEAR_SCALARS = (

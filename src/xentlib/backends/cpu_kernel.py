@@ -58,6 +58,7 @@ from typing import NamedTuple
 import torch
 
 from xentlib._semantics import CrossEntropyProblem
+from xentlib.backends.base import ChunkPolicy
 
 # The library's sources: cross-entropy rows and the common call, the post-training kernels, and the toolkit both
 # include (the build key hashes all three)
@@ -69,6 +70,9 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 LANES = 16  # floats per vector in cpu_rows.c; the scratch row is padded to a multiple
 # Below this many logits a call runs on one thread: starting a thread costs more than it saves
 PARALLEL_MIN_ELEMENTS = 1 << 16
+# linear_cross_entropy's chunks: the kernel turns a chunk into its gradient in place; a float32 weight gradient
+# for bfloat16 weights would cost as much as the chunk (docs/numerics.md section 9)
+CHUNK_POLICY = ChunkPolicy(rows_in_place=True, float32_weight_grad=False)
 ENTRY_POINT = "xent_cross_entropy_rows"
 
 _TYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int, "f32": ctypes.c_float}

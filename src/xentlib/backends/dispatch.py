@@ -103,6 +103,14 @@ def rows_function(name: str, chunk_size: int | None = None) -> Callable:
     return torch_chunked.cross_entropy_rows
 
 
+def chunk_policy(name: str):
+    """How backend `name` takes linear_cross_entropy's chunks of logits (`backends/base.py`, `ChunkPolicy`)."""
+    from xentlib.backends import cpu_kernel, torch_chunked
+    from xentlib.backends import triton as triton_backend
+
+    return {"cpu": cpu_kernel, "torch": torch_chunked, "triton": triton_backend}[name].CHUNK_POLICY
+
+
 def explain_dispatch(tensor_or_device, backend: str = "auto") -> str:
     """One line saying which backend a call on this tensor (or device) would use, and why. For a tensor of
     logits (rows along dim 0, classes along dim 1) the answer accounts for its dtype and layout."""

@@ -27,12 +27,15 @@ import torch
 from torch import Tensor
 
 from xentlib._semantics import CrossEntropyProblem
-from xentlib.backends.base import RowResult
+from xentlib.backends.base import ChunkPolicy, RowResult
 
 # Elements per chunk: 2M float32 = 8 MiB, meant to stay in a large shared L3 cache. Smaller chunks pay torch's
 # per-op overhead (dispatch and a parallel region per op) too often (docs/numerics.md section 7; timings in
 # docs/bench/).
 CHUNK_ELEMENTS = 1 << 21
+# linear_cross_entropy's chunks: float32 working copies of half-precision logits, so smaller chunks; pieces of a
+# quarter of a chunk, so that their float32 buffers stay smaller than the chunk itself
+CHUNK_POLICY = ChunkPolicy(rows_in_place=False, float32_weight_grad=False, own_chunks=4)
 
 
 def chunk_shape(batch: int, classes: int, spatial: int, chunk_size: int | None) -> tuple[int, int]:

@@ -14,9 +14,14 @@ import importlib.util
 import os
 import sys
 
-_LAZY_OPS = {"cross_entropy_rows", "scale_unless_one_", "choose_block_size"}
+from xentlib.backends.base import ChunkPolicy
 
-__all__ = ["installed", "is_available", "require", "supports_problem", *sorted(_LAZY_OPS)]
+_LAZY_OPS = {"cross_entropy_rows", "scale_unless_one_", "choose_block_size"}
+# linear_cross_entropy's chunks: the kernels turn a chunk into its gradient in place; on a GPU the float32 weight
+# gradient of half-precision weights fits beside the chunks and is rounded once
+CHUNK_POLICY = ChunkPolicy(rows_in_place=True, float32_weight_grad=True)
+
+__all__ = ["CHUNK_POLICY", "installed", "is_available", "require", "supports_problem", *sorted(_LAZY_OPS)]
 
 
 def _interpreter_on() -> bool:
