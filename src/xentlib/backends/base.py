@@ -22,8 +22,10 @@ Backends: "cpu" (backends/cpu_kernel.py), "torch" (backends/torch_chunked.py), "
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor
+if TYPE_CHECKING:  # annotations only: backends/triton/__init__.py imports this module and must not import torch
+    from torch import Tensor
 
 
 @dataclass
