@@ -3,7 +3,8 @@ AOTAutograd traces into it and Inductor launches the Triton kernels itself.
 
 Three views: (1) without a GPU, on fake CUDA tensors in a process without the interpreter (where the kernels are
 real `JITFunction`s): Dynamo records the op in one graph, AOTAutograd's trace holds our kernels as graph nodes
-and reads no data (fake tensors have none), and CPU calls still record the opaque custom op; (2) in the interpreter,
+and reads no data (fake tensors have none), CPU calls still record the opaque custom op, and torch.export records
+the custom op too (the one a process that loads the program registers by importing xentlib); (2) in the interpreter,
 the triton_op called eagerly equals the custom op, values and gradients; (3) on a GPU, `torch.compile`'s code
 launches our kernels and its results equal eager.
 """
@@ -72,6 +73,16 @@ print(launched(lambda x, t: torch.ops.xentlib.triton_cross_entropy(
     x, t.reshape(8, 1), None, None, 0.0, -100, "mean", 0.0, 0.0, None, torch.float32, True, False, "auto", 0)[:2],
     "cuda", ((8, 1000, 1), torch.float32), index[1]))
 print(launched(lambda x, t: [X.cross_entropy(x, t)], "cpu", *index))
+
+# torch.export keeps custom ops as they are: the exported program names the op that `import xentlib` registers
+class Loss(torch.nn.Module):
+    def forward(self, x, t):
+        return X.cross_entropy(x, t)
+
+with FakeTensorMode(allow_non_fake_inputs=True):
+    logits, target = torch.empty(8, 1000, device="cuda"), torch.zeros(8, dtype=torch.long, device="cuda")
+    exported = torch.export.export(Loss(), (logits, target))
+print([str(node.target) for node in exported.graph.nodes if "xentlib" in str(node.target)])
 """
 
 
@@ -80,8 +91,9 @@ def test_traced_cuda_call_launches_our_kernels_and_reads_no_data():
     env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    dynamo, index, capped, prob, with_grad, on_cpu = [eval(line) for line in done.stdout.splitlines()[-6:]]
+    dynamo, index, capped, prob, with_grad, on_cpu, exported = [eval(line) for line in done.stdout.splitlines()[-7:]]
     assert dynamo == (1, 0, ["xentlib.triton_cross_entropy"])
+    assert exported == ["xentlib.cross_entropy.default"]
     # the op is decomposed: its kernels are nodes, no opaque xentlib op is left (bounds checks aside)
     assert index == (["index_target_rows_kernel"], [])
     assert capped == (["index_target_tile_kernel"], [])  # 100 classes: several rows per program

@@ -172,9 +172,10 @@ def traced_op(logits: Tensor):
     """The op a traced call records. On an accelerator, with triton installed, `xentlib::triton_cross_entropy`:
     this implementation registered with `torch.library.triton_op` (backends/triton/registered.py), whose body
     AOTAutograd traces, so that Inductor launches the Triton kernels itself. On CPU the custom op above, whose C
-    kernel no tracer can follow."""
-    if logits.device.type == "cpu" or not _TRITON_INSTALLED:
-        return torch.ops.xentlib.cross_entropy
+    kernel no tracer can follow, and under torch.export on every device (an exported program keeps custom ops as
+    they are, and a process that loads it registers this one by importing xentlib)."""
+    if logits.device.type == "cpu" or not _TRITON_INSTALLED or torch.compiler.is_exporting():
+        return torch.ops.xentlib.cross_entropy  # an exported program names the op that `import xentlib` registers
     from xentlib.backends.triton import registered  # noqa: F401  (registers the op on first use)
 
     return torch.ops.xentlib.triton_cross_entropy
