@@ -29,11 +29,11 @@ from xentlib.backends import cpu_kernel
 from xentlib.backends.composite import refuse_transforms
 from xentlib.backends.torch_chunked import CHUNK_ELEMENTS
 from xentlib.linear import (
-    CHUNK_BYTES_CAP,
     _autocast_operands,
     _by_onednn,
     accumulate_chunk_grads_,
     chunk_logits,
+    default_chunk_rows,
     kept_rows,
 )
 
@@ -334,18 +334,6 @@ def log_probs(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def default_chunk_rows(rows: int, vocab: int, element_size: int) -> int:
-    """Rows per chunk of logits: a fifth of the full logits rounded down to a multiple of 128 rows (the row work
-    runs in the compiled kernel or in small float32 blocks beside it, so the chunk is the only large buffer), at
-    most CHUNK_BYTES_CAP, at least 128 rows (smaller matmuls lose efficiency) and at most all rows. Multiples of
-    128 rows: on a 2-core Xeon the float32 weight gradient's product dZ^T X_c took 392 ms per 2048 rows in chunks
-    of 410 or 448 rows against 335-337 ms in chunks of 384 or 512 (D = 1024, V = 32000). Where oneDNN makes each
-    chunk's float32 logits anew, the resident peak is about two chunks."""
-    wanted = -(-rows // 5)
-    capped = min(wanted, CHUNK_BYTES_CAP // (max(vocab, 1) * element_size))
-    return max(1, min(rows, max(128, capped // 128 * 128)))
-
-
 class _LinearChunks:
     """Chunks of rows of x and their logits Z = x W^T + b (`linear.chunk_logits`): a reused buffer, or where oneDNN
     computes the matmuls (float32 on CPUs where it is the faster: `linear._by_onednn`) its own output, freed chunk
@@ -358,7 +346,11 @@ class _LinearChunks:
         self.active = active = kept_rows(valid, x.device)
         self.total = x.shape[0] if active is None else active.numel()
         rows, vocab = x.shape[0], weight.shape[0]
-        self.chunk = chunk_size if chunk_size > 0 else default_chunk_rows(rows, vocab, x.element_size())
+        # the row work runs in the compiled kernel or in small float32 blocks beside the chunk, so a fifth of the
+        # logits, in whole 128-row multiples (see `default_chunk_rows`); where oneDNN makes each chunk's float32
+        # logits anew, the resident peak is about two chunks
+        default = default_chunk_rows(rows, vocab, x.element_size(), in_place_rows=True, multiple_of=128)
+        self.chunk = chunk_size if chunk_size > 0 else default
         self.onednn = _by_onednn(x, weight)
         shape = (min(self.chunk, max(self.total, 1)), vocab)
         self.buffer = None if self.onednn else torch.empty(shape, dtype=x.dtype, device=x.device)
