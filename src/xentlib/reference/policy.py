@@ -27,16 +27,21 @@ from typing import NamedTuple
 
 import numpy as np
 
-from xentlib.reference._common import as_float64, linear_logits, quiet
-from xentlib.reference.log_probs import LinearLogProbsGrads, linear_log_probs_backward, log_probs, log_probs_backward
+from xentlib.reference._common import as_float64, linear_grads, linear_logits, quiet
+from xentlib.reference.log_probs import LinearLogProbsGrads, log_probs, log_probs_backward
 
 
 class PolicyTerms(NamedTuple):
-    """Per-token values (the target's shape) of the policy loss, before weighting and reduction."""
+    """Per-token values (the target's shape) of the policy loss, before weighting and reduction; the steps
+    (ratio ... kl) are what `xentlib explain --example policy-loss` shows."""
 
     loss: np.ndarray  # loss_n, 0 on ignored tokens
     d_log_prob: np.ndarray  # d loss_n / d l
     d_entropy: np.ndarray  # d loss_n / d H
+    ratio: np.ndarray  # r = exp(l - l_old)
+    clipped: np.ndarray  # clip(r, 1 - e_low, 1 + e_high)
+    surrogate: np.ndarray  # pg = -min(r A, clip(r) A)
+    kl: np.ndarray  # exp(l_ref - l) - (l_ref - l) - 1 (0 without kl_coef)
 
 
 def policy_terms(log_prob, entropy, valid, advantages, old_log_probs=None, ref_log_probs=None, *, epsilon=0.2,
@@ -48,16 +53,17 @@ def policy_terms(log_prob, entropy, valid, advantages, old_log_probs=None, ref_l
     with quiet():
         ratio = np.ones(shape) if old_log_probs is None else np.exp(lp - as_float64(old_log_probs))
         clipped = np.clip(ratio, 1.0 - epsilon, 1.0 + high)
-        loss = -np.minimum(ratio * a, clipped * a)
+        surrogate = -np.minimum(ratio * a, clipped * a)
         d_log_prob = np.where(ratio * a <= clipped * a, -a * ratio, 0.0)
+        kl = np.zeros(shape)
         if kl_coef != 0.0:
             delta = as_float64(ref_log_probs) - lp
-            loss = loss + kl_coef * (np.exp(delta) - delta - 1.0)
+            kl = np.exp(delta) - delta - 1.0
             d_log_prob = d_log_prob + kl_coef * (1.0 - np.exp(delta))
-        loss = loss - entropy_coef * as_float64(entropy)
+        loss = surrogate + kl_coef * kl - entropy_coef * as_float64(entropy)
     d_entropy = np.full(shape, -float(entropy_coef))
     zero = lambda v: np.where(valid, v, 0.0)  # noqa: E731
-    return PolicyTerms(zero(loss), zero(d_log_prob), zero(d_entropy))
+    return PolicyTerms(zero(loss), zero(d_log_prob), zero(d_entropy), ratio, clipped, surrogate, kl)
 
 
 def _weights_and_denominator(valid, token_weight, reduction: str):
@@ -120,5 +126,5 @@ def linear_policy_loss_backward(grad_output, input, weight, target, advantages, 
     z = linear_logits(input, weight, bias)
     g, h = _upstream(grad_output, z, target, advantages, old_log_probs, ref_log_probs, token_weight, temperature,
                      ignore_index, softcap, reduction, scalars)  # fmt: skip
-    return linear_log_probs_backward(g, h, input, weight, target, bias, temperature=temperature,
-                                     ignore_index=ignore_index, softcap=softcap)  # fmt: skip
+    grad_z = log_probs_backward(g, h, z, target, temperature=temperature, ignore_index=ignore_index, softcap=softcap)
+    return LinearLogProbsGrads(*linear_grads(grad_z, input, weight, bias is not None))

@@ -113,8 +113,6 @@ def explain_policy_loss(console, example: PostTraining, decimals: int) -> None:
     valid = target != -100
     terms = reference.policy_terms(log_prob, np.zeros_like(log_prob), valid, a, old, ref, epsilon=eps,
                                    kl_coef=kl_coef)  # fmt: skip
-    ratio = np.exp(log_prob - old)
-    clipped = np.clip(ratio, 1 - eps, 1 + eps)
     console.print(
         f"{logits.shape[0]}x{logits.shape[1]} logits z of the sampled positions, sampled tokens {target.tolist()}, "
         f"clip range [{1 - eps:g}, {1 + eps:g}], kl_coef = {kl_coef:g}, reduction='mean'"
@@ -124,12 +122,10 @@ def explain_policy_loss(console, example: PostTraining, decimals: int) -> None:
                "kl (k3)", "loss_n", "d loss_n / d log p")  # fmt: skip
     for header in headers:
         table.add_column(header, justify="right")
-    gap = ref - log_prob  # kl = exp(gap) - gap - 1
     for n in range(len(target)):
         table.add_row(
-            str(n), fmt(log_prob[n]), fmt(old[n]), fmt(ratio[n]), fmt(clipped[n]), fmt(a[n]),
-            fmt(-min(ratio[n] * a[n], clipped[n] * a[n])), fmt(np.expm1(gap[n]) - gap[n]), fmt(terms.loss[n]),
-            fmt(terms.d_log_prob[n]),
+            str(n), fmt(log_prob[n]), fmt(old[n]), fmt(terms.ratio[n]), fmt(terms.clipped[n]), fmt(a[n]),
+            fmt(terms.surrogate[n]), fmt(terms.kl[n]), fmt(terms.loss[n]), fmt(terms.d_log_prob[n]),
         )  # fmt: skip
     print_table(console, table)
     console.print(
