@@ -112,9 +112,9 @@ void xent_log_probs(const struct xent_log_probs *a) {
  * first) the gradient times `scale[r]` (1 when NULL). Four scratch rows per thread (each model's u = z / T and
  * its exponentials), each of classes rounded up to LANES floats: `scratch_row_stride` is four times that. A row
  * whose max is not finite (either model's) gives NaN loss and gradient, as torch's log_softmax gives.
- * Exponentials: one per element and model (e = exp(u - m), kept), so p = e / s and q alike; log m is the larger
- * of log(beta q) and log((1 - beta) p) plus log1p of the smaller over the larger, a ratio of probabilities (not
- * an exp of a difference of logs). */
+ * Exponentials: one per element and model (e = exp(u - m), kept), so p = e / s and q alike; log m is
+ * log(beta q + (1 - beta) p), or where that mixture underflows, the logaddexp of log(beta q) and log((1 - beta) p)
+ * (`log_mixture`). */
 #define XENT_DISTILLATION(X)                                                                                      \
     X(const void *, student, ptr) X(int64_t, student_row_stride, i64) X(int, student_dtype, i32)                  \
     X(const void *, teacher, ptr) X(int64_t, teacher_row_stride, i64) X(int, teacher_dtype, i32)                  \
@@ -127,7 +127,7 @@ XENT_DECLARE(xent_distillation, XENT_DISTILLATION)
 /* log m for m = x + y, x = beta q and y = (1 - beta) p (both >= 0): log(m) where every lane of m is a normal
  * float, as it is unless a distribution is extremely peaked; else the larger of log x and log y plus log1p of the
  * smaller over the larger (exact where m underflows but the logs do not; -inf where p = q = 0). */
-static inline vf log_mixture(vf log_p, vf log_q, vf y, vf x, float log_keep, float log_beta) {
+static inline vf log_mixture(vf log_p, vf log_q, vf x, vf y, float log_keep, float log_beta) {
     vf m = x + y;
     vi normal = m >= splat(FLT_MIN);
     uint64_t words[sizeof normal / 8], all = ~(uint64_t)0;
@@ -165,7 +165,7 @@ static void distillation_sums(float *s_row, float *t_row, const float *s_exp, co
         } else {
             vf log_m = log_q; /* beta = 1: m = q */
             if (beta < 1.0f) {
-                log_m = log_mixture(log_p, log_q, p * splat(keep), q * splat(beta), log_keep, log_beta);
+                log_m = log_mixture(log_p, log_q, q * splat(beta), p * splat(keep), log_keep, log_beta);
                 sum_q += blend(q > zero, q * (log_q - log_m), zero);
             }
             second = log_p - log_m;
