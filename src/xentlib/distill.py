@@ -99,7 +99,7 @@ def _write_grad(grad: Tensor, d: Tensor, scale: Tensor | None, divisor: float) -
 def _chunk_rows(zs: Tensor, zt: Tensor, beta, temperature, scale: Tensor | None, grad: Tensor | None) -> Tensor:
     """`_block_rows` over blocks of rows so the float32 temporaries stay small (about _BLOCK_BYTES each)."""
     count, vocab = zs.shape
-    if cpu_kernel.supports_distillation(zs, zt, grad):  # a sweep per row in C, its own threads (cpu_post_training.c)
+    if cpu_kernel.supports_distillation(zs, zt, grad):  # a sweep per row in C, on torch's threads (cpu_post_training.c)
         loss = torch.empty(count, dtype=torch.float32, device="cpu")
         scale = None if scale is None else scale.to(torch.float32).contiguous()
         cpu_kernel.distillation_rows(zs, zt, beta, temperature, scale, loss, grad)

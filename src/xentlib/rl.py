@@ -52,7 +52,7 @@ class _Rows:
 
     Where the compiled CPU kernel covers the rows (`cpu_kernel.log_probs_covers`: CPU float32/bfloat16 rows
     with contiguous classes, no soft-capping), a block is a whole chunk and one C call computes it in a sweep
-    per row (cpu_post_training.c, `xent_log_probs`: the same maths, its own threads); elsewhere the PyTorch
+    per row (cpu_post_training.c, `xent_log_probs`: the same maths, on torch's threads); elsewhere the PyTorch
     ops below run on blocks of rows small enough to stay in cache, a pass per step."""
 
     def __init__(self, vocab: int, dtype, device, temperature, softcap, with_entropy: bool, rows_contiguous=True):

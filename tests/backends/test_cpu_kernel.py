@@ -9,9 +9,11 @@ fallback when no compiler works.
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +316,80 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not kernel_is_used(x, target)
 
 
+def _compiler_and_version():
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler on this machine")
+    return compiler, subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+
+
+def test_the_kernel_runs_on_the_openmp_team_of_torch():
+    """Where torch runs on GNU OpenMP and the compiler is GCC, the library is built with -fopenmp and its
+    libgomp.so.1 is the one torch loaded: one OpenMP runtime in the process, so no second team waits beside
+    torch's."""
+    _, version = _compiler_and_version()
+    gnu = "Free Software Foundation" in version and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    if not (gnu and sys.platform == "linux"):
+        pytest.skip("torch does not run on GNU OpenMP here, or the compiler is not GCC: the kernel starts pthreads")
+    available, why = cpu_kernel.status()
+    assert available and why.endswith("on the OpenMP threads of torch"), why
+    x, target, _ = make_case(301, 517, torch.float32)
+    run(x, target)  # a threaded call
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if re.search(r"lib(g|i|)omp[^/]*\.so", line)}
+    assert len(runtimes) == 1, runtimes
+
+
+def _fresh_kernel(monkeypatch, tmp_path):
+    monkeypatch.setenv("XENTLIB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_state", {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_pthreads_build_equals_the_openmp_one(monkeypatch, tmp_path, dtype):
+    """Where the OpenMP build is not made (another compiler or runtime), the kernel starts its own threads: the
+    same rows, bit for bit, split over threads the same way."""
+    x, target, _ = make_case(301, 517, dtype)
+    expected = run(x, target, reduction="none")
+    _fresh_kernel(monkeypatch, tmp_path)
+    monkeypatch.setattr(cpu_kernel, "_torch_on_gnu_openmp", lambda: False)
+    available, why = cpu_kernel.status()
+    assert available and why.endswith("on pthreads of its own"), why
+    assert_results_close(run(x, target, reduction="none"), expected, rtol=0, atol=0)
+
+
+def test_a_failed_openmp_build_falls_back_to_pthreads_silently(monkeypatch, tmp_path):
+    compiler, version = _compiler_and_version()
+    if len(cpu_kernel._flag_sets(version)) < 2:
+        pytest.skip("no OpenMP build is tried here")
+    no_openmp = tmp_path / "cc"
+    no_openmp.write_text(
+        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
+        f'exec {compiler} "$@"\n'
+    )
+    no_openmp.chmod(0o755)
+    monkeypatch.setenv("CC", str(no_openmp))
+    monkeypatch.setattr(subprocess, "run", _with_version_of(compiler, subprocess.run))
+    _fresh_kernel(monkeypatch, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        available, why = cpu_kernel.status()
+    assert available and why.endswith("on pthreads of its own"), why
+    x, target, _ = make_case(301, 517, torch.float32)
+    assert kernel_is_used(x, target)
+
+
+def _with_version_of(compiler, run_command):
+    """subprocess.run, where `--version` of the wrapper script answers as the compiler it wraps."""
+
+    def patched(command, *args, **kwargs):
+        if list(command[1:]) == ["--version"]:
+            command = [compiler, "--version"]
+        return run_command(command, *args, **kwargs)
+
+    return patched
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Interrupt safety, the verified build cache and the declared binding (each in a fresh process where it matters)
 # --------------------------------------------------------------------------------------------------------------
@@ -443,7 +519,7 @@ def test_the_binding_is_declared_once(table, layout, field):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_kernel, layout, mismatched)
         with pytest.raises(ValueError, match="this module passes"):
-            cpu_kernel._open(Path(cpu_kernel.status()[1].split("(")[1].rstrip(")")))
+            cpu_kernel._open(Path(re.search(r"\((\S+\.so)\)", cpu_kernel.status()[1]).group(1)))
 
 
 def target_part(x, target, options) -> torch.Tensor:

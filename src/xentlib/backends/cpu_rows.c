@@ -26,6 +26,9 @@
  * float64 no larger than torch's, the "cpu-kernel" cases).
  */
 #include "cpu_rows.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 static int64_t first_index_of(const float *scratch, int64_t classes, float value) {
     for (int64_t c = 0; c < classes; c++)
@@ -152,6 +155,11 @@ static void rows_range(const struct xent_arguments *a, int64_t first, int64_t la
     }
 }
 
+#ifdef _OPENMP
+const int xent_openmp = 1; /* read by cpu_kernel.py: which threads run_rows uses */
+#else
+const int xent_openmp = 0;
+
 struct part {
     rows_fn run;
     const void *arguments;
@@ -164,20 +172,31 @@ static void *run_part(void *p) {
     part->run(part->arguments, part->first, part->last, part->scratch);
     return NULL;
 }
+#endif
 
-/* All `rows`, on `threads` threads, each with its scratch row (`scratch_row_stride` floats apart): the caller
- * takes the first part and joins every other before returning, so no thread outlives the call (nor the buffers
- * the caller passed). A signal meanwhile does not end the call: Python's handler only sets a flag, and
- * KeyboardInterrupt is raised after the call returns. A thread that cannot be started has its part run by the
- * caller. */
+/* All `rows`, on `threads` threads, each with its scratch row (`scratch_row_stride` floats apart), part k of the
+ * rows on thread k. Where the library is built with -fopenmp (cpu_kernel.py does so only where torch's GNU OpenMP
+ * runtime is loaded, which the library's libgomp.so.1 then resolves to), the parts run on torch's own OpenMP team:
+ * the threads that ran the matmuls before the call, woken from their wait, with nothing competing for the cores.
+ * Elsewhere the call starts pthreads and joins them. Either way every part has finished when the call returns (the
+ * parallel region ends in a barrier), so no thread outlives the call or the buffers the caller passed. A signal
+ * meanwhile does not end the call: Python's handler only sets a flag, and KeyboardInterrupt is raised after the
+ * call returns. A pthread that cannot be started has its part run by the caller. */
 void run_rows(rows_fn run, const void *arguments, int64_t rows, int threads, float *scratch,
-                     int64_t scratch_row_stride) {
+              int64_t scratch_row_stride) {
     threads = threads < 1 ? 1 : threads > 256 ? 256 : threads;
     if (threads > rows) threads = rows > 0 ? (int)rows : 1;
     if (threads == 1) {
         run(arguments, 0, rows, scratch);
         return;
     }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    { /* the team may be smaller than asked (inside another parallel region: one thread); parts follow its size */
+        int64_t k = omp_get_thread_num(), n = omp_get_num_threads();
+        run(arguments, rows * k / n, rows * (k + 1) / n, scratch + (size_t)k * (size_t)scratch_row_stride);
+    }
+#else
     struct part parts[256];
     pthread_t ids[256];
     int started[256];
@@ -192,6 +211,7 @@ void run_rows(rows_fn run, const void *arguments, int64_t rows, int threads, flo
         else
             run_part(&parts[k]);
     }
+#endif
 }
 
 static void cross_entropy_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
