@@ -301,9 +301,11 @@ def _linear_chunk(xs_c, ws, bs, xt_c, wt, bt, buffers, call, scale_c, grads, out
 def _default_linear_chunk(xs: Tensor, count: int, vocab: int) -> int:
     """Rows per chunk of both models' logits (two buffers of the student's dtype). Where the compiled CPU kernel
     computes the rows (no float32 temporaries), each buffer is a fifth of a model's logits; elsewhere the PyTorch
-    ops' float32 blocks run beside them and the chunks are smaller (`default_chunk_rows`)."""
+    ops' float32 blocks run beside them and the chunks are smaller (`default_chunk_rows`). Whole multiples of 128
+    rows, as for the other post-training losses: at 2048 x 1024 x 32000 on a 2-core Xeon a step took 3% less time
+    in chunks of 384 rows than of 410, in float32 and bfloat16."""
     in_place = cpu_kernel.distillation_covers(xs.device, xs.dtype)
-    return default_chunk_rows(count, vocab, xs.element_size(), in_place_rows=in_place)
+    return default_chunk_rows(count, vocab, xs.element_size(), in_place_rows=in_place, multiple_of=128)
 
 
 def _logits_into(buffer: Tensor, x: Tensor, w: Tensor, b: Tensor | None) -> None:
