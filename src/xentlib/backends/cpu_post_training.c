@@ -40,9 +40,11 @@ static inline vf log_prob_gradient_lanes(const float *scratch, int64_t c, float 
 }
 
 static void write_log_prob_gradient(void *grad_row, int dtype, const float *scratch, int64_t classes, float m,
-                                    float log_s, float g, float h, float entropy, float inv_t) {
-    for (int64_t c = 0; c < classes; c += LANES)
+                                    float log_s, float g, float h, float entropy, float inv_t, struct next_row next) {
+    for (int64_t c = 0; c < classes; c += LANES) {
+        prefetch_line(next, c / LANES);
         store_lanes(grad_row, dtype, c, classes, log_prob_gradient_lanes(scratch, c, m, log_s, g, h, entropy, inv_t));
+    }
 }
 
 static void log_probs_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
@@ -76,17 +78,19 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         }
         divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
+        struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
+                                (size_t)classes * elem};
         if (backward) {
             float log_s = a->log_sum ? a->log_sum[r] : logf(exp_sum(scratch, NULL, classes, m));
             float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
             float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
-            write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t);
+            write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t, next);
             float log_p_t = gap_t - log_s, p_t = expf(log_p_t);
             float d_t = (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
             store_scalar(grad_row, dtype, t, d_t);
             continue;
         }
-        struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, a->entropy != NULL, NO_PROB);
+        struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, a->entropy != NULL, NO_PROB, next);
         float log_s = logf(sums.exp_sum);
         a->log_prob[r] = gap_t - log_s;
         a->lse[r] = m + log_s;
@@ -145,13 +149,16 @@ static inline vf log_mixture(vf log_p, vf log_q, vf x, vf y, float log_keep, flo
 /* Pass over a row's classes, from u and e = exp(u - m) of each model: the KL sums, and the scratch rows s_row and
  * t_row become p (student) and, for the gradient, q (beta = 0) or r = log p - log m. */
 static void distillation_sums(float *s_row, float *t_row, const float *s_exp, const float *t_exp, int64_t classes,
-                              float ms, float ss, float mt, float st, float beta, float *kl_p, float *kl_q) {
+                              float ms, float ss, float mt, float st, float beta, float *kl_p, float *kl_q,
+                              struct next_row next_s, struct next_row next_t) {
     vf sum_p = (vf){}, sum_q = (vf){};
     const vf zero = (vf){};
     float log_ss = logf(ss), log_st = logf(st), inv_ss = 1.0f / ss, inv_st = 1.0f / st;
     float keep = 1.0f - beta, log_keep = beta > 0.0f && beta < 1.0f ? log1pf(-beta) : 0.0f;
     float log_beta = beta > 0.0f ? logf(beta) : 0.0f;
     for (int64_t c = 0; c < classes; c += LANES) {
+        prefetch_line(next_s, c / LANES);
+        prefetch_line(next_t, c / LANES);
         vf us, ut, es, et;
         memcpy(&us, s_row + c, sizeof us);
         memcpy(&ut, t_row + c, sizeof ut);
@@ -208,7 +215,12 @@ static void distillation_range(const void *arguments, int64_t first, int64_t las
         divide_row(t_row, classes, temperature);
         float ss = exp_sum(s_row, s_exp, classes, ms), st = exp_sum(t_row, t_exp, classes, mt);
         float kl_p, kl_q;
-        distillation_sums(s_row, t_row, s_exp, t_exp, classes, ms, ss, mt, st, beta, &kl_p, &kl_q);
+        int more = r + 1 < last;
+        struct next_row next_s = {more ? (const char *)zs + (size_t)a->student_row_stride * s_elem : NULL,
+                                  (size_t)classes * s_elem};
+        struct next_row next_t = {more ? (const char *)zt + (size_t)a->teacher_row_stride * t_elem : NULL,
+                                  (size_t)classes * t_elem};
+        distillation_sums(s_row, t_row, s_exp, t_exp, classes, ms, ss, mt, st, beta, &kl_p, &kl_q, next_s, next_t);
         int general = beta > 0.0f && beta < 1.0f;
         a->loss[r] = beta == 0.0f ? kl_q : general ? beta * kl_q + (1.0f - beta) * kl_p : kl_p;
         if (!grad_row) continue;

@@ -17,7 +17,8 @@
  *   dloss/dy_c = scale [(Q + 2 z lse) p_c - q'_c]
  * Three passes over the row, which stays in the core's cache: (1) read and convert into a float32 scratch row
  * while taking the max, (2) exponentiate in place and sum, (3) write the gradient. The logits are read from
- * memory once and the gradient written once. A row whose max is not finite (a NaN, a +inf, or all -inf) has no
+ * memory once and the gradient written once; during pass (2) the thread's next row is prefetched into the L2 cache
+ * (`prefetch_line`), so that its read from memory overlaps this row's arithmetic. A row whose max is not finite (a NaN, a +inf, or all -inf) has no
  * finite softmax: its loss, lse, entropy and gradient are NaN, as torch's log_softmax gives.
  *
  * A copy on purpose: this is the row maths of backends/torch_chunked.py and backends/triton/rowmath.py again, in C
@@ -112,10 +113,12 @@ static void rows_range(const struct xent_arguments *a, int64_t first, int64_t la
         if (probs != NULL) prob.q = (const char *)probs + (size_t)(r * probs_row_stride) * probs_elem;
         int want_weighted_gap = row_valid && smoothing > 0.0f && probs == NULL;
         int want_expected_gap = entropy_out != NULL;
+        struct next_row next = {r + 1 < last ? (const char *)row + (size_t)logits_row_stride * elem : NULL,
+                                (size_t)classes * elem};
         struct row_sums sums =
             probs != NULL
-                ? exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, prob)
-                : exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, NO_PROB);
+                ? exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, prob, next)
+                : exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, NO_PROB, next);
         float log_s = logf(sums.exp_sum);
         float lse = m + log_s;
         if (lse_out) lse_out[r] = lse;

@@ -104,6 +104,19 @@ static inline void store_lanes(void *row, int dtype, int64_t c, int64_t classes,
     }
 }
 
+/* The next row a thread will read (NULL: none), brought into the L2 cache line by line during a compute pass over
+ * the current row: one prefetch per vector of the pass (`prefetch_line(next, c / LANES)`), so the row streams in
+ * from memory while the core computes instead of when it is loaded. */
+struct next_row {
+    const void *row;
+    size_t bytes;
+};
+
+static inline void prefetch_line(struct next_row next, int64_t line) {
+    size_t offset = (size_t)line * 64;
+    if (next.row && offset < next.bytes) __builtin_prefetch((const char *)next.row + offset, 0, 2);
+}
+
 /* Pass 1: scratch[0:C] = float32(row), scratch[C:padded] = -inf; returns max (NaN if any element is NaN). */
 static inline float load_row(const void *row, int dtype, int64_t classes, float *scratch) {
     int64_t full = classes - classes % LANES, c = 0;
@@ -163,14 +176,15 @@ struct prob_row {
 /* A class index: no probabilities. Passed as a constant, so the inlined passes lose their probability branches. */
 #define NO_PROB ((struct prob_row){NULL, XENT_FLOAT32, 1.0f, 0.0f})
 
-/* Pass 2: scratch becomes e = exp(y - m) (0 in the padding). */
+/* Pass 2: scratch becomes e = exp(y - m) (0 in the padding), while the `next` row streams in. */
 static inline __attribute__((always_inline)) struct row_sums exponentiate(
     float *scratch, int64_t classes, float m, const float *class_weight, int want_weighted_gap,
-    int want_expected_gap, struct prob_row prob) {
+    int want_expected_gap, struct prob_row prob, struct next_row next) {
     vf sum = (vf){}, weighted = (vf){}, expected = (vf){}, q_sum = (vf){}, q_gap = (vf){};
     vi lane_index;
     for (int lane = 0; lane < LANES; lane++) lane_index[lane] = lane;
     for (int64_t c = 0; c < classes; c += LANES) {
+        prefetch_line(next, c / LANES);
         vf gap;
         memcpy(&gap, scratch + c, sizeof gap);
         gap -= splat(m);
