@@ -7,6 +7,7 @@ statistic against the PyTorch-ops path of the same backend, bfloat16 rounding, i
 fallback when no compiler works.
 """
 
+import ast
 import hashlib
 import os
 import re
@@ -323,21 +324,31 @@ def _compiler_and_version():
     return compiler, subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
 
 
-def test_the_kernel_runs_on_the_openmp_team_of_torch():
+ONE_OPENMP_RUNTIME = """
+import re, torch
+import xentlib.functional as X
+from xentlib.backends import cpu_kernel
+x = torch.randn(301, 517, requires_grad=True)
+X.cross_entropy(x, torch.randint(0, 517, (301,))).backward()  # a threaded call
+with open("/proc/self/maps") as maps:
+    print(sorted({line.split()[-1] for line in maps if re.search(r"lib(g|i|)omp[^/]*\\.so", line)}))
+print(cpu_kernel.status())
+"""
+
+
+def test_the_kernel_runs_on_the_openmp_team_of_torch(tmp_path):
     """Where torch runs on GNU OpenMP and the compiler is GCC, the library is built with -fopenmp and its
-    libgomp.so.1 is the one torch loaded: one OpenMP runtime in the process, so no second team waits beside
-    torch's."""
+    libgomp.so.1 is the one torch loaded: in a process of torch and xentlib alone, one OpenMP runtime, so no second
+    team waits beside torch's."""
     _, version = _compiler_and_version()
     gnu = "Free Software Foundation" in version and "parallel backend: OpenMP" in torch.__config__.parallel_info()
     if not (gnu and sys.platform == "linux"):
         pytest.skip("torch does not run on GNU OpenMP here, or the compiler is not GCC: the kernel starts pthreads")
-    available, why = cpu_kernel.status()
-    assert available and why.endswith("on the OpenMP threads of torch"), why
-    x, target, _ = make_case(301, 517, torch.float32)
-    run(x, target)  # a threaded call
-    with open("/proc/self/maps") as maps:
-        runtimes = {line.split()[-1] for line in maps if re.search(r"lib(g|i|)omp[^/]*\.so", line)}
-    assert len(runtimes) == 1, runtimes
+    done = run_python(ONE_OPENMP_RUNTIME, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runtimes, status = done.stdout.strip().splitlines()
+    assert "on the OpenMP threads of torch" in status, status
+    assert len(ast.literal_eval(runtimes)) == 1, runtimes
 
 
 def _fresh_kernel(monkeypatch, tmp_path):
