@@ -254,7 +254,12 @@ def _flag_sets(version: str) -> list[list[str]]:
 
 
 def _torch_on_gnu_openmp() -> bool:
+    """Whether torch's threads are GNU OpenMP's and the libgomp.so.1 in this process is torch's: a wheel that bundles
+    the runtime under another name (libgomp-<hash>.so.1) would leave a libgomp.so.1 loaded by someone else."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    bundled = {path.name for path in (Path(torch.__file__).parent / "lib").glob("libgomp*")}
+    if bundled and "libgomp.so.1" not in bundled:
         return False
     try:  # RTLD_NOLOAD: a handle only if the library is already in the process
         ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
