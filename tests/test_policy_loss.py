@@ -14,7 +14,8 @@ import torch
 
 import xentlib
 from xentlib import _semantics as sem
-from xentlib import reference
+from xentlib import policy, reference
+from xentlib.backends import cpu_kernel
 from xentlib.policy import token_terms
 
 IGNORE = -100
@@ -151,6 +152,56 @@ def test_policy_loss_of_logits_matches_reference(option):
                                rtol=1e-11, atol=1e-13)  # fmt: skip
     exact = reference.policy_loss_backward(1.0, z.detach().numpy(), t.numpy(), a.numpy(), **numpy)
     np.testing.assert_allclose(grad.numpy(), exact, rtol=1e-10, atol=1e-13)
+
+
+KERNEL_OPTIONS = [option for option in OPTIONS if "softcap" not in option]  # soft-capping: the PyTorch ops
+
+
+def _kernel_policy_loss(option, dtype, one_sweep, monkeypatch):
+    """(loss, gradients) of the fused loss on float32/bfloat16 inputs whose rows run the compiled kernel, in one
+    sweep per row or in a forward and a backward call; asserts which ran."""
+    if not cpu_kernel.status()[0]:
+        pytest.skip(cpu_kernel.status()[1])
+    sweeps = []
+    original = cpu_kernel.log_probs_rows
+    spy = lambda *args, **kwargs: sweeps.append(kwargs.get("policy")) or original(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(cpu_kernel, "log_probs_rows", spy)
+    monkeypatch.setattr(policy, "ONE_SWEEP", one_sweep)
+    leaves, t, per_token = _problem(lead=(5, 9), hidden=6, vocab=37, dtype=dtype, seed=3)
+    x, w, b = leaves
+    ours, numpy, _, _ = _split(option, per_token)
+    a = per_token["advantages"]
+    loss = xentlib.linear_policy_loss(x, w, t, a, b, **ours)
+    grads = torch.autograd.grad(loss, leaves)
+    assert sweeps and all((sweep is not None) == one_sweep for sweep in sweeps)
+    return loss, grads, (leaves, t, a, numpy)
+
+
+@pytest.mark.parametrize("option", KERNEL_OPTIONS)
+def test_the_cpu_kernels_one_sweep_matches_reference_in_float32(option, monkeypatch):
+    """The kernel's one sweep per row, with its own copy of the token terms' derivatives: every option (clipping,
+    KL, entropy, weights, temperatures) against the float64 reference, to float32 rounding of the largest terms."""
+    loss, grads, (leaves, t, a, numpy) = _kernel_policy_loss(option, torch.float32, True, monkeypatch)
+    x, w, b = (v.detach().double().numpy() for v in leaves)
+    expected = reference.linear_policy_loss(x, w, t.numpy(), a.numpy(), b, **numpy)
+    expected_grads = reference.linear_policy_loss_backward(1.0, x, w, t.numpy(), a.numpy(), b, **numpy)
+    np.testing.assert_allclose(loss.item(), expected, rtol=1e-5)
+    for ours_grad, exact in zip(grads, expected_grads):
+        np.testing.assert_allclose(ours_grad.numpy(), exact, rtol=1e-4, atol=1e-5 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("option", KERNEL_OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_kernels_one_sweep_equals_its_two_calls(option, dtype, monkeypatch):
+    """The one sweep against the forward and backward calls of the same rows (the same rounded logits): equal to
+    float32 rounding, and in bfloat16 to one rounding of the gradient."""
+    loss, grads, _ = _kernel_policy_loss(option, dtype, True, monkeypatch)
+    two_loss, two_grads, _ = _kernel_policy_loss(option, dtype, False, monkeypatch)
+    torch.testing.assert_close(loss, two_loss, rtol=1e-6, atol=0)
+    for one, two in zip(grads, two_grads):
+        scale = two.abs().max().item()
+        tol = dict(rtol=1e-5, atol=1e-6 * scale) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2 * scale)
+        torch.testing.assert_close(one, two, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

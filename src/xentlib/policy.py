@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from xentlib import _semantics as sem
+from xentlib.backends import cpu_kernel
 from xentlib.backends.composite import scale_by_grad_output_
 from xentlib.linear import _autocast_operands, accumulate_chunk_grads_
 from xentlib.rl import _LinearChunks, _Rows, _sub, _targets, checked_log_probs_call, log_probs
@@ -212,19 +213,47 @@ def linear_policy_loss_op(
     )  # fmt: skip
 
 
+# Where the compiled kernel covers the rows, the fused op runs one sweep per row that makes the forward and the
+# gradient (`_kernel_sweep_`); False: a forward call, then a backward call, as linear_log_probs makes them (both
+# paths are tested against each other and the reference).
+ONE_SWEEP = True
+
+
 def _block_(rows: _Rows, call, z: Tensor, target, valid, factor, at, with_entropy: bool, with_grad: bool):
     """(log p_t, entropy or None, the block's share of the loss) of a block of logits z (R, V) whose tokens are
     `at` of the call; with `with_grad`, z becomes dL/dZ = c dl/dZ + e dH/dZ, with c = w/D dloss_n/dl and
-    e = w/D dloss_n/dH (`factor` = w/D). Where the kernel runs, the backward reuses its forward's row sums."""
-    log_sum = torch.empty(z.shape[0], dtype=torch.float32, device="cpu") if rows.kernel and with_grad else None
-    log_prob, lse, entropy = rows.forward(z, target, valid, with_entropy, log_sum=log_sum)  # z is kept
+    e = w/D dloss_n/dH (`factor` = w/D). Where the kernel runs, one sweep per row makes both."""
+    if rows.kernel and with_grad and ONE_SWEEP:  # one sweep per row in C: the forward, g and h, and dL/dZ over z
+        log_prob, entropy = _kernel_sweep_(rows, call, z, target, valid, factor, at, with_entropy)
+        terms = token_terms(log_prob, entropy, call, at)  # the loss (its derivatives were the kernel's)
+        return log_prob, entropy, (factor * torch.where(valid, terms.loss, 0.0)).sum()
+    log_prob, lse, entropy = rows.forward(z, target, valid, with_entropy)  # z is kept
     terms = token_terms(log_prob, entropy, call, at)
     loss = (factor * torch.where(valid, terms.loss, 0.0)).sum()
     if with_grad:
         g = torch.where(valid, factor * terms.d_log_prob, 0.0)  # not 0 * inf on an ignored token
         h = None if terms.d_entropy is None else torch.where(valid, factor * terms.d_entropy, 0.0)
-        rows.backward_(z, target, valid, lse, entropy, g, h, z, log_sum=log_sum)
+        rows.backward_(z, target, valid, lse, entropy, g, h, z)
     return log_prob, entropy, loss
+
+
+def _kernel_sweep_(rows: _Rows, call, z: Tensor, target, valid, factor, at, with_entropy: bool):
+    """(log p_t, entropy or None) of a block, whose logits z become dL/dZ, in one C sweep per row: the kernel
+    forms g and h from each row's log p_t as `token_terms` does (`cpu_kernel.PolicySweep`)."""
+
+    def per_token(tensor):
+        return None if tensor is None else tensor[at].contiguous()
+
+    new = lambda: torch.empty(z.shape[0], dtype=torch.float32, device="cpu")  # noqa: E731  (not a default device)
+    log_prob, lse = new(), new()
+    entropy = new() if with_entropy else None
+    sweep = cpu_kernel.PolicySweep(
+        per_token(call.advantages), per_token(call.old_log_probs), per_token(call.ref_log_probs),
+        factor.contiguous(), call.epsilon_low, call.epsilon_high, call.kl_coef, call.entropy_coef,
+    )  # fmt: skip
+    cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), rows.temperature, (log_prob, lse, entropy),
+                              grad=z, policy=sweep)  # fmt: skip
+    return log_prob, entropy
 
 
 @linear_policy_loss_op.register_fake

@@ -90,16 +90,13 @@ class _Rows:
             u = z  # log_softmax reads z and writes the work buffer (or z itself): no copy
         return torch.log_softmax(u, 1, out=work)  # row-wise, so u may be its own output
 
-    def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool, owned: bool = False,
-                log_sum: Tensor | None = None):  # fmt: skip
-        """(log p_t, lse, H or None) of a block of rows z (R, V); 0 on ignored rows. `log_sum` (R,) float32:
-        where the kernel runs, it receives each row's log s for a backward_ of the same rows to reuse."""
+    def forward(self, z: Tensor, target: Tensor, valid: Tensor, want_entropy: bool, owned: bool = False):
+        """(log p_t, lse, H or None) of a block of rows z (R, V); 0 on ignored rows."""
         if self.kernel:
             new = lambda: torch.empty(z.shape[0], dtype=torch.float32, device="cpu")  # noqa: E731
             logp, lse, entropy = new(), new(), new() if want_entropy else None
             out = (logp, lse, entropy)
-            cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, out,
-                                      log_sum=log_sum)  # fmt: skip
+            cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, out)
             return logp, lse, entropy
         m = self._max_of_scaled(z)
         log_p = self.log_softmax(z, owned)
@@ -121,14 +118,13 @@ class _Rows:
             return m.div_(self.softcap).tanh_().mul_(self.softcap / self.temperature).squeeze(1)
         return (m.mul_(1.0 / self.temperature) if self.temperature != 1.0 else m).squeeze(1)
 
-    def backward_(self, z: Tensor, target, valid, lse, entropy, g: Tensor, h: Tensor | None, out: Tensor,
-                  log_sum: Tensor | None = None) -> None:  # fmt: skip
+    def backward_(self, z: Tensor, target, valid, lse, entropy, g: Tensor, h: Tensor | None, out: Tensor) -> None:
         """dL/dz of a block into `out` (R, V), for upstream gradients g of log p_t and h of H (R,), both zero on
-        ignored rows (`log_sum`: the kernel's forward's, or None). The derivation is in the module docstring."""
+        ignored rows. The derivation is in the module docstring."""
         if self.kernel:
             upstream = (g.contiguous(), None if h is None else h.contiguous(), entropy)
             cpu_kernel.log_probs_rows(z, target.contiguous(), valid.contiguous(), self.temperature, grad=out,
-                                      upstream=upstream, log_sum=log_sum)  # fmt: skip
+                                      upstream=upstream)  # fmt: skip
             return
         rows = z.shape[0]
         inv_t = 1.0 / self.temperature

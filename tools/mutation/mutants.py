@@ -37,6 +37,30 @@ MUTANTS: list[Mutant] = [
         ["tests/test_distillation.py", "-k", "both_cpu and kernel"],
         "log m's exact path (lanes where the mixture underflows) with the smaller term's ratio halved",
     ),
+    Mutant(
+        "c-policy-sweep-kl-sign-flipped",
+        "backends/cpu_post_training.c",
+        "if (a->kl_coef != 0.0f) d += a->kl_coef * (1.0f - expf(a->ref_log_probs[r] - l));",
+        "if (a->kl_coef != 0.0f) d += a->kl_coef * (1.0f - expf(a->ref_log_probs[r] + l));",
+        ["tests/test_policy_loss.py", "-k", "one_sweep"],
+        "the policy sweep's KL derivative with the sign of l flipped",
+    ),
+    Mutant(
+        "c-policy-sweep-clip-ignored",
+        "backends/cpu_post_training.c",
+        "float d = ratio * advantage <= clipped * advantage ? -advantage * ratio : 0.0f;",
+        "float d = -advantage * ratio;",
+        ["tests/test_policy_loss.py", "-k", "one_sweep"],
+        "the policy sweep's surrogate gradient without the clip (every token as if unclipped)",
+    ),
+    Mutant(
+        "c-policy-sweep-entropy-term-dropped",
+        "backends/cpu_post_training.c",
+        "        if (h != 0.0f) {\n            vf u = load_lanes(row, dtype, c, classes);",
+        "        if (0) {\n            vf u = load_lanes(row, dtype, c, classes);",
+        ["tests/test_policy_loss.py", "-k", "one_sweep"],
+        "the policy sweep's gradient without the entropy term off the target",
+    ),
     # ---------------------------------------------------------------- the traced Triton op
     Mutant(
         "traced-op-always-opaque",

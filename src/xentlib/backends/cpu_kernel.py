@@ -115,8 +115,9 @@ LOG_PROBS_ENTRY_POINT = "xent_log_probs"
 LogProbsArguments = _structure(
     "LogProbsArguments",
     """logits:ptr logits_row_stride:i64 dtype:i32 rows:i64 classes:i64 target:ptr valid:ptr temperature:f32
-    log_prob:ptr lse:ptr log_sum:ptr entropy:ptr grad_log_prob:ptr grad_entropy:ptr grad:ptr grad_row_stride:i64
-    scratch:ptr scratch_row_stride:i64 threads:i32""",
+    log_prob:ptr lse:ptr entropy:ptr grad_log_prob:ptr grad_entropy:ptr grad:ptr grad_row_stride:i64
+    scratch:ptr scratch_row_stride:i64 threads:i32 advantages:ptr old_log_probs:ptr ref_log_probs:ptr factor:ptr
+    epsilon_low:f32 epsilon_high:f32 kl_coef:f32 entropy_coef:f32""",
 )
 
 # The distillation divergence's arguments (distill.py): `struct xent_distillation` in cpu_post_training.c.
@@ -336,6 +337,20 @@ def status() -> tuple[bool, str]:
     return fn is not None, _state["why"]
 
 
+class PolicySweep(NamedTuple):
+    """The policy loss's per-token float32 (R,) contiguous tensors (None where not given) and coefficients, for
+    `log_probs_rows`: `factor` is w/D per token (0 on ignored ones)."""
+
+    advantages: torch.Tensor | None
+    old_log_probs: torch.Tensor | None
+    ref_log_probs: torch.Tensor | None
+    factor: torch.Tensor | None
+    epsilon_low: float
+    epsilon_high: float
+    kl_coef: float
+    entropy_coef: float
+
+
 def log_probs_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -344,18 +359,22 @@ def log_probs_rows(
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     grad: torch.Tensor | None = None,
     upstream: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
-    log_sum: torch.Tensor | None = None,
+    policy: PolicySweep | None = None,
 ) -> None:
     """`xent_log_probs` over (R, V) float32/bfloat16 CPU logits with contiguous classes: the forward fills `out`
     = (log p_t, lse, entropy or None), float32 (R,); the backward writes into `grad` (like the logits, may be
     them) for `upstream` = (g, h or None, the forward's entropy or None), float32 (R,). `target` (int64, ignored
-    rows any valid index) and `valid` (bool) are contiguous (R,). `log_sum`, float32 (R,) or None: the forward
-    writes each row's log s there, and a backward given it skips recomputing s. Callers check `log_probs_covers`
-    first."""
+    rows any valid index) and `valid` (bool) are contiguous (R,). With `policy`, `out` and `grad`:
+    the policy loss's sweep, the forward's outputs and the gradient for the upstream gradients the policy's
+    per-token terms give. Callers check `log_probs_covers` first."""
     rows, classes = logits.shape
     work = _work(rows, classes)
     log_prob, lse, entropy = out if out is not None else (None, None, None)
     g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
+    if policy is None:
+        policy = PolicySweep(None, None, None, None, 0.0, 0.0, 0.0, 0.0)
+    else:
+        saved_entropy = entropy
     call = LogProbsArguments(
         **_logits_fields(logits),
         target=target.data_ptr(),
@@ -363,11 +382,18 @@ def log_probs_rows(
         temperature=temperature,
         log_prob=_pointer(log_prob),
         lse=_pointer(lse),
-        log_sum=_pointer(log_sum),
         entropy=_pointer(entropy if grad is None else saved_entropy),
         grad_log_prob=_pointer(g),
         grad_entropy=_pointer(h),
         **work.fields(grad),
+        advantages=_pointer(policy.advantages),
+        old_log_probs=_pointer(policy.old_log_probs),
+        ref_log_probs=_pointer(policy.ref_log_probs),
+        factor=_pointer(policy.factor),
+        epsilon_low=policy.epsilon_low,
+        epsilon_high=policy.epsilon_high,
+        kl_coef=policy.kl_coef,
+        entropy_coef=policy.entropy_coef,
     )
     _run(_state["log_probs"], call, grad)
 

@@ -12,18 +12,24 @@
  *   backward:  dL/dz_v = ([v = t] g - p_v (g + h (log p_v + H))) / T            (0 on ignored rows)
  * for the upstream gradients g (of log p_t) and h (of H; NULL: none). Each of these is a sum of terms of one sign
  * (log s >= 0, m - u_v >= 0), never lse - u_t, which would cancel. The backward recomputes m and s from the row
- * (one more exp per element, the cost of gradients that arrive after the forward) unless `log_sum` holds the
- * forward's log s (the forward writes it there when not NULL), and takes H from the forward;
+ * (one more exp per element, the cost of gradients that arrive after the forward) and takes H from the forward;
  * `grad` may be the logits themselves (a row is read into scratch before it is written). A row whose max is not
  * finite has no finite softmax: NaN outputs and gradient, as torch's log_softmax gives. A class whose p_v is 0
- * (u_v = -inf) gets the gradient 0 from the entropy term (the limit of p log p), not 0 * inf. */
+ * (u_v = -inf) gets the gradient 0 from the entropy term (the limit of p log p), not 0 * inf.
+ *
+ * The policy loss (policy.py, `advantages` not NULL, with `grad`): forward and backward in one sweep per row, since
+ * its upstream gradients are known as soon as the row's log p_t is: the forward's outputs, then g and h per token as
+ * `policy_upstream` says, then the gradient from the exponentials the forward left in scratch (p = e / s: no second
+ * read of the row into scratch, no second exponential). */
 #define XENT_LOG_PROBS(X)                                                                                         \
     X(const void *, logits, ptr) X(int64_t, logits_row_stride, i64) X(int, dtype, i32) X(int64_t, rows, i64)      \
     X(int64_t, classes, i64) X(const int64_t *, target, ptr) X(const uint8_t *, valid, ptr)                       \
-    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, log_sum, ptr)            \
-    X(float *, entropy, ptr) X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr)             \
+    X(float, temperature, f32) X(float *, log_prob, ptr) X(float *, lse, ptr) X(float *, entropy, ptr)            \
+    X(const float *, grad_log_prob, ptr) X(const float *, grad_entropy, ptr)                                      \
     X(void *, grad, ptr) X(int64_t, grad_row_stride, i64) X(float *, scratch, ptr)                                \
-    X(int64_t, scratch_row_stride, i64) X(int, threads, i32)
+    X(int64_t, scratch_row_stride, i64) X(int, threads, i32) X(const float *, advantages, ptr)                    \
+    X(const float *, old_log_probs, ptr) X(const float *, ref_log_probs, ptr) X(const float *, factor, ptr)       \
+    X(float, epsilon_low, f32) X(float, epsilon_high, f32) X(float, kl_coef, f32) X(float, entropy_coef, f32)
 
 XENT_DECLARE(xent_log_probs, XENT_LOG_PROBS)
 
@@ -47,6 +53,41 @@ static void write_log_prob_gradient(void *grad_row, int dtype, const float *scra
     }
 }
 
+/* The policy loss's upstream gradients of token r, g = w/D dloss/dl and h = w/D dloss/dH, from l = log p_t:
+ *   ratio = exp(l - old) (1 on-policy, old = NULL), clipped to [1 - epsilon_low, 1 + epsilon_high];
+ *   dloss/dl = -A ratio where ratio A <= clipped A, else 0;  + kl_coef (1 - exp(ref - l));  dloss/dH = -entropy_coef.
+ * A copy on purpose of `policy.token_terms`' derivatives (the semantic source, which also gives the loss): the
+ * tests hold the fused loss's gradients to autograd through token_terms. */
+static void policy_upstream(const struct xent_log_probs *a, int64_t r, float l, float *g, float *h) {
+    float advantage = a->advantages[r];
+    float ratio = a->old_log_probs ? expf(l - a->old_log_probs[r]) : 1.0f;
+    float clipped = ratio < 1.0f - a->epsilon_low ? 1.0f - a->epsilon_low
+                    : ratio > 1.0f + a->epsilon_high ? 1.0f + a->epsilon_high : ratio;
+    float d = ratio * advantage <= clipped * advantage ? -advantage * ratio : 0.0f;
+    if (a->kl_coef != 0.0f) d += a->kl_coef * (1.0f - expf(a->ref_log_probs[r] - l));
+    *g = a->factor[r] * d;
+    *h = a->factor[r] * -a->entropy_coef;
+}
+
+/* The gradient of a row from its exponentials e (scratch) and the row itself (for log p where h != 0):
+ * -p_v (g + h (log p_v + H)) / T with p_v = e_v / s, log p_v = (u_v - m) - log s; the target's slot is the
+ * caller's. Reads lane c of the row before writing lane c of grad_row, so grad_row may be the row. */
+static void write_policy_gradient(void *grad_row, const void *row, int dtype, const float *scratch, int64_t classes,
+                                  float m, float s, float g, float h, float entropy, float temperature) {
+    float log_s = logf(s), inv_s = 1.0f / s, inv_t = 1.0f / temperature;
+    for (int64_t c = 0; c < classes; c += LANES) {
+        vf e;
+        memcpy(&e, scratch + c, sizeof e);
+        vf p = e * splat(inv_s), coef = splat(g);
+        if (h != 0.0f) {
+            vf u = load_lanes(row, dtype, c, classes);
+            if (temperature != 1.0f) u /= splat(temperature);
+            coef += splat(h) * (((u - splat(m)) - splat(log_s)) + splat(entropy));
+        }
+        store_lanes(grad_row, dtype, c, classes, blend(p > (vf){}, -p * coef * splat(inv_t), (vf){}));
+    }
+}
+
 static void log_probs_range(const void *arguments, int64_t first, int64_t last, float *scratch) {
     const struct xent_log_probs *a = arguments;
     int64_t classes = a->classes;
@@ -56,10 +97,10 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
     for (int64_t r = first; r < last; r++) {
         const void *row = (const char *)a->logits + (size_t)(r * a->logits_row_stride) * elem;
         void *grad_row = backward ? (char *)a->grad + (size_t)(r * a->grad_row_stride) * elem : NULL;
+        int outputs = !backward || a->advantages; /* a forward, or the policy loss's sweep */
         if (!a->valid[r]) {
-            if (backward) {
-                memset(grad_row, 0, (size_t)classes * elem);
-            } else {
+            if (backward) memset(grad_row, 0, (size_t)classes * elem);
+            if (outputs) {
                 a->log_prob[r] = 0.0f, a->lse[r] = 0.0f;
                 if (a->entropy) a->entropy[r] = 0.0f;
             }
@@ -68,9 +109,8 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         float m = load_row(row, dtype, classes, scratch) / temperature;
         int64_t t = a->target[r];
         if (!isfinite(m)) {
-            if (backward) {
-                fill_row(grad_row, dtype, classes, NAN);
-            } else {
+            if (backward) fill_row(grad_row, dtype, classes, NAN);
+            if (outputs) {
                 a->log_prob[r] = NAN, a->lse[r] = NAN;
                 if (a->entropy) a->entropy[r] = NAN;
             }
@@ -78,10 +118,26 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         }
         divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
+        if (a->advantages && backward) { /* the policy loss: forward and backward in one sweep */
+            struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
+                                    (size_t)classes * elem};
+            struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, 1, NO_PROB, next);
+            float log_s = logf(sums.exp_sum), log_p_t = gap_t - log_s;
+            float entropy = log_s - sums.expected_gap / sums.exp_sum, g, h;
+            a->log_prob[r] = log_p_t, a->lse[r] = m + log_s;
+            if (a->entropy) a->entropy[r] = entropy;
+            policy_upstream(a, r, log_p_t, &g, &h);
+            write_policy_gradient(grad_row, row, dtype, scratch, classes, m, sums.exp_sum, g, h, entropy,
+                                  temperature);
+            float p_t = expf(log_p_t);
+            float d_t = (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
+            store_scalar(grad_row, dtype, t, d_t);
+            continue;
+        }
         struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
                                 (size_t)classes * elem};
         if (backward) {
-            float log_s = a->log_sum ? a->log_sum[r] : logf(exp_sum(scratch, NULL, classes, m));
+            float log_s = logf(exp_sum(scratch, NULL, classes, m));
             float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
             float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
             write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t, next);
@@ -94,7 +150,6 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         float log_s = logf(sums.exp_sum);
         a->log_prob[r] = gap_t - log_s;
         a->lse[r] = m + log_s;
-        if (a->log_sum) a->log_sum[r] = log_s;
         if (a->entropy) a->entropy[r] = log_s - sums.expected_gap / sums.exp_sum;
     }
 }
