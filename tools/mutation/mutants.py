@@ -612,11 +612,11 @@ MUTANTS: list[Mutant] = [
         "'mean' divides by every token, prompt and padding too, and ignored tokens' weights count",
     ),
     Mutant(
-        "policy-kernel-row-sums-not-kept",
+        "policy-kernel-sweep-unnormalized",
         "backends/cpu_post_training.c",
-        "if (a->log_sum) a->log_sum[r] = log_s;",
-        "if (a->log_sum) a->log_sum[r] = 0.0f;",
+        "vf p = e * splat(inv_s), coef = splat(g);",
+        "vf p = e, coef = splat(g);",
         ["tests/test_policy_loss.py", "-k", "cpu_kernel or onednn or bfloat16"],
-        "the forward's row sums not handed to the fused backward: gradients from an unnormalized softmax",
+        "the policy sweep's gradient from the exponentials left unnormalized (e, not e / s)",
     ),
 ]

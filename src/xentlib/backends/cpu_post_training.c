@@ -53,6 +53,12 @@ static void write_log_prob_gradient(void *grad_row, int dtype, const float *scra
     }
 }
 
+/* dL/dz_t at the target: (g - p_t (g + h (log p_t + H))) / T, with 0 for the term where p_t = 0. */
+static inline float target_gradient(float log_p_t, float g, float h, float entropy, float inv_t) {
+    float p_t = expf(log_p_t);
+    return (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
+}
+
 /* The policy loss's upstream gradients of token r, g = w/D dloss/dl and h = w/D dloss/dH, from l = log p_t:
  *   ratio = exp(l - old) (1 on-policy, old = NULL), clipped to [1 - epsilon_low, 1 + epsilon_high];
  *   dloss/dl = -A ratio where ratio A <= clipped A, else 0;  + kl_coef (1 - exp(ref - l));  dloss/dH = -entropy_coef.
@@ -118,9 +124,9 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         }
         divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
+        struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
+                                (size_t)classes * elem};
         if (a->advantages && backward) { /* the policy loss: forward and backward in one sweep */
-            struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
-                                    (size_t)classes * elem};
             struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, 1, NO_PROB, next);
             float log_s = logf(sums.exp_sum), log_p_t = gap_t - log_s;
             float entropy = log_s - sums.expected_gap / sums.exp_sum, g, h;
@@ -129,21 +135,15 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
             policy_upstream(a, r, log_p_t, &g, &h);
             write_policy_gradient(grad_row, row, dtype, scratch, classes, m, sums.exp_sum, g, h, entropy,
                                   temperature);
-            float p_t = expf(log_p_t);
-            float d_t = (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
-            store_scalar(grad_row, dtype, t, d_t);
+            store_scalar(grad_row, dtype, t, target_gradient(log_p_t, g, h, entropy, inv_t));
             continue;
         }
-        struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
-                                (size_t)classes * elem};
         if (backward) {
             float log_s = logf(exp_sum(scratch, NULL, classes, m));
             float g = a->grad_log_prob[r], h = a->grad_entropy ? a->grad_entropy[r] : 0.0f;
             float entropy = a->grad_entropy ? a->entropy[r] : 0.0f;
             write_log_prob_gradient(grad_row, dtype, scratch, classes, m, log_s, g, h, entropy, inv_t, next);
-            float log_p_t = gap_t - log_s, p_t = expf(log_p_t);
-            float d_t = (g - (p_t > 0.0f ? p_t * (g + h * (log_p_t + entropy)) : 0.0f)) * inv_t;
-            store_scalar(grad_row, dtype, t, d_t);
+            store_scalar(grad_row, dtype, t, target_gradient(gap_t - log_s, g, h, entropy, inv_t));
             continue;
         }
         struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, a->entropy != NULL, NO_PROB, next);
