@@ -373,10 +373,10 @@ def test_a_failed_openmp_build_falls_back_to_pthreads_silently(monkeypatch, tmp_
     compiler, version = _compiler_and_version()
     if len(cpu_kernel._flag_sets(version)) < 2:
         pytest.skip("no OpenMP build is tried here")
-    no_openmp = tmp_path / "cc"
+    no_openmp, attempts = tmp_path / "cc", tmp_path / "openmp-attempts"
     no_openmp.write_text(
-        f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "no OpenMP" >&2; exit 1; }}; done\n'
-        f'exec {compiler} "$@"\n'
+        f'#!/bin/sh\nfor a in "$@"; do\n  [ "$a" = -fopenmp ] && {{ echo x >> {attempts}; echo "no OpenMP" >&2; exit 1; }}\n'
+        f'done\nexec {compiler} "$@"\n'
     )
     no_openmp.chmod(0o755)
     monkeypatch.setenv("CC", str(no_openmp))
@@ -388,6 +388,9 @@ def test_a_failed_openmp_build_falls_back_to_pthreads_silently(monkeypatch, tmp_
     assert available and why.endswith("on pthreads of its own"), why
     x, target, _ = make_case(301, 517, torch.float32)
     assert kernel_is_used(x, target)
+    monkeypatch.setattr(cpu_kernel, "_state", {})  # the next process: the failed OpenMP build is not tried again
+    assert cpu_kernel.status()[0]
+    assert attempts.read_text().count("x") == 1
 
 
 def _with_version_of(compiler, run_command):

@@ -46,6 +46,7 @@ every backend.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -278,25 +279,33 @@ def _build():
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"the C compiler {compiler!r} does not run ({error}); the PyTorch ops run instead"
-    for flags in _flag_sets(version):
-        functions, why = _build_with(compiler, version, flags)
+    for number, flags in enumerate(sets := _flag_sets(version)):
+        functions, why = _build_with(compiler, version, flags, remember_failure=number < len(sets) - 1)
         if functions is not None:
             threads = "the OpenMP threads of torch" if functions[-1] else "pthreads of its own"
             return functions, f"compiled C row kernel ({why}), on {threads}"
     return None, f"{why}; the PyTorch ops run instead"
 
 
-def _build_with(compiler: str, version: str, flags: list[str]):
-    """(kernel functions or None, the library's path or why it failed)."""
+def _build_with(compiler: str, version: str, flags: list[str], remember_failure: bool = False):
+    """(kernel functions or None, the library's path or why it failed). `remember_failure`: a build that fails
+    leaves `<library>.failed` with the reason, and is not tried again (the OpenMP build, which has a fallback: a
+    compiler without OpenMP would otherwise fail again in every process)."""
     sources = [path.read_bytes() for path in (*SOURCES, HEADER)]
     parts = [*sources, " ".join(flags).encode(), compiler.encode(), version.encode()]
     key = hashlib.sha256(b"\0".join([*parts, _cpu_signature().encode()]))
     target = _cache_dir() / f"cpu_rows-{key.hexdigest()[:16]}.so"
+    failed = target.with_name(target.name + ".failed")
+    if remember_failure and failed.is_file():
+        return None, failed.read_text()
     failure = None
     for attempt in range(2):  # the cached library, else a fresh build; a failing fresh build gets one more
         if attempt > 0 or not _verified(target):
             failure = _compile(compiler, target, flags)
             if failure is not None:
+                if remember_failure:
+                    with contextlib.suppress(OSError):
+                        failed.write_text(failure)
                 return None, failure
         try:
             return _open(target), str(target)
