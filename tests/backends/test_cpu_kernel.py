@@ -375,8 +375,8 @@ def test_a_failed_openmp_build_falls_back_to_pthreads_silently(monkeypatch, tmp_
         pytest.skip("no OpenMP build is tried here")
     no_openmp, attempts = tmp_path / "cc", tmp_path / "openmp-attempts"
     no_openmp.write_text(
-        f'#!/bin/sh\nfor a in "$@"; do\n  [ "$a" = -fopenmp ] && {{ echo x >> {attempts}; echo "no OpenMP" >&2; exit 1; }}\n'
-        f'done\nexec {compiler} "$@"\n'
+        f'#!/bin/sh\nfor a in "$@"; do\n  if [ "$a" = -fopenmp ]; then\n'
+        f'    echo x >> {attempts}; echo "no OpenMP" >&2; exit 1\n  fi\ndone\nexec {compiler} "$@"\n'
     )
     no_openmp.chmod(0o755)
     monkeypatch.setenv("CC", str(no_openmp))
