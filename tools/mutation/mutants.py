@@ -441,10 +441,18 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "c-thread-part-short",
         "backends/cpu_rows.c",
+        "run(arguments, rows * k / n, rows * (k + 1) / n,",
+        "run(arguments, rows * k / n, rows * (k + 1) / n - (k + 1 < n),",
+        [f"{K}::test_many_rows_split_over_threads_equal_one_thread"],
+        "the last row of every OpenMP thread's part but the last is never computed",
+    ),
+    Mutant(
+        "c-pthread-part-short",
+        "backends/cpu_rows.c",
         "rows * k / threads, rows * (k + 1) / threads,",
         "rows * k / threads, rows * (k + 1) / threads - (k + 1 < threads),",
-        [f"{K}::test_many_rows_split_over_threads_equal_one_thread"],
-        "the last row of every thread's part but the last is never computed",
+        [K, "-k", "pthreads_build_equals"],
+        "the pthreads fallback: the last row of every thread's part but the last is never computed",
     ),
     Mutant(
         "linear-row-scale-dropped",
