@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import xentlib.functional as X
 from xentlib import reference
-from xentlib.backends import cpu_kernel
+from xentlib.backends import cpu_build, cpu_kernel
 
 
 @pytest.fixture
@@ -363,7 +363,7 @@ def test_the_pthreads_build_equals_the_openmp_one(monkeypatch, tmp_path, dtype):
     x, target, _ = make_case(301, 517, dtype)
     expected = run(x, target, reduction="none")
     _fresh_kernel(monkeypatch, tmp_path)
-    monkeypatch.setattr(cpu_kernel, "_torch_on_gnu_openmp", lambda: False)
+    monkeypatch.setattr(cpu_build, "_torch_on_gnu_openmp", lambda: False)
     available, why = cpu_kernel.status()
     assert available and why.endswith("on pthreads of its own"), why
     assert_results_close(run(x, target, reduction="none"), expected, rtol=0, atol=0)
@@ -371,7 +371,7 @@ def test_the_pthreads_build_equals_the_openmp_one(monkeypatch, tmp_path, dtype):
 
 def test_a_failed_openmp_build_falls_back_to_pthreads_silently(monkeypatch, tmp_path):
     compiler, version = _compiler_and_version()
-    if len(cpu_kernel._flag_sets(version)) < 2:
+    if len(cpu_build._flag_sets(version)) < 2:
         pytest.skip("no OpenMP build is tried here")
     no_openmp, attempts = tmp_path / "cc", tmp_path / "openmp-attempts"
     no_openmp.write_text(
@@ -533,7 +533,8 @@ def test_the_binding_is_declared_once(table, layout, field):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_kernel, layout, mismatched)
         with pytest.raises(ValueError, match="this module passes"):
-            cpu_kernel._open(Path(re.search(r"\((\S+\.so)\)", cpu_kernel.status()[1]).group(1)))
+            library = Path(re.search(r"\((\S+\.so)\)", cpu_kernel.status()[1]).group(1))
+            cpu_build._open(library, cpu_kernel.entry_points())
 
 
 def target_part(x, target, options) -> torch.Tensor:
