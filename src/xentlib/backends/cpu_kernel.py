@@ -182,6 +182,9 @@ class PolicySweep(NamedTuple):
     entropy_coef: float
 
 
+_NO_POLICY = PolicySweep(None, None, None, None, 0.0, 0.0, 0.0, 0.0)
+
+
 def log_probs_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -202,10 +205,7 @@ def log_probs_rows(
     work = _work(rows, classes)
     log_prob, lse, entropy = out if out is not None else (None, None, None)
     g, h, saved_entropy = upstream if upstream is not None else (None, None, None)
-    if policy is None:
-        policy = PolicySweep(None, None, None, None, 0.0, 0.0, 0.0, 0.0)
-    else:
-        saved_entropy = entropy
+    policy = policy or _NO_POLICY
     call = LogProbsArguments(
         **_logits_fields(logits),
         target=target.data_ptr(),
@@ -213,7 +213,7 @@ def log_probs_rows(
         temperature=temperature,
         log_prob=_pointer(log_prob),
         lse=_pointer(lse),
-        entropy=_pointer(entropy if grad is None else saved_entropy),
+        entropy=_pointer(entropy if upstream is None else saved_entropy),  # written, or read by a backward
         grad_log_prob=_pointer(g),
         grad_entropy=_pointer(h),
         **work.fields(grad),

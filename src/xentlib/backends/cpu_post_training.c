@@ -1,7 +1,8 @@
 /* xentlib's C kernels for post-training: per-token log-probabilities and entropy, and the distillation divergence,
- * each a sweep per row over float32/bfloat16 rows (the toolkit in cpu_rows.h; built and bound with cpu_rows.c by
- * cpu_kernel.py). Like cpu_rows.c, a copy on purpose of maths that exists as torch ops (rl.py, distill.py), for one
- * sweep per row; tests/test_log_probs.py and tests/test_distillation.py hold both to the float64 reference. */
+ * each a sweep per row over float32/bfloat16 rows (the toolkit in cpu_rows.h; built with cpu_rows.c by
+ * cpu_build.py, bound by cpu_kernel.py). Like cpu_rows.c, a copy on purpose of maths that exists as torch ops
+ * (rl.py, distill.py), for one sweep per row; tests/test_log_probs.py and tests/test_distillation.py hold both to
+ * the float64 reference. */
 #include <float.h>
 
 #include "cpu_rows.h"
@@ -124,8 +125,7 @@ static void log_probs_range(const void *arguments, int64_t first, int64_t last, 
         }
         divide_row(scratch, classes, temperature);
         float gap_t = scratch[t] - m;
-        struct next_row next = {r + 1 < last ? (const char *)row + (size_t)a->logits_row_stride * elem : NULL,
-                                (size_t)classes * elem};
+        struct next_row next = next_row_of(row, a->logits_row_stride, elem, classes, r + 1 == last);
         if (a->advantages && backward) { /* the policy loss: forward and backward in one sweep */
             struct row_sums sums = exponentiate(scratch, classes, m, NULL, 0, 1, NO_PROB, next);
             float log_s = logf(sums.exp_sum), log_p_t = gap_t - log_s;
@@ -270,11 +270,8 @@ static void distillation_range(const void *arguments, int64_t first, int64_t las
         divide_row(t_row, classes, temperature);
         float ss = exp_sum(s_row, s_exp, classes, ms), st = exp_sum(t_row, t_exp, classes, mt);
         float kl_p, kl_q;
-        int more = r + 1 < last;
-        struct next_row next_s = {more ? (const char *)zs + (size_t)a->student_row_stride * s_elem : NULL,
-                                  (size_t)classes * s_elem};
-        struct next_row next_t = {more ? (const char *)zt + (size_t)a->teacher_row_stride * t_elem : NULL,
-                                  (size_t)classes * t_elem};
+        struct next_row next_s = next_row_of(zs, a->student_row_stride, s_elem, classes, r + 1 == last);
+        struct next_row next_t = next_row_of(zt, a->teacher_row_stride, t_elem, classes, r + 1 == last);
         distillation_sums(s_row, t_row, s_exp, t_exp, classes, ms, ss, mt, st, beta, &kl_p, &kl_q, next_s, next_t);
         int general = beta > 0.0f && beta < 1.0f;
         a->loss[r] = beta == 0.0f ? kl_q : general ? beta * kl_q + (1.0f - beta) * kl_p : kl_p;

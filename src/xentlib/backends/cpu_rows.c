@@ -1,6 +1,6 @@
 /* xentlib's CPU row kernel: cross-entropy loss, statistics and gradient of rows in one sweep.
  *
- * Built at first use by cpu_kernel.py (cc -O3 -march=native) and called through ctypes; the Python side checks
+ * Built at first use by cpu_build.py (cc -O3 -march=native) and called through ctypes; the Python side checks
  * every input, so this file only computes. Rows are float32 or bfloat16, contiguous along the classes; the
  * arithmetic is float32 and every result is rounded once to its dtype.
  *
@@ -18,8 +18,9 @@
  * Three passes over the row, which stays in the core's cache: (1) read and convert into a float32 scratch row
  * while taking the max, (2) exponentiate in place and sum, (3) write the gradient. The logits are read from
  * memory once and the gradient written once; during pass (2) the thread's next row is prefetched into the L2 cache
- * (`prefetch_line`), so that its read from memory overlaps this row's arithmetic. A row whose max is not finite (a NaN, a +inf, or all -inf) has no
- * finite softmax: its loss, lse, entropy and gradient are NaN, as torch's log_softmax gives.
+ * (`prefetch_line`), so that its read from memory overlaps this row's arithmetic. A row whose max is not finite (a
+ * NaN, a +inf, or all -inf) has no finite softmax: its loss, lse, entropy and gradient are NaN, as torch's
+ * log_softmax gives.
  *
  * A copy on purpose: this is the row maths of backends/torch_chunked.py and backends/triton/rowmath.py again, in C
  * for one sweep per row. What pins the copies together: tests/backends/test_cpu_kernel.py (against the PyTorch ops,
@@ -113,8 +114,7 @@ static void rows_range(const struct xent_arguments *a, int64_t first, int64_t la
         if (probs != NULL) prob.q = (const char *)probs + (size_t)(r * probs_row_stride) * probs_elem;
         int want_weighted_gap = row_valid && smoothing > 0.0f && probs == NULL;
         int want_expected_gap = entropy_out != NULL;
-        struct next_row next = {r + 1 < last ? (const char *)row + (size_t)logits_row_stride * elem : NULL,
-                                (size_t)classes * elem};
+        struct next_row next = next_row_of(row, logits_row_stride, elem, classes, r + 1 == last);
         struct row_sums sums =
             probs != NULL
                 ? exponentiate(scratch, classes, m, class_weight, want_weighted_gap, want_expected_gap, prob, next)
@@ -159,7 +159,7 @@ static void rows_range(const struct xent_arguments *a, int64_t first, int64_t la
 }
 
 #ifdef _OPENMP
-const int xent_openmp = 1; /* read by cpu_kernel.py: which threads run_rows uses */
+const int xent_openmp = 1; /* read by cpu_build.py: which threads run_rows uses */
 #else
 const int xent_openmp = 0;
 
@@ -178,7 +178,7 @@ static void *run_part(void *p) {
 #endif
 
 /* All `rows`, on `threads` threads, each with its scratch row (`scratch_row_stride` floats apart), part k of the
- * rows on thread k. Where the library is built with -fopenmp (cpu_kernel.py does so only where torch's GNU OpenMP
+ * rows on thread k. Where the library is built with -fopenmp (cpu_build.py does so only where torch's GNU OpenMP
  * runtime is loaded, which the library's libgomp.so.1 then resolves to), the parts run on torch's own OpenMP team:
  * the threads that ran the matmuls before the call, woken from their wait, with nothing competing for the cores.
  * Elsewhere the call starts pthreads and joins them. Either way every part has finished when the call returns (the

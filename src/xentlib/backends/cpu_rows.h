@@ -112,6 +112,12 @@ struct next_row {
     size_t bytes;
 };
 
+/* The row after `row` (`row_stride` elements of `elem` bytes on), or none where `row` is its thread's last. */
+static inline struct next_row next_row_of(const void *row, int64_t row_stride, size_t elem, int64_t classes,
+                                          int is_last) {
+    return (struct next_row){is_last ? NULL : (const char *)row + (size_t)row_stride * elem, (size_t)classes * elem};
+}
+
 static inline void prefetch_line(struct next_row next, int64_t line) {
     size_t offset = (size_t)line * 64;
     if (next.row && offset < next.bytes) __builtin_prefetch((const char *)next.row + offset, 0, 2);
@@ -285,6 +291,7 @@ static inline vf log1p_unit(vf t) {
 typedef void (*rows_fn)(const void *arguments, int64_t first, int64_t last, float *scratch);
 
 /* All `rows` on `threads` threads (defined in cpu_rows.c, which says how). */
-void run_rows(rows_fn run, const void *arguments, int64_t rows, int threads, float *scratch, int64_t scratch_row_stride);
+void run_rows(rows_fn run, const void *arguments, int64_t rows, int threads, float *scratch,
+              int64_t scratch_row_stride);
 
 #endif
